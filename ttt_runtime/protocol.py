@@ -1,0 +1,92 @@
+"""The wire format between a TTT run and its monitors: one JSON object per line.
+
+Plain JSON only, so nothing a peer sends is ever evaluated as code. This module must not import
+MLX: the monitor (`xltop`) imports it.
+
+Monitor -> run (a command):
+    {"cmd": "pause" | "resume" | "clear_cache" | "reset" | "save" | "stop" | "hello",
+     "id": <any JSON scalar, echoed back>, "path": <str, optional, for "save">}
+
+Run -> monitor, each message has a "type":
+    "hello"      once per connection: {"pid", "run_id", "mode", "preset", "config": {...}}
+    "telemetry"  once per step (see TELEMETRY_FIELDS), pushed to every connected monitor
+    "reply"      {"id", "cmd", "ok": bool, "error": str | None, ...extra (e.g. "path")}
+    "error"      the run raised: {"exc_type", "message", "traceback"}; the run then exits non-zero
+    "bye"        the run is exiting cleanly: {"exit_code": 0}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+COMMANDS = ("pause", "resume", "clear_cache", "reset", "save", "stop", "hello")
+
+# One telemetry message per step. Sizes are bytes, times milliseconds, losses bits per byte
+# (outer) or the spec's inner loss. Per-block and per-layer fields come from the last step on
+# the sampling schedule; "sampled_step" says which step that was.
+TELEMETRY_FIELDS = {
+    "t": "unix time of the report (s)",
+    "pid": "the run's process id",
+    "run_id": "random id of this run process",
+    "mode": "'train' or 'adapt'",
+    "preset": "preset name the config came from",
+    "paused": "true while the run is paused",
+    "step": "steps completed",
+    "tokens": "tokens (bytes) seen",
+    "tokens_per_s": "throughput over the last step",
+    "step_ms": "wall time of the last step",
+    "loss_bpb": "outer loss of the last step, bits per byte",
+    "inner_lr": "mean inner learning rate (eta) over the last sampled step",
+    "conversation": "conversation id; bumped by reset",
+    "sampled_step": "step whose per-block/per-layer figures are reported (null before one)",
+    "blocks": "list per block: {'fwd_ms', 'bwd_ms' (null in adapt mode)}",
+    "layers": "list per TTT layer: {'w_norm', 'update_norm', 'drift', 'inner_loss_before', "
+    "'inner_loss_after', 'exact_drift' (null unless exact accumulation is on)}",
+    "mlx": "{'active', 'cache', 'peak', 'limit', 'backend', 'device', 'memory_size', "
+    "'working_set' (Metal's recommended working set, null elsewhere)}",
+    "blas": "BLAS library the run's process has loaded, e.g. 'openblas' or 'bundled'",
+}
+
+
+class ProtocolError(ValueError):
+    """A line that is not a JSON object of the expected shape."""
+
+
+def _finite(value: Any) -> Any:
+    # JSON has no NaN/Inf; a diverged loss travels as null rather than breaking the stream.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """One message as a newline-terminated UTF-8 JSON line (non-finite floats become null)."""
+    return (json.dumps(_finite(message), separators=(",", ":"), allow_nan=False) + "\n").encode()
+
+
+def decode(line: bytes | str) -> dict[str, Any]:
+    """Parse one line; raise ProtocolError naming what is wrong."""
+    try:
+        message = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"not JSON: {exc}") from None
+    if not isinstance(message, dict):
+        raise ProtocolError(f"expected a JSON object, got {type(message).__name__}")
+    return message
+
+
+def parse_command(line: bytes | str) -> dict[str, Any]:
+    """Validate a monitor's command; raise ProtocolError for anything outside the closed set."""
+    message = decode(line)
+    cmd = message.get("cmd")
+    if cmd not in COMMANDS:
+        raise ProtocolError(f"unknown command {cmd!r}; allowed: {', '.join(COMMANDS)}")
+    if "path" in message and not isinstance(message["path"], str):
+        raise ProtocolError("'path' must be a string")
+    return message
