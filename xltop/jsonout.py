@@ -1,0 +1,36 @@
+"""The JSON sink: one schema for `--json` and `--json-stream`, straight from the Snapshot.
+
+Field names and units are the Snapshot's own (sizes in bytes, times in milliseconds, `time`
+in unix seconds); non-finite numbers become null, since JSON has no NaN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+from xltop.snapshot import Snapshot
+
+SCHEMA_VERSION = 1
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def snapshot_to_json(snapshot: Snapshot) -> dict[str, Any]:
+    """The Snapshot as plain JSON data (tuples become lists)."""
+    return {"schema_version": SCHEMA_VERSION, **_finite(dataclasses.asdict(snapshot))}
+
+
+def snapshot_to_line(snapshot: Snapshot) -> str:
+    """One compact JSON line (NDJSON), without the newline."""
+    return json.dumps(snapshot_to_json(snapshot), separators=(",", ":"), allow_nan=False)

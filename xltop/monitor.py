@@ -1,0 +1,128 @@
+"""The Monitor: one Snapshot per tick from the sources; every view consumes these.
+
+Nothing downstream samples anything: the TUI, the CSV and JSON sinks, the --once table and the
+watchdog all read the Snapshot that `tick()` returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Any, Protocol
+
+from xltop.snapshot import ProcessInfo, RunInfo, Snapshot, SystemInfo
+from xltop.watchdog import Watchdog
+
+MIN_INTERVAL_S = 0.2  # the floor: the monitor must not eat the machine it watches
+
+
+class SystemSampler(Protocol):
+    run_pid_getter: Any
+
+    def sample(self) -> tuple[SystemInfo, tuple[ProcessInfo, ...]]: ...
+
+
+class RuntimeSource(Protocol):
+    """A hosted or attached run (xltop.sources.HostedRun / AttachedRun)."""
+
+    @property
+    def pid(self) -> int | None: ...
+
+    def sample(self) -> RunInfo: ...
+
+    def send(self, cmd: str, **fields: Any) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+def _state_change_event(before: RunInfo | None, after: RunInfo) -> str | None:
+    if before is not None and before.state == after.state:
+        return None
+    if after.state == "dead":
+        code = "unknown" if after.exit_code is None else after.exit_code
+        error = f": {after.last_error}" if after.last_error else ""
+        return f"run stopped (exit code {code}){error}"
+    if after.state == "running":
+        was_paused = before is not None and before.state == "paused"
+        return "run resumed" if was_paused else f"run running (pid {after.pid})"
+    if after.state == "paused":
+        return "run paused"
+    return None
+
+
+class Monitor:
+    def __init__(
+        self,
+        system: SystemSampler,
+        runtime: RuntimeSource | None = None,
+        interval: float = 1.0,
+        watchdog: Watchdog | None = None,
+    ):
+        self.system = system
+        self.runtime = runtime
+        self.watchdog = watchdog
+        self.interval = interval
+        if getattr(system, "run_pid_getter", None) is None:
+            # The run's RSS and CPU come from psutil: make sure the system sample includes it.
+            system.run_pid_getter = lambda: self.runtime.pid if self.runtime else None
+        self._events: list[str] = []
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._last_run: RunInfo | None = None
+        # The first tick waits the floor so CPU percentages cover a real stretch of time.
+        self._next_due = time.monotonic() + MIN_INTERVAL_S
+
+    @property
+    def interval(self) -> float:
+        return self._interval
+
+    @interval.setter
+    def interval(self, seconds: float) -> None:
+        self._interval = max(MIN_INTERVAL_S, float(seconds))
+
+    def post_event(self, text: str) -> None:
+        """Deliver `text` in the next Snapshot's events (thread-safe)."""
+        with self._lock:
+            self._events.append(text)
+
+    def tick(self) -> Snapshot:
+        """Wait until the next tick is due, sample every source, return the Snapshot."""
+        delay = self._next_due - time.monotonic()
+        if delay > 0:
+            self._closed.wait(delay)
+        self._next_due = max(self._next_due + self._interval, time.monotonic())
+        system, processes = self.system.sample()
+        run = self._sample_run(processes)
+        if run is not None and self.watchdog is not None:
+            for event in self.watchdog.check(run, system, self.runtime):
+                self.post_event(event)
+        with self._lock:
+            events, self._events = tuple(self._events), []
+        return Snapshot(
+            time=time.time(),
+            interval=self._interval,
+            system=system,
+            processes=processes,
+            run=run,
+            events=events,
+        )
+
+    def _sample_run(self, processes: tuple[ProcessInfo, ...]) -> RunInfo | None:
+        if self.runtime is None:
+            return None
+        run = self.runtime.sample()
+        own = next((p for p in processes if p.pid == run.pid and run.state != "dead"), None)
+        if own is not None:
+            run = dataclasses.replace(run, rss=own.rss, cpu_percent=own.cpu_percent)
+        event = _state_change_event(self._last_run, run)
+        if event:
+            self.post_event(event)
+        self._last_run = run
+        return run
+
+    def close(self) -> None:
+        """Wake a waiting tick and stop the run if this monitor hosts it."""
+        self._closed.set()
+        if self.runtime is not None:
+            self.runtime.close()

@@ -1,0 +1,120 @@
+"""Plain-text renderings of a Snapshot: the `--once` table and the headless status line."""
+
+from __future__ import annotations
+
+import time
+
+from xltop.snapshot import RunInfo, Snapshot
+
+COMMAND_WIDTH = 60
+
+
+def human_bytes(value: int | None) -> str:
+    if value is None:
+        return "-"
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(value) >= size:
+            return f"{value / size:.1f} {unit}"
+    return f"{value} B"
+
+
+def _num(value: float | None, spec: str = ".3g") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _aligned(headers: list[str], rows: list[list[str]]) -> list[str]:
+    """Columns right-aligned except the last, which may run long (like top's COMMAND)."""
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers) - 1)]
+    return [
+        "  ".join([*(c.rjust(w) for c, w in zip(r[:-1], widths, strict=True)), r[-1]]).rstrip()
+        for r in [headers, *rows]
+    ]
+
+
+def _run_lines(run: RunInfo) -> list[str]:
+    lines = [
+        f"Run: {run.state}  pid {run.pid or '-'}  mode {run.mode or '-'}  "
+        f"preset {run.preset or '-'}  step {run.step}  tokens {run.tokens}  "
+        f"{_num(run.tokens_per_s, '.0f')} tok/s  step {_num(run.step_ms, '.1f')} ms  "
+        f"loss {_num(run.loss_bpb, '.3f')} bpb"
+    ]
+    memory = f"     RSS {human_bytes(run.rss)}  CPU {_num(run.cpu_percent, '.1f')}%"
+    if run.mlx is not None:
+        memory += (
+            f"  MLX active {human_bytes(run.mlx.active)}  cache {human_bytes(run.mlx.cache)}  "
+            f"peak {human_bytes(run.mlx.peak)}  limit {human_bytes(run.mlx.limit)}  "
+            f"({run.mlx.backend} {run.mlx.device}, BLAS {run.blas or '-'})"
+        )
+    lines.append(memory)
+    if run.state == "dead" and run.last_error:
+        lines.append(f"     last error: {run.last_error}")
+    if run.blocks or run.layers:
+        rows = []
+        for i in range(max(len(run.blocks), len(run.layers))):
+            block = run.blocks[i] if i < len(run.blocks) else None
+            layer = run.layers[i] if i < len(run.layers) else None
+            rows.append(
+                [
+                    str(i),
+                    _num(block and block.fwd_ms, ".2f"),
+                    _num(block and block.bwd_ms, ".2f"),
+                    *(
+                        _num(layer and getattr(layer, f))
+                        for f in ("w_norm", "update_norm", "drift", "inner_loss_before")
+                    ),
+                    _num(layer and layer.inner_loss_after),
+                ]
+            )
+        headers = ["BLOCK", "FWD_MS", "BWD_MS", "W_NORM", "UPDATE", "DRIFT", "LOSS0", "LOSS1"]
+        lines += ["", f"per block (sampled step {_num(run.sampled_step, 'd')}):"]
+        lines += _aligned(headers, rows)
+    return lines
+
+
+def format_snapshot(snapshot: Snapshot) -> str:
+    """The whole Snapshot as a text table, for `xltop --once` (like `top -b -n 1`)."""
+    system = snapshot.system
+    clock = time.strftime("%H:%M:%S", time.localtime(snapshot.time))
+    lines = [
+        f"xltop {clock}  interval {snapshot.interval:g} s",
+        f"Mem: {human_bytes(system.total)} total  {human_bytes(system.used)} used  "
+        f"{human_bytes(system.available)} available  CPU {system.cpu_percent:.1f}%",
+    ]
+    lines += _run_lines(snapshot.run) if snapshot.run else ["Run: none (--no-run)"]
+    lines += [f"event: {e}" for e in snapshot.events]
+    rows = [
+        [
+            f"{p.pid}{'*' if p.is_run else ''}",
+            p.user[:10],
+            f"{p.rss / (1 << 20):.1f}",
+            f"{p.cpu_percent:.1f}",
+            p.name[:16],
+            p.command[:COMMAND_WIDTH],
+        ]
+        for p in snapshot.processes
+    ]
+    lines += ["", *_aligned(["PID", "USER", "RSS_MIB", "CPU%", "NAME", "COMMAND"], rows)]
+    return "\n".join(lines) + "\n"
+
+
+def status_line(snapshot: Snapshot) -> str:
+    """One short line per tick for headless mode's stderr."""
+    system = snapshot.system
+    parts = [
+        time.strftime("%H:%M:%S", time.localtime(snapshot.time)),
+        f"mem {human_bytes(system.used)}/{human_bytes(system.total)}",
+        f"cpu {system.cpu_percent:.0f}%",
+    ]
+    run = snapshot.run
+    if run is not None:
+        parts.append(f"run {run.state}")
+        if run.state != "dead":
+            parts += [
+                f"step {run.step}",
+                f"{_num(run.tokens_per_s, '.0f')} tok/s",
+                f"loss {_num(run.loss_bpb, '.3f')}",
+                f"rss {human_bytes(run.rss)}",
+            ]
+            if run.mlx is not None:
+                parts.append(f"mlx {human_bytes(run.mlx.active)}")
+    return "  ".join(parts)
