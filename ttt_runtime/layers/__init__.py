@@ -1,0 +1,8 @@
+"""TTT-Linear and TTT-MLP layers on MLX, exactly as shared/TTT_SPEC.md."""
+
+from ttt_runtime.layers.cache import TTTCache
+from ttt_runtime.layers.config import TTTLayerConfig
+from ttt_runtime.layers.linear import TTTLinear
+from ttt_runtime.layers.mlp import TTTMLP
+
+__all__ = ["TTTCache", "TTTLayerConfig", "TTTLinear", "TTTMLP"]

@@ -1,0 +1,165 @@
+"""Byte streams for a byte-level model: a file, a folder of text files, or the embedded default.
+
+The default is text every Python install carries, found at run time so nothing is downloaded:
+the running interpreter's own standard-library sources (their docstrings are its docs) and
+any .txt/.rst beside them. The files are read as one long concatenation that wraps around.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import sys
+import sysconfig
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+_SNIFF_BYTES = 8192
+_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", ".git"}
+_DEFAULT_SUFFIXES = (".py", ".txt", ".rst")
+_OPEN_FILES = 8  # files kept in memory: consecutive chunks mostly fall in the same file
+
+
+class StreamError(ValueError):
+    """A data path that cannot be streamed (missing, empty, unreadable, not text)."""
+
+
+def _is_text(path: Path) -> bool:
+    with path.open("rb") as handle:
+        head = handle.read(_SNIFF_BYTES)
+    if not head or b"\0" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        # a multi-byte character cut by the sniff window is still text
+        return err.start >= len(head) - 3 and len(head) == _SNIFF_BYTES
+    return True
+
+
+def _walk(root: Path, suffixes: tuple[str, ...] | None) -> list[Path]:
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith("."))
+        for name in sorted(files):
+            if suffixes is None or name.endswith(suffixes):
+                found.append(Path(folder) / name)
+    return found
+
+
+def default_corpus_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+class ByteStream:
+    """Iterating yields (inputs, targets): int32 arrays (batch_size, seq_len), targets shifted
+    by one byte. Endless (wraps around). Row b reads its own contiguous lane starting
+    b * (total // batch_size) bytes in, so each row continues across chunks like one long
+    conversation. `position` counts the bytes consumed per row (pass it back to resume).
+    """
+
+    def __init__(self, path: str | None, seq_len: int, batch_size: int = 1, position: int = 0):
+        for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise StreamError(f"{name}={value!r}: must be an integer >= 1")
+        if isinstance(position, bool) or not isinstance(position, int) or position < 0:
+            raise StreamError(f"position={position!r}: must be an integer >= 0")
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.position = position
+        self.path = path
+        self.files, sizes = self._collect(path)
+        self.ends = np.cumsum(sizes).tolist()
+        self.total = self.ends[-1]
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+
+    def _collect(self, path: str | None) -> tuple[list[Path], list[int]]:
+        if path is None:
+            root = default_corpus_root()
+            candidates = _walk(root, _DEFAULT_SUFFIXES)
+            where = f"the Python standard library at {root}"
+        else:
+            root = Path(path).expanduser()
+            if not root.exists():
+                raise StreamError(f"data path {path} does not exist")
+            if root.is_file():
+                candidates = [root]
+            elif root.is_dir():
+                candidates = _walk(root, None)
+            else:
+                raise StreamError(f"data path {path} is neither a file nor a folder")
+            where = f"data path {path}"
+        files, sizes = [], []
+        for file in candidates:
+            try:
+                size = file.stat().st_size
+                text = size > 0 and _is_text(file)
+            except OSError as err:
+                if root.is_file():
+                    raise StreamError(f"data path {path} is unreadable: {err.strerror}") from None
+                continue  # one unreadable file in a folder is skipped, like a binary one
+            if text:
+                files.append(file)
+                sizes.append(size)
+        if not files:
+            if root.is_file():
+                reason = "is empty" if root.stat().st_size == 0 else "is not a text file"
+                raise StreamError(f"{where} {reason}")
+            raise StreamError(f"{where} holds no non-empty text files")
+        return files, sizes
+
+    def describe(self) -> str:
+        source = (
+            f"Python {sys.version_info.major}.{sys.version_info.minor} standard library "
+            f"({default_corpus_root()})"
+            if self.path is None
+            else str(self.path)
+        )
+        return f"{source}: {len(self.files)} text files, {self.total / 1e6:.1f} MB"
+
+    def __iter__(self) -> ByteStream:
+        return self
+
+    def __next__(self) -> tuple[np.ndarray, np.ndarray]:
+        lane = self.total // self.batch_size
+        rows = [
+            self.read(self.position + b * lane, self.seq_len + 1) for b in range(self.batch_size)
+        ]
+        self.position += self.seq_len
+        window = np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(self.batch_size, -1)
+        window = window.astype(np.int32)
+        return window[:, :-1], window[:, 1:]
+
+    def read(self, start: int, count: int) -> bytes:
+        """`count` bytes of the endless concatenation from offset `start` (wrapping around)."""
+        out = []
+        offset = start % self.total
+        while count > 0:
+            index = bisect.bisect_right(self.ends, offset)
+            file_start = self.ends[index - 1] if index else 0
+            data = self._file_bytes(index)
+            piece = data[offset - file_start : offset - file_start + count]
+            out.append(piece)
+            count -= len(piece)
+            offset = (offset + len(piece)) % self.total
+        return b"".join(out)
+
+    def _file_bytes(self, index: int) -> bytes:
+        if index in self._cache:
+            self._cache.move_to_end(index)
+            return self._cache[index]
+        size = self.ends[index] - (self.ends[index - 1] if index else 0)
+        try:
+            data = self.files[index].read_bytes()
+        except OSError as err:
+            raise StreamError(
+                f"data file {self.files[index]} is unreadable: {err.strerror}"
+            ) from None
+        # a file that changed size since the scan keeps its scanned length: offsets stay valid
+        data = data[:size].ljust(size, b"\n")
+        self._cache[index] = data
+        if len(self._cache) > _OPEN_FILES:
+            self._cache.popitem(last=False)
+        return data
