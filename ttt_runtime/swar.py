@@ -7,7 +7,218 @@ error, so a run can measure how far its float32 fast weights drift from the exac
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
 import numpy as np
+
+# --- packed lanes ---------------------------------------------------------------------------
+# A uint32 word holds 4 unsigned 8-bit lanes or 2 unsigned 16-bit lanes, lane 0 least significant.
+
+# Clears, in each lane, the top bit that `>> 1` shifted in from the lane above.
+_HIGH_CLEAR = {8: 0x7F7F7F7F, 16: 0x7FFF7FFF}
+FORMS = ("bitwise", "arith")
+DEFAULT_FORM = "bitwise"  # faster in NumPy and MLX: benchmarks/bench_swar.py
+
+
+def _words(x):
+    """x as uint32 words of its own kind (MLX or NumPy)."""
+    if isinstance(x, mx.array):
+        return x if x.dtype == mx.uint32 else x.astype(mx.uint32)
+    return np.asarray(x, dtype=np.uint32)
+
+
+def _pack(lanes, bits: int):
+    mask = (1 << bits) - 1
+    word = _words(lanes[0]) & mask
+    for i, lane in enumerate(lanes[1:], start=1):
+        word = word | ((_words(lane) & mask) << (bits * i))
+    return word
+
+
+def _unpack(w, bits: int):
+    w = _words(w)
+    mask = (1 << bits) - 1
+    return tuple((w >> (bits * i)) & mask for i in range(32 // bits))
+
+
+def pack_u8(l0, l1, l2, l3):
+    """Four lanes (values taken modulo 256) into uint32 words, l0 least significant."""
+    return _pack((l0, l1, l2, l3), 8)
+
+
+def unpack_u8(w):
+    """uint32 words into their four 8-bit lanes (uint32 arrays), lane 0 first."""
+    return _unpack(w, 8)
+
+
+def pack_u16(l0, l1):
+    """Two lanes (values taken modulo 65536) into uint32 words, l0 least significant."""
+    return _pack((l0, l1), 16)
+
+
+def unpack_u16(w):
+    """uint32 words into their two 16-bit lanes (uint32 arrays), lane 0 first."""
+    return _unpack(w, 16)
+
+
+def _average_arith(a, b, bits: int, round_up: bool):
+    """Lane by lane with division and modulo only (the seeds' cross-platform form)."""
+    a, b = _words(a), _words(b)
+    base = 1 << bits
+    out = 0
+    for i in range(32 // bits):
+        place = base**i
+        x, y = (a // place) % base, (b // place) % base
+        out = out + ((x + y + int(round_up)) // 2) * place
+    return out
+
+
+def _average_bitwise(a, b, bits: int, round_up: bool):
+    """All lanes at once: a + b = 2(a & b) + (a ^ b), and no lane can carry into the next.
+
+    floor((a+b)/2) = (a & b) + ((a ^ b) >> 1); floor((a+b+1)/2) = (a | b) - ((a ^ b) >> 1),
+    the same plus the rounding term (a ^ b) & 1, in one operation fewer.
+    """
+    a, b = _words(a), _words(b)
+    half_diff = ((a ^ b) >> 1) & _HIGH_CLEAR[bits]
+    return (a | b) - half_diff if round_up else (a & b) + half_diff
+
+
+def _average(a, b, bits: int, round_up: bool, form: str):
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    average = _average_bitwise if form == "bitwise" else _average_arith
+    return average(a, b, bits, round_up)
+
+
+def avg_u8_trunc(a, b, form: str = DEFAULT_FORM):
+    """Each 8-bit lane: floor((x + y) / 2)."""
+    return _average(a, b, 8, False, form)
+
+
+def avg_u8_round(a, b, form: str = DEFAULT_FORM):
+    """Each 8-bit lane: floor((x + y + 1) / 2) (biased by +1/4 LSB on uniform inputs)."""
+    return _average(a, b, 8, True, form)
+
+
+def avg_u16_trunc(a, b, form: str = DEFAULT_FORM):
+    """Each 16-bit lane: floor((x + y) / 2)."""
+    return _average(a, b, 16, False, form)
+
+
+def avg_u16_round(a, b, form: str = DEFAULT_FORM):
+    """Each 16-bit lane: floor((x + y + 1) / 2) (biased by +1/4 LSB on uniform inputs)."""
+    return _average(a, b, 16, True, form)
+
+
+# --- quantization ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """A float tensor as `bits`-bit levels packed 32 // bits per uint32 word.
+
+    Element i = offset + scale * level_i. Levels are laid out in planes: lane j of word w holds
+    element j * len(words) + w, so packing and unpacking touch contiguous slices only.
+    """
+
+    words: Any  # uint32, MLX or NumPy (the kind that was quantized)
+    bits: int
+    scale: float
+    offset: float
+    shape: tuple[int, ...]
+    dtype: Any  # the original dtype, restored by dequantize
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.words.size) * 4
+
+
+def _float_kind(x):
+    """x flattened, as a float array of its own kind (float32 unless it is float64 NumPy)."""
+    if isinstance(x, mx.array):
+        flat = x.reshape(-1)
+        return flat if flat.dtype == mx.float32 else flat.astype(mx.float32)
+    flat = np.asarray(x).reshape(-1)
+    return flat if flat.dtype in (np.float32, np.float64) else flat.astype(np.float32)
+
+
+def quantize(x, bits: int = 8) -> QuantizedTensor:
+    """Round x to the nearest of 2**bits evenly spaced levels from min(x) to max(x) and pack.
+
+    Each element comes back from `dequantize` within half a step, (max - min) / (2**bits - 1)
+    / 2 (plus the final rounding to x's float type); a constant tensor comes back exactly.
+    """
+    if bits not in (8, 16):
+        raise ValueError(f"quantize: bits must be 8 or 16, got {bits}")
+    is_mlx = isinstance(x, mx.array)
+    flat = _float_kind(x)
+    if is_mlx:
+        if not mx.all(mx.isfinite(flat)).item():
+            raise ValueError("quantize: input has NaN or Inf")
+        lo, hi = (mx.min(flat).item(), mx.max(flat).item()) if flat.size else (0.0, 0.0)
+    else:
+        lo, hi = (float(flat.min()), float(flat.max())) if flat.size else (0.0, 0.0)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError("quantize: input has NaN or Inf")
+    if hi - lo > float(np.finfo(np.float32 if is_mlx else flat.dtype).max):
+        raise ValueError("quantize: max - min overflows the input's float type")
+    levels = (1 << bits) - 1
+    scale = (hi - lo) / levels
+    lanes = 32 // bits
+    n_words = -(-flat.size // lanes)
+    if is_mlx:
+        q = mx.round((flat - lo) * (1 / scale)) if scale else mx.zeros_like(flat)
+        q = mx.pad(q.astype(mx.uint32), (0, n_words * lanes - flat.size))
+    else:
+        q = np.rint((flat - lo) * (1 / scale)) if scale else np.zeros_like(flat)
+        q = np.pad(q.astype(np.uint32), (0, n_words * lanes - flat.size))
+    words = _pack(q.reshape(lanes, n_words), bits)
+    return QuantizedTensor(words, bits, scale, lo, tuple(x.shape), x.dtype)
+
+
+def dequantize(q: QuantizedTensor):
+    """The float tensor a QuantizedTensor stands for, in its original kind, shape and dtype."""
+    size = math.prod(q.shape)
+    planes = _unpack(q.words, q.bits)
+    if isinstance(q.words, mx.array):
+        levels = mx.concatenate(planes)[:size].astype(mx.float32)
+        return (levels * q.scale + q.offset).reshape(q.shape).astype(q.dtype)
+    dtype = np.float64 if q.dtype == np.float64 else np.float32
+    levels = np.concatenate(planes)[:size].astype(dtype)
+    return (levels * q.scale + q.offset).reshape(q.shape).astype(q.dtype, copy=False)
+
+
+class QuantizedMomentum:
+    """Exponential moving average m <- beta * m + (1 - beta) * g, held quantized between steps.
+
+    The average lives as `bits`-bit levels (u16 by default: 2 per uint32 word, half of float32);
+    gradients may arrive quantized too (what Ray workers send). Requantizing every step adds at
+    most half a step of error, which the average then damps by beta.
+    """
+
+    def __init__(self, shape, beta: float = 0.9, bits: int = 16):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"QuantizedMomentum: beta must be in [0, 1), got {beta}")
+        self.shape, self.beta, self.bits = tuple(shape), beta, bits
+        self.state: QuantizedTensor | None = None
+
+    def update(self, grad) -> None:
+        g = dequantize(grad) if isinstance(grad, QuantizedTensor) else grad
+        if tuple(g.shape) != self.shape:
+            raise ValueError(f"QuantizedMomentum{self.shape}: gradient has shape {g.shape}")
+        m = (1 - self.beta) * g
+        if self.state is not None:
+            m = m + self.beta * dequantize(self.state)
+        self.state = quantize(m, self.bits)
+
+    def value(self):
+        """The average (zeros before the first update: NumPy float32 then)."""
+        return np.zeros(self.shape, np.float32) if self.state is None else dequantize(self.state)
+
 
 # --- exact accumulator ----------------------------------------------------------------------
 
