@@ -7,6 +7,7 @@ error, so a run can measure how far its float32 fast weights drift from the exac
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ import numpy as np
 _HIGH_CLEAR = {8: 0x7F7F7F7F, 16: 0x7FFF7FFF}
 FORMS = ("bitwise", "arith")
 DEFAULT_FORM = "bitwise"  # faster in NumPy and MLX: benchmarks/bench_swar.py
+_BLOCK_WORDS = 1 << 15
 
 
 def _words(x):
@@ -87,11 +89,33 @@ def _average_bitwise(a, b, bits: int, round_up: bool):
     return (a | b) - half_diff if round_up else (a & b) + half_diff
 
 
+@functools.cache
+def _compiled(average, bits: int, round_up: bool):
+    # one fused kernel instead of a pass over memory per operation (2-3x on MLX's CPU backend)
+    return mx.compile(lambda a, b: average(a, b, bits, round_up), shapeless=True)
+
+
+def _blockwise(average, a, b, bits: int, round_up: bool):
+    """NumPy evaluates one operation at a time: on L2-sized blocks the temporaries never
+    travel to memory (about 2x on 64 MiB inputs)."""
+    if a.shape != b.shape or a.size <= _BLOCK_WORDS:
+        return average(a, b, bits, round_up)
+    out = np.empty(a.shape, np.uint32)
+    flat_a, flat_b, flat_out = a.reshape(-1), b.reshape(-1), out.reshape(-1)
+    for start in range(0, a.size, _BLOCK_WORDS):
+        block = slice(start, start + _BLOCK_WORDS)
+        flat_out[block] = average(flat_a[block], flat_b[block], bits, round_up)
+    return out
+
+
 def _average(a, b, bits: int, round_up: bool, form: str):
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     average = _average_bitwise if form == "bitwise" else _average_arith
-    return average(a, b, bits, round_up)
+    a, b = _words(a), _words(b)
+    if isinstance(a, mx.array) or isinstance(b, mx.array):
+        return _compiled(average, bits, round_up)(a, b)
+    return _blockwise(average, a, b, bits, round_up)
 
 
 def avg_u8_trunc(a, b, form: str = DEFAULT_FORM):
