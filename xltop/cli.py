@@ -1,0 +1,311 @@
+"""`xltop`: the command line. Every mode is the same Monitor feeding different sinks.
+
+xltop                      the TUI, hosting the default TTT run
+xltop --headless --csv F   no screen: a CSV row and a status line (stderr) per tick
+xltop --once | --json      one snapshot as a text table / as JSON, then exit
+xltop --json-stream        one JSON line per tick on stdout
+xltop --no-run | --attach SOCKET   watch the machine only / a run started elsewhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import NoReturn
+
+import psutil
+
+from xltop import __version__
+from xltop.csvlog import CsvLog, CsvLogError, check_writable
+from xltop.jsonout import snapshot_to_line
+from xltop.monitor import MIN_INTERVAL_S, Monitor
+from xltop.snapshot import Snapshot
+from xltop.sources import SystemSource
+from xltop.table import format_snapshot, status_line
+from xltop.watchdog import Threshold, Watchdog
+
+RUN_FLAGS = ("mode", "preset", "config", "data", "seed", "resume")
+READY_TIMEOUT_S = 120.0  # a run's first step includes importing MLX and building the model
+
+
+class UsageError(Exception):
+    """A bad flag or value: one line on stderr, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        print(f"xltop: {message} (see xltop --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _positive(kind: type, floor: float = 0.0) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0 or value < floor:
+            raise argparse.ArgumentTypeError(f"{text!r} must be at least {floor or 'above 0'}")
+        return value
+
+    return parse
+
+
+def _threshold(text: str) -> Threshold:
+    try:
+        return Threshold.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="xltop", description="top for test-time training on MLX")
+    parser.add_argument("--version", action="version", version=f"xltop {__version__}")
+    out = parser.add_mutually_exclusive_group()
+    out.add_argument("--headless", action="store_true", help="no screen: status lines on stderr")
+    out.add_argument("--once", action="store_true", help="print one snapshot as a table, exit")
+    out.add_argument("--json", action="store_true", help="print one snapshot as JSON, exit")
+    out.add_argument("--json-stream", action="store_true", help="one JSON line per tick")
+    out.add_argument(
+        "--poll",
+        nargs="?",
+        const=1.0,
+        type=_positive(float, MIN_INTERVAL_S),
+        metavar="S",
+        help="the old memory monitor's flag: --headless every S seconds (default 1)",
+    )
+    parser.add_argument("--csv", metavar="PATH", help="log one CSV row per tick to PATH")
+    parser.add_argument(
+        "--interval",
+        type=_positive(float, MIN_INTERVAL_S),
+        default=1.0,
+        metavar="S",
+        help=f"seconds between ticks (default 1, at least {MIN_INTERVAL_S})",
+    )
+    stop = parser.add_mutually_exclusive_group()
+    stop.add_argument("--count", type=_positive(int), metavar="N", help="stop after N ticks")
+    stop.add_argument("--duration", type=_positive(float), metavar="S", help="stop after S s")
+    parser.add_argument("--quiet", action="store_true", help="no status lines in headless mode")
+    parser.add_argument(
+        "--top", type=_positive(int), default=30, metavar="N", help="processes to list (default 30)"
+    )
+    parser.add_argument(
+        "--mem-soft",
+        type=_threshold,
+        metavar="LIMIT",
+        help="run memory (70%% or 8GiB) at which to clear its MLX cache",
+    )
+    parser.add_argument(
+        "--mem-hard", type=_threshold, metavar="LIMIT", help="run memory at which to pause the run"
+    )
+    parser.add_argument("--readonly", action="store_true", help="TUI without kill/run commands")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--no-run", action="store_true", help="watch the machine, start no run")
+    target.add_argument("--attach", metavar="SOCKET", help="watch a run started elsewhere")
+    run = parser.add_argument_group("run options (passed to the hosted TTT run)")
+    run.add_argument("--mode", choices=("train", "adapt"))
+    run.add_argument("--preset", metavar="NAME")
+    run.add_argument("--config", metavar="FILE.toml")
+    run.add_argument("--data", metavar="PATH", help="text file or folder to stream")
+    run.add_argument("--seed", type=int)
+    run.add_argument("--resume", metavar="CKPT", help="resume from a checkpoint")
+    run.add_argument(
+        "--no-blas-preload",
+        action="store_true",
+        help="run with MLX's bundled BLAS (no OpenBLAS preload)",
+    )
+    return parser
+
+
+def _check_combinations(args: argparse.Namespace) -> None:
+    given = [f"--{f}" for f in RUN_FLAGS if getattr(args, f) is not None]
+    if given and (args.no_run or args.attach):
+        other = "--no-run" if args.no_run else "--attach"
+        raise UsageError(f"{', '.join(given)} configure a hosted run; not with {other}")
+    watchdog = args.mem_soft or args.mem_hard
+    if watchdog and args.no_run:
+        raise UsageError("--mem-soft/--mem-hard act on a run; not with --no-run")
+    if watchdog and args.readonly:
+        raise UsageError("--mem-soft/--mem-hard send commands to the run; not with --readonly")
+    if args.mem_soft and args.mem_hard:
+        total = psutil.virtual_memory().total
+        if args.mem_soft.bytes_of(total) >= args.mem_hard.bytes_of(total):
+            raise UsageError(f"--mem-soft {args.mem_soft} must be below --mem-hard {args.mem_hard}")
+    if args.attach and not os.path.exists(args.attach):
+        raise UsageError(f"--attach {args.attach}: no such socket")
+    if args.csv:
+        try:
+            check_writable(args.csv)
+        except CsvLogError as exc:
+            raise UsageError(str(exc)) from None
+
+
+def _run_args(args: argparse.Namespace) -> list[str]:
+    """The pass-through flags, validated here so a bad value fails before a run starts."""
+    from xltop.runsources import validate_run_args
+
+    argv = []
+    for flag in RUN_FLAGS:
+        value = getattr(args, flag)
+        if value is not None:
+            argv += [f"--{flag}", str(value)]
+    error = validate_run_args(argv)
+    if error:
+        raise UsageError(error)
+    return argv
+
+
+def _say(text: str) -> None:
+    print(f"xltop: {text}", file=sys.stderr, flush=True)
+
+
+def _make_runtime(args: argparse.Namespace):
+    if args.no_run:
+        return None
+    from xltop.runsources import AttachedRun, HostedRun, RunSourceError
+
+    try:
+        if args.attach:
+            return AttachedRun(args.attach)
+        return HostedRun(_run_args(args), preload_blas=not args.no_blas_preload)
+    except RunSourceError as exc:
+        _say(str(exc))
+        raise SystemExit(1) from None
+
+
+def _wait_ready(monitor: Monitor, quiet: bool) -> None:
+    """Hold the first tick until the run reports, so every row has the run's columns."""
+    runtime = monitor.runtime
+    if runtime is None or runtime.wait_ready(0):
+        return
+    if not quiet:
+        _say("waiting for the run's first step ...")
+    if not runtime.wait_ready(READY_TIMEOUT_S):
+        info = runtime.sample()
+        detail = info.last_error or f"no telemetry after {READY_TIMEOUT_S:.0f} s"
+        _say(f"the run did not start (exit code {info.exit_code}): {detail}")
+        raise SystemExit(1)
+
+
+def _ticks(monitor: Monitor, count: int | None, duration: float | None) -> Iterator[Snapshot]:
+    start = time.monotonic()
+    n = 0
+    while True:
+        yield monitor.tick()
+        n += 1
+        if count is not None and n >= count:
+            return
+        if duration is not None and time.monotonic() - start + monitor.interval > duration:
+            return
+
+
+class _Sinks:
+    """Everything one Snapshot goes to outside the TUI."""
+
+    def __init__(self, args: argparse.Namespace, monitor: Monitor, mode: str):
+        self.args, self.monitor, self.mode = args, monitor, mode
+        self.csv: CsvLog | None = None
+        self.csv_wanted = bool(args.csv)
+
+    def consume(self, snapshot: Snapshot) -> None:
+        if self.csv_wanted:
+            self._log(snapshot)
+        if self.mode == "once":
+            sys.stdout.write(format_snapshot(snapshot))
+        elif self.mode in ("json", "json-stream"):
+            sys.stdout.write(snapshot_to_line(snapshot) + "\n")
+        else:
+            for event in snapshot.events:
+                _say(event)
+            if not self.args.quiet:
+                print(status_line(snapshot), file=sys.stderr, flush=True)
+        sys.stdout.flush()
+
+    def _log(self, snapshot: Snapshot) -> None:
+        try:
+            if self.csv is None:
+                self.csv = CsvLog.open(self.args.csv, snapshot)
+            self.csv.write(snapshot)
+        except CsvLogError as exc:
+            # Disk full or similar: stop logging, say so, keep monitoring.
+            self.csv_wanted, self.csv = False, None
+            _say(f"{exc}; monitoring goes on")
+            self.monitor.post_event(str(exc))
+
+    def close(self) -> None:
+        if self.csv is not None:
+            self.csv.close()
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # the same clean path as Ctrl-C
+
+
+def _output_mode(args: argparse.Namespace) -> str:
+    if args.once or args.json or args.json_stream:
+        return "once" if args.once else "json" if args.json else "json-stream"
+    if args.headless or args.poll:
+        return "headless"
+    if not sys.stdout.isatty():
+        _say("stdout is not a terminal: printing one snapshot (as --once)")
+        return "once"
+    return "tui"
+
+
+def _run_tui(monitor: Monitor, args: argparse.Namespace) -> bool:
+    """Run the TUI; False if it is not installed (headless status lines instead)."""
+    try:
+        from xltop.app import XltopApp
+    except ModuleNotFoundError as exc:
+        if exc.name != "xltop.app":
+            raise
+        return False
+    XltopApp(monitor, readonly=args.readonly, csv_path=args.csv).run()
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        _check_combinations(args)
+        mode = _output_mode(args)
+        interval = args.poll or args.interval
+        count = 1 if mode in ("once", "json") else args.count
+        limits = (args.mem_soft, args.mem_hard)
+        watchdog = Watchdog(*limits) if any(limits) else None
+        runtime = _make_runtime(args)
+    except UsageError as exc:
+        print(f"xltop: {exc}", file=sys.stderr)
+        return 2
+    monitor = Monitor(SystemSource(top_n=args.top), runtime, interval=interval, watchdog=watchdog)
+    sinks = None
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        if mode == "tui" and _run_tui(monitor, args):
+            return 0
+        if mode == "tui":
+            mode = "headless"
+            _say("the TUI is not installed here: headless status lines instead")
+        sinks = _Sinks(args, monitor, mode)
+        _wait_ready(monitor, args.quiet or mode != "headless")
+        for snapshot in _ticks(monitor, count, args.duration):
+            sinks.consume(snapshot)
+    except KeyboardInterrupt:
+        pass
+    except BrokenPipeError:
+        # A reader such as `head` went away: stop quietly, without a second error at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    finally:
+        # A second Ctrl-C must not cut the cleanup short: files close, the run stops.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        with contextlib.suppress(Exception):
+            if sinks is not None:
+                sinks.close()
+        monitor.close()
+    return 0

@@ -1,0 +1,238 @@
+"""The TTT run as a source: hosted (xltop spawns it) or attached (started elsewhere).
+
+Both read the run's telemetry over its channel (ttt_runtime.channel, which never imports MLX)
+and turn the newest message into a RunInfo. `sample()` never blocks and never raises: a run
+that is gone is a RunInfo with state "dead", its exit code and its last error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+import time
+from typing import Any
+
+from ttt_runtime.channel import ChannelClient, ChannelError
+
+from xltop.snapshot import BlockStats, LayerStats, MlxMemory, RunInfo
+
+SEND_TIMEOUT_S = 5.0
+STOP_TIMEOUT_S = 10.0
+NOT_RUNNING = {"ok": False, "error": "run is not running"}
+
+
+class RunSourceError(Exception):
+    """The run cannot be started or reached; the message says which and why."""
+
+
+def validate_run_args(argv: list[str]) -> str | None:
+    """The one-line error a run would exit with for these flags, or None if they are fine."""
+    from ttt_runtime.launch import check_run_args
+
+    return check_run_args(argv)
+
+
+def _mlx_memory(mlx: dict[str, Any] | None) -> MlxMemory | None:
+    if not mlx:
+        return None
+    # The real ceiling: Metal's working set on Apple silicon, else the machine's memory.
+    limit = mlx.get("working_set") or mlx.get("memory_size") or mlx.get("limit") or 0
+    return MlxMemory(
+        active=int(mlx.get("active") or 0),
+        cache=int(mlx.get("cache") or 0),
+        peak=int(mlx.get("peak") or 0),
+        limit=int(limit),
+        backend=str(mlx.get("backend") or ""),
+        device=str(mlx.get("device") or ""),
+    )
+
+
+_LAYER_FIELDS = [f.name for f in dataclasses.fields(LayerStats)]
+
+
+def run_info_from_telemetry(message: dict[str, Any]) -> RunInfo:
+    """One telemetry message (ttt_runtime.protocol.TELEMETRY_FIELDS) as a RunInfo."""
+    return RunInfo(
+        state="paused" if message.get("paused") else "running",
+        pid=message.get("pid"),
+        mode=str(message.get("mode") or ""),
+        preset=str(message.get("preset") or ""),
+        step=int(message.get("step") or 0),
+        tokens=int(message.get("tokens") or 0),
+        tokens_per_s=message.get("tokens_per_s"),
+        step_ms=message.get("step_ms"),
+        loss_bpb=message.get("loss_bpb"),
+        inner_lr=message.get("inner_lr"),
+        conversation=int(message.get("conversation") or 0),
+        sampled_step=message.get("sampled_step"),
+        blocks=tuple(
+            BlockStats(fwd_ms=b.get("fwd_ms"), bwd_ms=b.get("bwd_ms"))
+            for b in message.get("blocks") or ()
+        ),
+        layers=tuple(
+            LayerStats(**{f: layer.get(f) for f in _LAYER_FIELDS})
+            for layer in message.get("layers") or ()
+        ),
+        mlx=_mlx_memory(message.get("mlx")),
+        blas=str(message.get("blas") or ""),
+    )
+
+
+def _error_text(client: ChannelClient | None) -> str | None:
+    error = client.last_error if client is not None else None
+    return f"{error.get('exc_type')}: {error.get('message')}" if error else None
+
+
+class _ChannelRun:
+    """What hosted and attached runs share: reading telemetry and sending commands."""
+
+    _client: ChannelClient | None = None
+
+    def __init__(self) -> None:
+        self._last: RunInfo | None = None
+
+    @property
+    def pid(self) -> int | None:
+        raise NotImplementedError
+
+    def _hello_info(self, state: str) -> RunInfo:
+        hello = (self._client.hello if self._client is not None else None) or {}
+        return RunInfo(
+            state=state, pid=self.pid, mode=hello.get("mode", ""), preset=hello.get("preset", "")
+        )
+
+    def _live_info(self) -> RunInfo:
+        client = self._client
+        message = client.latest() if client is not None else None
+        if message is None:
+            return self._last or self._hello_info("starting")
+        if message is not getattr(self, "_last_message", None):
+            self._last_message = message
+            # A malformed report is skipped: the last good one stands.
+            with contextlib.suppress(TypeError, ValueError, AttributeError):
+                self._last = run_info_from_telemetry(message)
+        return self._last or self._hello_info("starting")
+
+    def _dead_info(self, exit_code: int | None, fallback_error: str | None) -> RunInfo:
+        base = self._last or self._hello_info("dead")
+        return dataclasses.replace(
+            base,
+            state="dead",
+            exit_code=exit_code,
+            last_error=_error_text(self._client) or fallback_error,
+            rss=None,
+            cpu_percent=None,
+        )
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait until the run has reported a step; False if it died or the time ran out."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.sample()
+            if info.state in ("running", "paused"):
+                return True
+            if info.state == "dead" or time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+    def send(self, cmd: str, **fields: Any) -> dict[str, Any]:
+        """Send a command; the reply, or {"ok": False, "error": ...} within the timeout."""
+        client = self._client
+        if client is None or not client.alive:
+            return dict(NOT_RUNNING)
+        try:
+            return client.request(cmd, timeout=SEND_TIMEOUT_S, **fields)
+        except (ChannelError, OSError, TimeoutError) as exc:
+            return {"ok": False, "error": str(exc) or type(exc).__name__}
+
+
+class AttachedRun(_ChannelRun):
+    """A run started elsewhere (`ttt-run --socket PATH`), watched through its socket."""
+
+    def __init__(self, socket_path: str, timeout: float = 5.0):
+        super().__init__()
+        self.socket_path = socket_path
+        try:
+            self._client = ChannelClient.connect(socket_path, timeout=timeout)
+        except (ChannelError, OSError) as exc:
+            raise RunSourceError(f"cannot attach to {socket_path}: {exc}") from None
+
+    @property
+    def pid(self) -> int | None:
+        return (self._client.hello or {}).get("pid")
+
+    def sample(self) -> RunInfo:
+        if not self._client.alive:
+            return self._dead_info(None, "the run closed its channel")
+        return self._live_info()
+
+    def restart(self) -> None:
+        raise RunSourceError("an attached run is restarted where it was started, not from xltop")
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class HostedRun(_ChannelRun):
+    """A run xltop spawns (a fresh interpreter, OpenBLAS preloaded) and stops on close."""
+
+    def __init__(self, run_args: list[str], preload_blas: bool = True):
+        super().__init__()
+        self.run_args = list(run_args)
+        self.preload_blas = preload_blas
+        self._lock = threading.Lock()
+        self._closing = False
+        self._start()
+
+    def _start(self) -> None:
+        from ttt_runtime.launch import spawn_run
+
+        try:
+            self._proc = spawn_run(self.run_args, preload_blas=self.preload_blas)
+        except (OSError, ValueError) as exc:
+            raise RunSourceError(f"cannot start the run: {exc}") from None
+        self._client, self._last = None, None
+        threading.Thread(target=self._connect, args=(self._proc,), daemon=True).start()
+
+    def _connect(self, proc: Any) -> None:
+        # The run needs a few seconds (importing MLX) before its socket answers.
+        while proc.poll() is None and not self._closing:
+            try:
+                client = ChannelClient.connect(proc.socket_path, timeout=1.0)
+            except (ChannelError, OSError):
+                time.sleep(0.1)
+                continue
+            with self._lock:
+                if proc is self._proc and not self._closing:
+                    self._client = client
+                    return
+            client.close()
+            return
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
+
+    def sample(self) -> RunInfo:
+        exit_code = self._proc.poll()
+        if exit_code is not None:
+            tail = [line for line in self._proc.stderr_tail().splitlines() if line.strip()]
+            return self._dead_info(exit_code, tail[-1] if tail else None)
+        return self._live_info()
+
+    def restart(self) -> None:
+        """Stop the current run (if it still runs) and start a fresh one with the same flags."""
+        self._stop()
+        self._start()
+
+    def _stop(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+        self._proc.stop(STOP_TIMEOUT_S)
+
+    def close(self) -> None:
+        self._closing = True
+        self._stop()
