@@ -174,7 +174,8 @@ def quantize(x, bits: int = 8) -> QuantizedTensor:
     """Round x to the nearest of 2**bits evenly spaced levels from min(x) to max(x) and pack.
 
     Each element comes back from `dequantize` within half a step, (max - min) / (2**bits - 1)
-    / 2 (plus the final rounding to x's float type); a constant tensor comes back exactly.
+    / 2, plus a few ulps of max(|min|, |max|, max - min) for the float arithmetic itself (done in
+    float32, or float64 for float64 NumPy input); a constant tensor comes back exactly.
     """
     if bits not in (8, 16):
         raise ValueError(f"quantize: bits must be 8 or 16, got {bits}")
@@ -227,6 +228,8 @@ class QuantizedMomentum:
     def __init__(self, shape, beta: float = 0.9, bits: int = 16):
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"QuantizedMomentum: beta must be in [0, 1), got {beta}")
+        if bits not in (8, 16):
+            raise ValueError(f"QuantizedMomentum: bits must be 8 or 16, got {bits}")
         self.shape, self.beta, self.bits = tuple(shape), beta, bits
         self.state: QuantizedTensor | None = None
 
@@ -257,9 +260,7 @@ _MAX_CHUNK = 1 << 22  # elements converted at once: bounds temporary memory
 
 def _as_float_numpy(x) -> np.ndarray:
     """x as a float32 or float64 NumPy array (MLX arrays are copied out, exactly)."""
-    if not isinstance(x, np.ndarray) and type(x).__module__.startswith("mlx"):
-        import mlx.core as mx
-
+    if isinstance(x, mx.array):
         if x.dtype not in (mx.float32, mx.float64):
             x = x.astype(mx.float32)  # float16/bfloat16 widen exactly
         x = np.array(x)

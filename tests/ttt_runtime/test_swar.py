@@ -321,9 +321,11 @@ def test_u16_momentum_tracks_a_float32_ema_within_its_error_bound(record_propert
     assert isinstance(momentum.value(), np.ndarray)
 
 
-def test_momentum_rejects_bad_beta_and_shape():
+def test_momentum_rejects_bad_beta_bits_and_shape():
     with pytest.raises(ValueError, match="beta"):
         QuantizedMomentum((2,), beta=1.0)
+    with pytest.raises(ValueError, match="bits"):
+        QuantizedMomentum((2,), bits=32)
     with pytest.raises(ValueError, match="shape"):
         QuantizedMomentum((2,)).update(np.zeros(3, np.float32))
     np.testing.assert_array_equal(QuantizedMomentum((2,)).value(), np.zeros(2))
