@@ -28,9 +28,13 @@ class RunSourceError(Exception):
 
 def validate_run_args(argv: list[str]) -> str | None:
     """The one-line error a run would exit with for these flags, or None if they are fine."""
-    from ttt_runtime.launch import check_run_args
+    from ttt_runtime.config import ConfigError, parse_run_args
 
-    return check_run_args(argv)
+    try:
+        parse_run_args(argv)
+    except ConfigError as exc:
+        return str(exc)
+    return None
 
 
 def _mlx_memory(mlx: dict[str, Any] | None) -> MlxMemory | None:
