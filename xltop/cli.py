@@ -136,10 +136,8 @@ def _check_combinations(args: argparse.Namespace) -> None:
         total = psutil.virtual_memory().total
         if args.mem_soft.bytes_of(total) >= args.mem_hard.bytes_of(total):
             raise UsageError(f"--mem-soft {args.mem_soft} must be below --mem-hard {args.mem_hard}")
-    for flag, kind in (("attach", "socket"), ("data", "file or folder"), ("resume", "checkpoint")):
-        path = getattr(args, flag)
-        if path is not None and not os.path.exists(path):
-            raise UsageError(f"--{flag} {path}: no such {kind}")
+    if args.attach and not os.path.exists(args.attach):
+        raise UsageError(f"--attach {args.attach}: no such socket")
     if args.csv:
         try:
             check_writable(args.csv)

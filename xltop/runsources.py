@@ -14,7 +14,6 @@ import time
 from typing import Any
 
 from ttt_runtime.channel import ChannelClient, ChannelError
-
 from xltop.snapshot import BlockStats, LayerStats, MlxMemory, RunInfo
 
 SEND_TIMEOUT_S = 5.0
@@ -28,13 +27,9 @@ class RunSourceError(Exception):
 
 def validate_run_args(argv: list[str]) -> str | None:
     """The one-line error a run would exit with for these flags, or None if they are fine."""
-    from ttt_runtime.config import ConfigError, parse_run_args
+    from ttt_runtime.launch import check_run_args
 
-    try:
-        parse_run_args(argv)
-    except ConfigError as exc:
-        return str(exc)
-    return None
+    return check_run_args(argv)
 
 
 def _mlx_memory(mlx: dict[str, Any] | None) -> MlxMemory | None:
@@ -168,7 +163,8 @@ class AttachedRun(_ChannelRun):
 
     def sample(self) -> RunInfo:
         if not self._client.alive:
-            return self._dead_info(None, "the run closed its channel")
+            bye = self._client.bye  # a clean exit says goodbye with its exit code
+            return self._dead_info(bye.get("exit_code") if bye else None, "channel closed")
         return self._live_info()
 
     def restart(self) -> None:
