@@ -41,8 +41,19 @@ def with_run(snapshot: Snapshot, n_blocks: int) -> Snapshot:
 
 def test_columns_carry_units_and_one_per_block_and_layer():
     columns = csv_columns(2, 2)
-    for name in ("ts", "rss_mib", "avail_mib", "total_mib", "mlx_active_mib", "mlx_cache_mib",
-                 "block0_fwd_ms", "block1_bwd_ms", "layer0_w_norm", "layer1_drift", "event"):
+    for name in (
+        "ts",
+        "rss_mib",
+        "avail_mib",
+        "total_mib",
+        "mlx_active_mib",
+        "mlx_cache_mib",
+        "block0_fwd_ms",
+        "block1_bwd_ms",
+        "layer0_w_norm",
+        "layer1_drift",
+        "event",
+    ):
         assert name in columns  # fmt: skip
     assert len(columns) == len(set(columns))
 
