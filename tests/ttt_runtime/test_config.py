@@ -1,0 +1,92 @@
+"""RunConfig: presets, TOML, flags, and one-line errors naming the field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from ttt_runtime.config import PRESETS, ConfigError, RunConfig, parse_run_args
+from ttt_runtime.launch import check_run_args
+
+
+def test_default_preset_is_the_documented_model():
+    config = RunConfig.from_preset("default")
+    assert (config.mode, config.layer_type) == ("train", "linear")
+    assert (config.num_blocks, config.hidden_size, config.num_heads) == (4, 256, 4)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_is_valid(name):
+    assert RunConfig.from_preset(name).preset == name
+
+
+def test_tiny_is_smaller_than_default():
+    tiny, default = RunConfig.from_preset("tiny"), RunConfig.from_preset("default")
+    assert tiny.hidden_size * tiny.num_blocks < default.hidden_size * default.num_blocks
+
+
+def test_precedence_preset_then_toml_then_flags(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('preset = "tiny"\nseq_len = 48\nlr = 0.01\ndata = "/tmp"\n')
+    args, config = parse_run_args(["--config", str(toml), "--lr", "0.02", "--mode", "adapt"])
+    assert config.preset == "tiny" and config.hidden_size == PRESETS["tiny"]["hidden_size"]
+    assert (config.seq_len, config.lr, config.mode, config.data) == (48, 0.02, "adapt", "/tmp")
+    # --preset on the command line wins over the file's preset
+    _, config = parse_run_args(["--config", str(toml), "--preset", "mlp"])
+    assert config.layer_type == "mlp" and config.seq_len == 48
+
+
+@pytest.mark.parametrize(
+    "argv, field",
+    [
+        (["--seq-len", "0"], "seq_len"),
+        (["--seq-len", "many"], "seq_len"),
+        (["--mode", "dream"], "mode"),
+        (["--layer-type", "conv"], "layer_type"),
+        (["--num-heads", "3"], "num_heads"),
+        (["--hidden-size", "12", "--num-heads", "4"], "hidden_size"),
+        (["--lr", "-1"], "lr"),
+        (["--lr", "nan"], "lr"),
+        (["--use-gate", "maybe"], "use_gate"),
+        (["--preset", "huge"], "preset"),
+        (["--exact-accumulate", "true"], "exact_accumulate"),
+        (["--max-steps", "-2"], "max_steps"),
+    ],
+)
+def test_bad_values_name_the_field(argv, field):
+    with pytest.raises(ConfigError, match=rf"^{field}\b") as info:
+        parse_run_args(argv)
+    assert "\n" not in str(info.value)
+
+
+def test_toml_errors_name_the_key_or_the_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("seq_len = 'long'\n")
+    with pytest.raises(ConfigError, match="seq_len='long': must be an integer"):
+        RunConfig.from_toml(str(bad))
+    bad.write_text("sequence_length = 5\n")
+    with pytest.raises(ConfigError, match="unknown setting 'sequence_length'"):
+        RunConfig.from_toml(str(bad))
+    bad.write_text("seq_len = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        RunConfig.from_toml(str(bad))
+    with pytest.raises(ConfigError, match="No such file"):
+        RunConfig.from_toml(str(tmp_path / "missing.toml"))
+
+
+def test_check_run_args_catches_missing_paths(tmp_path):
+    assert check_run_args(["--preset", "tiny"]) is None
+    assert "--resume" in check_run_args(["--resume", str(tmp_path / "nope.safetensors")])
+    assert "--data" in check_run_args(["--data", str(tmp_path / "nope")])
+    assert check_run_args(["--bogus"]).startswith("unrecognized arguments")
+
+
+def test_config_modules_do_not_import_mlx():
+    code = (
+        "import sys, ttt_runtime.config, ttt_runtime.channel, ttt_runtime.launch;"
+        "print('mlx' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

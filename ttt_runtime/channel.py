@@ -1,0 +1,364 @@
+"""The local channel between a TTT run and its monitors: a Unix socket carrying JSON lines.
+
+Same user only: the socket file is created mode 0600 (under umask 0177, so never wider, not even
+for an instant), the server checks each peer's uid (SO_PEERCRED where the OS has it), and the
+client refuses a socket owned by another user or open to others. Messages are plain JSON in a
+closed set (ttt_runtime.protocol): nothing received is ever evaluated. No MLX here: xltop
+imports this module.
+
+Threads, so that the run loop never blocks on a monitor: the server accepts on one thread and
+gives each peer a reader and a writer. Commands queue up for the run loop (`next_command`);
+telemetry to a slow peer keeps only the newest report, replies are never dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import queue
+import socket
+import stat
+import struct
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from ttt_runtime.protocol import ProtocolError, decode, encode, parse_command
+
+MAX_LINE = 1 << 16  # bytes; a longer line is an error and the peer is dropped
+_MAX_QUEUED = 1000  # messages waiting for a peer that does not read; beyond it, drop the peer
+
+
+class ChannelError(Exception):
+    """The channel cannot be opened or used; the message says which socket and why."""
+
+
+def peer_uid(sock: socket.socket) -> int | None:
+    """The uid of the process at the other end, or None where the OS does not say."""
+    if not hasattr(socket, "SO_PEERCRED"):
+        return None
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+def check_socket_file(path: str) -> None:
+    """Raise ChannelError unless `path` is a socket of ours that no other user can open."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ChannelError(f"no run at {path}: no such socket") from None
+    except OSError as exc:
+        raise ChannelError(f"cannot reach {path}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(info.st_mode):
+        raise ChannelError(f"{path} is not a socket")
+    if info.st_uid != os.getuid():
+        raise ChannelError(f"refusing {path}: owned by uid {info.st_uid}, not by you")
+    if info.st_mode & 0o077:
+        mode = oct(stat.S_IMODE(info.st_mode))
+        raise ChannelError(f"refusing {path}: mode {mode} lets other users in (must be 0600)")
+
+
+def _remove_stale(path: str) -> None:
+    """A socket left by a dead run is removed; a live run's socket or any other file is an error."""
+    if not os.path.lexists(path):
+        return
+    if not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise ChannelError(f"{path} exists and is not a socket; not replacing it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    except OSError as exc:
+        raise ChannelError(f"cannot check existing socket {path}: {exc.strerror}") from None
+    finally:
+        probe.close()
+    raise ChannelError(f"another run is already listening at {path}")
+
+
+class _Connection:
+    """One socket with an ordered outbox drained by a writer thread."""
+
+    def __init__(self, sock: socket.socket, on_line, on_close=None, greeting: bytes = b""):
+        self.sock = sock
+        self._on_line = on_line
+        self._on_close = on_close
+        self._cond = threading.Condition()
+        # (is_telemetry, line); a greeting goes out before any reply to what the peer sends
+        self._outbox: deque[tuple[bool, bytes]] = deque([(False, greeting)] if greeting else [])
+        self._flushed = threading.Event()
+        self.closed = False
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._write, daemon=True).start()
+
+    def send(self, line: bytes, telemetry: bool = False) -> None:
+        with self._cond:
+            if self.closed:
+                return
+            if telemetry:  # only the newest report matters to a peer that is behind
+                for item in [i for i in self._outbox if i[0]]:
+                    self._outbox.remove(item)
+            if len(self._outbox) >= _MAX_QUEUED:
+                self._close_locked()
+                return
+            self._outbox.append((telemetry, line))
+            self._flushed.clear()
+            self._cond.notify()
+
+    def flush(self, timeout: float) -> None:
+        """Wait (at most `timeout`) until the outbox has gone out."""
+        self._flushed.wait(timeout)
+
+    def close(self) -> None:
+        with self._cond:
+            self._close_locked()
+
+    def _close_locked(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._flushed.set()
+        self._cond.notify_all()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        if self._on_close is not None:
+            self._on_close(self)
+
+    def _write(self) -> None:
+        while True:
+            with self._cond:
+                while not self._outbox and not self.closed:
+                    self._flushed.set()
+                    self._cond.wait()
+                if self.closed:
+                    return
+                batch = b"".join(line for _, line in self._outbox)
+                self._outbox.clear()
+            try:
+                self.sock.sendall(batch)
+            except OSError:
+                self.close()
+                return
+
+    def _read(self) -> None:
+        buffer = b""
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    break
+                buffer += data
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    if line.strip():
+                        self._on_line(self, line)
+                if len(buffer) > MAX_LINE:
+                    self._on_line(self, None)  # a line too long: the handler answers and drops
+                    break
+        except OSError:
+            pass
+        self.close()
+
+
+class ChannelServer:
+    """The run's end: accepts monitors, pushes messages to all, queues their commands."""
+
+    def __init__(self, socket_path: str, hello: dict[str, Any]):
+        self.path = socket_path
+        self.hello = {"type": "hello", **hello}
+        self.commands: queue.Queue[tuple[_Connection, dict[str, Any]]] = queue.Queue()
+        self._peers: set[_Connection] = set()
+        self._lock = threading.Lock()
+        self._closing = False
+        _remove_stale(socket_path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            listener.bind(socket_path)
+        except OSError as exc:
+            listener.close()
+            raise ChannelError(f"cannot listen at {socket_path}: {exc.strerror}") from None
+        finally:
+            os.umask(old_umask)
+        os.chmod(socket_path, 0o600)
+        listener.listen(16)
+        listener.settimeout(0.2)  # so that close() is noticed without a wake-up trick
+        self._listener = listener
+        self._accepter = threading.Thread(target=self._accept, daemon=True)
+        self._accepter.start()
+
+    @property
+    def monitors(self) -> int:
+        with self._lock:
+            return len(self._peers)
+
+    def publish(self, message: dict[str, Any]) -> None:
+        line = encode(message)
+        telemetry = message.get("type") == "telemetry"
+        with self._lock:
+            peers = list(self._peers)
+        for peer in peers:
+            peer.send(line, telemetry=telemetry)
+
+    def reply(self, peer: _Connection, command: dict[str, Any], ok: bool = True,
+              error: str | None = None, **extra: Any) -> None:  # fmt: skip
+        message = {"type": "reply", "id": command.get("id"), "cmd": command.get("cmd")}
+        peer.send(encode({**message, "ok": ok, "error": error, **extra}))
+
+    def next_command(self, timeout: float | None = None):
+        """(peer, command) for the run loop, or None when none arrives within `timeout`."""
+        try:
+            if timeout is None or timeout <= 0:
+                return self.commands.get_nowait()
+            return self.commands.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def close(self, flush_timeout: float = 2.0) -> None:
+        """Stop accepting, deliver what is queued (bounded), close every peer, remove the file."""
+        self._closing = True
+        self._accepter.join(2.0)
+        self._listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        with self._lock:
+            peers = list(self._peers)
+        deadline = time.monotonic() + flush_timeout
+        for peer in peers:
+            peer.flush(max(0.0, deadline - time.monotonic()))
+            peer.close()
+
+    def _accept(self) -> None:
+        while not self._closing:
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            conn.settimeout(None)
+            uid = peer_uid(conn)
+            if uid is not None and uid != os.getuid():
+                conn.close()  # another user: refused before a byte is read
+                continue
+            peer = _Connection(conn, self._on_line, self._forget, greeting=encode(self.hello))
+            with self._lock:
+                self._peers.add(peer)
+
+    def _forget(self, peer: _Connection) -> None:
+        with self._lock:
+            self._peers.discard(peer)
+
+    def _on_line(self, peer: _Connection, line: bytes | None) -> None:
+        if line is None:
+            self.reply(peer, {}, ok=False, error=f"line longer than {MAX_LINE} bytes")
+            peer.flush(1.0)
+            return
+        try:
+            command = parse_command(line)
+        except ProtocolError as exc:
+            try:
+                shape = decode(line)
+            except ProtocolError:
+                shape = {}
+            self.reply(peer, shape if isinstance(shape, dict) else {}, ok=False, error=str(exc))
+            return
+        if command["cmd"] == "hello":
+            self.reply(peer, command, **{k: v for k, v in self.hello.items() if k != "type"})
+        else:
+            self.commands.put((peer, command))
+
+
+class ChannelClient:
+    """A monitor's end: a reader thread keeps the newest telemetry; requests wait for replies."""
+
+    def __init__(self, sock: socket.socket, path: str):
+        self.path = path
+        self.hello: dict[str, Any] | None = None
+        self.last_error: dict[str, Any] | None = None
+        self.bye: dict[str, Any] | None = None
+        self._latest: dict[str, Any] | None = None
+        self._replies: dict[Any, dict[str, Any]] = {}
+        self._ids = itertools.count(1)
+        self._cond = threading.Condition()
+        self._conn = _Connection(sock, self._on_line, self._on_close)
+
+    @classmethod
+    def connect(cls, path: str, timeout: float = 5.0) -> ChannelClient:
+        """Connect and wait for the run's hello; ChannelError within `timeout` otherwise."""
+        check_socket_file(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except ConnectionRefusedError:
+            sock.close()
+            raise ChannelError(f"no run is listening at {path} (left by a dead run?)") from None
+        except OSError as exc:
+            sock.close()
+            raise ChannelError(f"cannot connect to {path}: {exc.strerror or exc}") from None
+        sock.settimeout(None)
+        client = cls(sock, path)
+        with client._cond:
+            client._cond.wait_for(lambda: client.hello or not client.alive, timeout)
+        if client.hello is None:
+            client.close()
+            raise ChannelError(f"{path} did not greet within {timeout:g} s")
+        return client
+
+    @property
+    def alive(self) -> bool:
+        return not self._conn.closed
+
+    def latest(self) -> dict[str, Any] | None:
+        """The newest telemetry message (never blocks)."""
+        return self._latest
+
+    def request(self, cmd: str, timeout: float = 5.0, **fields: Any) -> dict[str, Any]:
+        """Send a command and return the run's reply; ChannelError if none within `timeout`."""
+        if not self.alive:
+            raise ChannelError(f"the run at {self.path} has closed its channel")
+        request_id = next(self._ids)
+        self._conn.send(encode({"cmd": cmd, "id": request_id, **fields}))
+        with self._cond:
+            self._cond.wait_for(lambda: request_id in self._replies or not self.alive, timeout)
+            reply = self._replies.pop(request_id, None)
+        if reply is not None:
+            return reply
+        if not self.alive:
+            raise ChannelError(f"the run at {self.path} closed its channel before replying")
+        raise ChannelError(f"no reply to {cmd!r} within {timeout:g} s")
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def _on_line(self, _conn: _Connection, line: bytes | None) -> None:
+        if line is None:
+            return
+        try:
+            message = decode(line)
+        except ProtocolError:
+            return  # a broken line from the run is skipped, the stream goes on
+        kind = message.get("type")
+        with self._cond:
+            if kind == "telemetry":
+                self._latest = message
+            elif kind == "hello":
+                self.hello = message
+            elif kind == "reply" and message.get("id") is not None:
+                self._replies[message["id"]] = message
+            elif kind == "error":
+                self.last_error = message
+            elif kind == "bye":
+                self.bye = message
+            self._cond.notify_all()
+
+    def _on_close(self, _conn: _Connection) -> None:
+        with self._cond:
+            self._cond.notify_all()

@@ -1,0 +1,216 @@
+"""The run's configuration: a validated dataclass filled from a preset, a TOML file and flags.
+
+Precedence, lowest first: the preset (`--preset`, else the TOML file's `preset`, else
+`default`), then the TOML file, then command-line flags. Every field has a flag of its own name
+(`--seq-len 64`). Bad values raise ConfigError with one line naming the field and what is
+allowed. No MLX here: xltop imports this module to check a run's flags before starting it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, fields
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+MODES = ("train", "adapt")
+LAYER_TYPES = ("linear", "mlp")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line naming the field."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    mode: str = "train"  # train: outer loop learns; adapt: outer weights frozen
+    preset: str = "default"
+    layer_type: str = "linear"  # TTT-Linear or TTT-MLP
+    num_blocks: int = 4
+    hidden_size: int = 256
+    num_heads: int = 4
+    mini_batch_size: int = 16
+    intermediate_size: int = 512
+    ttt_base_lr: float = 1.0  # inner learning rate scale
+    use_gate: bool = False
+    seq_len: int = 64  # bytes per row per step
+    batch_size: int = 2
+    lr: float = 3e-3  # outer (AdamW) learning rate
+    weight_decay: float = 0.0
+    data: str | None = None  # None: the embedded standard-library text
+    seed: int = 0
+    sample_every: int = 10  # per-block timing and layer stats on step 1 and every N steps
+    exact_accumulate: bool = False  # adapt mode: exact fast-weight sums (SWAR accumulator)
+    checkpoint_dir: str = "checkpoints"
+    max_steps: int = 0  # 0: run until stopped
+    compile: bool = True  # mx.compile the unsampled steps
+
+    @classmethod
+    def from_preset(cls, name: str) -> RunConfig:
+        if name not in PRESETS:
+            raise ConfigError(f"preset={name!r}: must be one of {', '.join(PRESETS)}")
+        return cls(preset=name, **PRESETS[name]).validate()
+
+    @classmethod
+    def from_toml(cls, path: str, preset: str | None = None) -> RunConfig:
+        """The file's preset (or `preset`, which wins) overlaid with the file's other keys."""
+        try:
+            with open(path, "rb") as handle:
+                table = tomllib.load(handle)
+        except OSError as exc:
+            raise ConfigError(f"config {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config {path}: not valid TOML ({exc})") from None
+        base = cls.from_preset(preset or str(table.pop("preset", "default")))
+        table.pop("preset", None)
+        return base.with_overrides(**table)
+
+    def with_overrides(self, **values: Any) -> RunConfig:
+        known = {f.name for f in fields(self)}
+        for name in values:
+            if name not in known:
+                raise ConfigError(f"unknown setting {name!r}; known: {', '.join(sorted(known))}")
+        return dataclasses.replace(self, **values).validate()
+
+    def validate(self) -> RunConfig:
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name), f.type)
+        _choice("mode", self.mode, MODES)
+        _choice("layer_type", self.layer_type, LAYER_TYPES)
+        for name in ("num_blocks", "num_heads", "mini_batch_size", "intermediate_size"):
+            _at_least(name, getattr(self, name), 1)
+        for name in ("seq_len", "batch_size", "sample_every"):
+            _at_least(name, getattr(self, name), 1)
+        _at_least("hidden_size", self.hidden_size, 2)
+        _at_least("max_steps", self.max_steps, 0)
+        _at_least("seed", self.seed, 0)
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"num_heads={self.num_heads}: must divide hidden_size={self.hidden_size}"
+            )
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ConfigError(
+                f"hidden_size={self.hidden_size}: hidden_size/num_heads must be even (RoPE pairs)"
+            )
+        for name in ("ttt_base_lr", "lr"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name}={value!r}: must be a positive finite number")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"weight_decay={self.weight_decay!r}: must be >= 0")
+        if self.exact_accumulate and self.mode != "adapt":
+            raise ConfigError("exact_accumulate=true: only in mode 'adapt' (fast weights persist)")
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Presets override the dataclass defaults (which are the `default` preset: what `xltop` runs).
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    # very small and fast, for tests: a step takes a few milliseconds
+    "tiny": dict(
+        num_blocks=2,
+        hidden_size=32,
+        num_heads=2,
+        mini_batch_size=8,
+        intermediate_size=64,
+        seq_len=32,
+        batch_size=1,
+        sample_every=5,
+    ),
+    "mlp": dict(layer_type="mlp", hidden_size=128, num_heads=4),
+    "adapt": dict(mode="adapt", batch_size=1, seq_len=128),
+}
+
+
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
+def _check_type(name: str, value: Any, annotation: str) -> None:
+    optional = annotation.endswith("| None")
+    kind = annotation.split("|")[0].strip()
+    if value is None and optional:
+        return
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+    }[kind]
+    if not ok:
+        raise ConfigError(f"{name}={value!r}: must be {_TYPE_NAMES[kind]}")
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r}: must be one of {', '.join(allowed)}")
+
+
+def _at_least(name: str, value: int, minimum: int) -> None:
+    if value < minimum:
+        raise ConfigError(f"{name}={value!r}: must be an integer >= {minimum}")
+
+
+# -- command line --------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, raised, never sys.exit from a library
+        raise ConfigError(message)
+
+
+def _parse_value(name: str, annotation: str, text: str) -> Any:
+    kind = annotation.split("|")[0].strip()
+    try:
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r}: must be {_TYPE_NAMES[kind]}") from None
+    if kind == "bool":
+        lowered = text.lower()
+        if lowered not in ("true", "false", "1", "0", "yes", "no"):
+            raise ConfigError(f"{name}={text!r}: must be true or false")
+        return lowered in ("true", "1", "yes")
+    return text
+
+
+def run_arg_parser() -> argparse.ArgumentParser:
+    """`ttt-run run` flags: --socket, --config, --resume and one flag per RunConfig field."""
+    parser = _Parser(prog="ttt-run run", description="a TTT run that streams telemetry")
+    parser.add_argument("--socket", metavar="PATH", help="Unix socket for monitors")
+    parser.add_argument("--config", metavar="FILE.toml", help="settings file")
+    parser.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint")
+    for f in fields(RunConfig):
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, metavar="VALUE")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Preset, then TOML file, then flags; validated."""
+    overrides = {
+        f.name: _parse_value(f.name, f.type, getattr(args, f.name))
+        for f in fields(RunConfig)
+        if getattr(args, f.name) is not None and f.name != "preset"
+    }
+    if args.config:
+        config = RunConfig.from_toml(args.config, preset=args.preset)
+    else:
+        config = RunConfig.from_preset(args.preset or "default")
+    return config.with_overrides(**overrides)
+
+
+def parse_run_args(argv: list[str]) -> tuple[argparse.Namespace, RunConfig]:
+    """Parse `ttt-run run` flags; ConfigError (one line) for anything wrong."""
+    args = run_arg_parser().parse_args(argv)
+    return args, config_from_args(args)

@@ -1,0 +1,124 @@
+"""Starting a TTT run as a child process, and stopping it for sure.
+
+The run is a fresh interpreter (`python -m ttt_runtime run`), never a fork: MLX is not
+fork-safe, and LD_PRELOAD of an optimized BLAS only takes effect at exec. No MLX here: xltop
+imports this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections import deque
+
+from ttt_runtime.blas import find_optimized_blas
+from ttt_runtime.channel import ChannelClient, ChannelError
+from ttt_runtime.config import ConfigError, parse_run_args
+
+_TAIL_LINES = 200
+
+
+def private_socket_path() -> str:
+    """A socket path inside a fresh directory only this user can enter (mode 0700)."""
+    return os.path.join(tempfile.mkdtemp(prefix="ttt-run-"), "run.sock")
+
+
+def check_run_args(argv: list[str]) -> str | None:
+    """The one-line error `ttt-run run ARGV` would exit with before training, or None."""
+    try:
+        args, config = parse_run_args(argv)
+    except ConfigError as exc:
+        return str(exc)
+    for flag, path in (("--resume", args.resume), ("--data", config.data)):
+        if path is not None and not os.path.exists(path):
+            return f"{flag} {path}: no such file or directory"
+    return None
+
+
+def run_environment(preload_blas: bool) -> dict[str, str]:
+    """The child's environment: OpenBLAS first in LD_PRELOAD when wanted and installed."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    inherited = [p for p in env.pop("LD_PRELOAD", "").split(":") if p and "blas" not in p]
+    blas = find_optimized_blas() if preload_blas else None
+    preload = ([blas] if blas else []) + inherited
+    if preload:
+        env["LD_PRELOAD"] = ":".join(preload)
+    return env
+
+
+class RunProcess:
+    """A spawned run: its pid, socket, exit code and the tail of its stderr."""
+
+    def __init__(self, popen: subprocess.Popen, socket_path: str, private_dir: str | None):
+        self.popen = popen
+        self.socket_path = socket_path
+        self._private_dir = private_dir
+        self._tail: deque[str] = deque(maxlen=_TAIL_LINES)
+        self._reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def poll(self) -> int | None:
+        return self.popen.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.popen.wait(timeout)
+
+    def stderr_tail(self) -> str:
+        return "".join(self._tail)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """Ask the run to stop (it finishes its step and exits 0); terminate, then kill, if it
+        does not exit within `timeout`. Returns the exit code; always reaps the process."""
+        if self.popen.poll() is None:
+            with contextlib.suppress(ChannelError, OSError):
+                client = ChannelClient.connect(self.socket_path, timeout=min(2.0, timeout))
+                try:
+                    client.request("stop", timeout=timeout)
+                finally:
+                    client.close()
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.terminate()
+                try:
+                    self.popen.wait(5.0)
+                except subprocess.TimeoutExpired:
+                    self.popen.kill()
+                    self.popen.wait()
+        self._reader.join(2.0)
+        if self._private_dir:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
+        return self.popen.returncode
+
+    def _read_stderr(self) -> None:
+        for line in self.popen.stderr:
+            self._tail.append(line)
+
+
+def spawn_run(
+    args: list[str], socket_path: str | None = None, preload_blas: bool = True
+) -> RunProcess:
+    """Start `python -m ttt_runtime run --socket PATH ARGS` (a fresh interpreter)."""
+    private_dir = None
+    if socket_path is None:
+        socket_path = private_socket_path()
+        private_dir = os.path.dirname(socket_path)
+    popen = subprocess.Popen(
+        [sys.executable, "-m", "ttt_runtime", "run", "--socket", socket_path, *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="replace",
+        env=run_environment(preload_blas),
+    )
+    return RunProcess(popen, socket_path, private_dir)
