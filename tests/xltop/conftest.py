@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import signal
@@ -11,6 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -83,3 +85,44 @@ def wait_for_rows(path: Path, n: int, proc: subprocess.Popen, timeout: float = 9
                 return
         time.sleep(0.1)
     raise AssertionError(f"fewer than {n} rows in {path} after {timeout} s")
+
+
+@pytest.fixture
+def tiny_run():
+    """Factory: a real `ttt-run` (tiny preset), returned once its socket answers; stopped at
+    teardown."""
+    from ttt_runtime.channel import ChannelClient, ChannelError
+    from ttt_runtime.launch import spawn_run
+
+    runs = []
+
+    def start(*args: str):
+        run = spawn_run(["--preset", "tiny", *args])
+        runs.append(run)
+        deadline = time.monotonic() + 120  # importing MLX on a loaded machine
+        while True:
+            assert run.poll() is None, run.stderr_tail()
+            try:
+                ChannelClient.connect(run.socket_path, timeout=1.0).close()
+                return run
+            except ChannelError:
+                assert time.monotonic() < deadline, "the run's socket never answered"
+                time.sleep(0.1)
+
+    yield start
+    for run in runs:
+        run.stop(10.0)
+
+
+def process_gone(pid: int) -> bool:
+    """True once `pid` has exited (a zombie waiting to be reaped counts as gone)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def kill_pid(pid: int) -> None:
+    """Stop a process a test left behind on purpose (e.g. the run of a SIGKILLed xltop)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import time
 from pathlib import Path
 
 import jsonschema
 import pytest
-from conftest import run_xltop
+from conftest import kill_pid, process_gone, read_rows, run_xltop, wait_for_rows
 
 SCHEMA = json.loads((Path(__file__).parent / "snapshot_schema.json").read_text())
 
@@ -111,3 +112,79 @@ def test_attach_to_a_dead_socket_fails_fast(tmp_path):
     assert result.returncode == 1
     assert str(path) in result.stderr and "Traceback" not in result.stderr
     assert elapsed < 15  # the CLI's own 5 s bound plus interpreter start on a loaded machine
+
+
+# -- with a hosted or attached run (the tiny preset: steps of a few milliseconds) --------------
+
+
+def test_headless_with_a_hosted_run_logs_sane_rows(tmp_path):
+    path = tmp_path / "run.csv"
+    result = run_xltop("--headless", "--preset", "tiny", "--csv", str(path), "--count", "6",
+                       "--interval", "0.3")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = read_rows(path)
+    assert len(rows) == 6
+    assert all(r["run_state"] == "running" for r in rows)
+    assert all(float(r["rss_mib"]) > 0 and float(r["total_mib"]) > 0 for r in rows)
+    assert all(float(r["mlx_active_mib"]) > 0 for r in rows)
+    steps = [int(r["step"]) for r in rows]
+    assert steps == sorted(steps) and steps[-1] > steps[0]
+    assert rows[-1]["block1_fwd_ms"] and float(rows[-1]["block1_fwd_ms"]) > 0
+    assert rows[-1]["layer1_w_norm"] and float(rows[-1]["layer1_w_norm"]) > 0
+    assert "run running" in result.stderr
+    run_pid = int(rows[0]["run_pid"])
+    assert process_gone(run_pid)
+
+
+def test_json_with_a_hosted_run_validates():
+    result = run_xltop("--json", "--preset", "tiny", "--mode", "adapt")
+    assert result.returncode == 0, result.stderr
+    snapshot = json.loads(result.stdout)
+    jsonschema.validate(snapshot, SCHEMA)
+    run = snapshot["run"]
+    assert run["state"] == "running" and run["mode"] == "adapt" and run["preset"] == "tiny"
+    assert run["step"] >= 1 and run["rss"] > 0 and run["mlx"]["active"] > 0
+    assert any(p["is_run"] and p["pid"] == run["pid"] for p in snapshot["processes"])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signals_close_the_log_and_stop_the_hosted_run(tmp_path, xltop_process, sig):
+    path = tmp_path / "run.csv"
+    proc = xltop_process("--headless", "--preset", "tiny", "--csv", str(path),
+                         "--interval", "0.2")  # fmt: skip
+    wait_for_rows(path, 3, proc)
+    run_pid = int(read_rows(path)[0]["run_pid"])
+    proc.send_signal(sig)
+    assert proc.wait(30) == 0
+    rows = read_rows(path)
+    assert len(rows) >= 3 and path.read_text().endswith("\n")
+    assert all(r["run_state"] == "running" for r in rows)
+    assert process_gone(run_pid)
+
+
+def test_sigkill_leaves_a_parseable_file(tmp_path, xltop_process):
+    path = tmp_path / "run.csv"
+    proc = xltop_process("--headless", "--preset", "tiny", "--csv", str(path),
+                         "--interval", "0.2")  # fmt: skip
+    wait_for_rows(path, 3, proc)
+    proc.kill()
+    proc.wait(30)
+    rows = read_rows(path)
+    kill_pid(int(rows[0]["run_pid"]))  # a SIGKILLed monitor cannot stop its run: we do
+    assert len(rows) >= 3 and all(int(r["step"]) >= 0 for r in rows)
+
+
+def test_attach_watches_a_run_started_elsewhere(tiny_run):
+    run = tiny_run()
+    result = run_xltop("--attach", run.socket_path, "--json")
+    assert result.returncode == 0, result.stderr
+    snapshot = json.loads(result.stdout)
+    jsonschema.validate(snapshot, SCHEMA)
+    assert snapshot["run"]["pid"] == run.pid and snapshot["run"]["state"] == "running"
+    assert run.poll() is None  # detaching never stops a run xltop did not start
+
+
+def test_bad_run_values_exit_2_before_starting():
+    result = run_xltop("--preset", "enormous", "--once")
+    assert result.returncode == 2
+    assert "enormous" in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+from conftest import process_gone
 
 from xltop.sources import SystemSource
 
@@ -89,3 +90,75 @@ def test_vanishing_processes_are_skipped_not_raised():
     finally:
         stop.set()
         thread.join()
+
+
+# -- the run as a source (real runs, tiny preset) -----------------------------------------------
+
+
+@pytest.fixture
+def hosted():
+    """Factory: HostedRun(args); closed (its run stopped) at teardown."""
+    from xltop.runsources import HostedRun
+
+    runs = []
+
+    def start(*args: str) -> HostedRun:
+        run = HostedRun(["--preset", "tiny", *args])
+        runs.append(run)
+        return run
+
+    yield start
+    for run in runs:
+        run.close()
+
+
+def test_hosted_run_reports_commands_and_restarts(hosted):
+    run = hosted()
+    start = time.monotonic()
+    info = run.sample()  # the run is still importing MLX: this must not wait for it
+    assert time.monotonic() - start < 0.5 and info.state in ("starting", "running")
+    assert run.wait_ready(120)
+    info = run.sample()
+    assert info.state == "running" and info.pid == run.pid and info.preset == "tiny"
+    assert run.send("pause")["ok"]
+    deadline = time.monotonic() + 30
+    while run.sample().state != "paused" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert run.sample().state == "paused"
+    old_pid = run.pid
+    run.restart()
+    assert run.pid != old_pid and process_gone(old_pid)
+    assert run.wait_ready(120) and run.sample().state == "running"
+    pid = run.pid
+    run.close()
+    assert run.sample().state == "dead" and run.sample().exit_code == 0
+    assert run.send("pause") == {"ok": False, "error": "run is not running"}
+    assert process_gone(pid)
+
+
+def test_a_run_that_fails_is_dead_with_its_error(hosted, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    run = hosted("--data", str(empty))
+    assert not run.wait_ready(120)
+    info = run.sample()
+    assert info.state == "dead" and info.exit_code not in (None, 0)
+    assert info.last_error and "empty.txt" in info.last_error
+
+
+def test_attached_run_sees_the_run_stop(tiny_run):
+    from xltop.runsources import AttachedRun, RunSourceError
+
+    process = tiny_run()
+    run = AttachedRun(process.socket_path)
+    try:
+        assert run.wait_ready(60) and run.pid == process.pid
+        with pytest.raises(RunSourceError, match="attached"):
+            run.restart()
+        process.stop(10.0)
+        deadline = time.monotonic() + 10
+        while run.sample().state != "dead" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert run.sample().state == "dead"
+    finally:
+        run.close()

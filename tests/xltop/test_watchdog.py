@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import read_rows, run_xltop
 
 from xltop.snapshot import MlxMemory, RunInfo
 from xltop.watchdog import MIB, Threshold, run_memory
@@ -33,3 +34,18 @@ def test_run_memory_is_the_larger_of_rss_and_mlx():
     assert run_memory(RunInfo(state="running", rss=200 * MIB, mlx=mlx)) == 400 * MIB
     assert run_memory(RunInfo(state="running", rss=900 * MIB, mlx=mlx)) == 900 * MIB
     assert run_memory(RunInfo(state="running")) == 0
+
+
+def test_both_actions_fire_against_a_real_run(tmp_path):
+    path = tmp_path / "wd.csv"
+    result = run_xltop("--headless", "--preset", "tiny", "--csv", str(path), "--count", "5",
+                       "--interval", "0.3", "--mem-soft", "1MiB", "--mem-hard", "2MiB")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "clear its MLX cache" in result.stderr and "paused the run" in result.stderr
+    assert "FAILED" not in result.stderr
+    rows = read_rows(path)
+    events = " ".join(r["event"] for r in rows)
+    assert "soft limit" in events and "hard limit" in events
+    assert rows[-1]["run_state"] == "paused"
+    # Each limit fires once per crossing, not on every tick above it.
+    assert events.count("soft limit") == 1 and events.count("hard limit") == 1
