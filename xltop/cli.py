@@ -31,6 +31,7 @@ from xltop.watchdog import Threshold, Watchdog
 
 RUN_FLAGS = ("mode", "preset", "config", "data", "seed", "resume")
 READY_TIMEOUT_S = 120.0  # a run's first step includes importing MLX and building the model
+ATTACHED_READY_TIMEOUT_S = 10.0  # an attached run is up already (it may be paused and silent)
 
 
 class UsageError(Exception):
@@ -178,18 +179,21 @@ def _make_runtime(args: argparse.Namespace):
         raise SystemExit(1) from None
 
 
-def _wait_ready(monitor: Monitor, quiet: bool) -> None:
+def _wait_ready(monitor: Monitor, attached: bool, quiet: bool) -> None:
     """Hold the first tick until the run reports, so every row has the run's columns."""
     runtime = monitor.runtime
     if runtime is None or runtime.wait_ready(0):
         return
     if not quiet:
         _say("waiting for the run's first step ...")
-    if not runtime.wait_ready(READY_TIMEOUT_S):
-        info = runtime.sample()
-        detail = info.last_error or f"no telemetry after {READY_TIMEOUT_S:.0f} s"
-        _say(f"the run did not start (exit code {info.exit_code}): {detail}")
+    timeout = ATTACHED_READY_TIMEOUT_S if attached else READY_TIMEOUT_S
+    if runtime.wait_ready(timeout):
+        return
+    info = runtime.sample()
+    if info.state == "dead":
+        _say(f"the run stopped (exit code {info.exit_code}): {info.last_error or 'no message'}")
         raise SystemExit(1)
+    _say(f"no report from the run after {timeout:g} s; monitoring it anyway")
 
 
 def _ticks(monitor: Monitor, count: int | None, duration: float | None) -> Iterator[Snapshot]:
@@ -292,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             mode = "headless"
             _say("the TUI is not installed here: headless status lines instead")
         sinks = _Sinks(args, monitor, mode)
-        _wait_ready(monitor, args.quiet or mode != "headless")
+        _wait_ready(monitor, bool(args.attach), args.quiet or mode != "headless")
         for snapshot in _ticks(monitor, count, args.duration):
             sinks.consume(snapshot)
     except KeyboardInterrupt:
