@@ -117,7 +117,7 @@ class SystemSource:
     """Machine memory/CPU and the top processes by RSS (plus the run's process, always)."""
 
     def __init__(self, run_pid_getter: Callable[[], int | None] | None = None, top_n: int = 30):
-        self._run_pid = run_pid_getter or (lambda: None)
+        self.run_pid_getter = run_pid_getter
         self.top_n = top_n
         self._reader = _ProcfsReader() if sys.platform.startswith("linux") else _PsutilReader()
         self._details: dict[int, _Details] = {}
@@ -150,7 +150,7 @@ class SystemSource:
                 return 0.0
             return max(0.0, (u.cpu_seconds - before) / elapsed * 100.0)
 
-        run_pid = self._run_pid()
+        run_pid = self.run_pid_getter() if self.run_pid_getter else None
         shown = heapq.nlargest(self.top_n, usage, key=lambda pid: usage[pid].rss)
         if run_pid in usage and run_pid not in shown:
             shown.append(run_pid)

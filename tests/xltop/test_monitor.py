@@ -43,3 +43,10 @@ def test_close_wakes_a_waiting_tick():
     monitor.close()
     thread.join(10)
     assert done.is_set()
+
+
+def test_monitor_makes_the_system_source_follow_its_run():
+    source = SystemSource()
+    assert source.run_pid_getter is None
+    Monitor(source)
+    assert source.run_pid_getter() is None  # no run: nothing to follow
