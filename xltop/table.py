@@ -22,11 +22,15 @@ def _num(value: float | None, spec: str = ".3g") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _aligned(headers: list[str], rows: list[list[str]]) -> list[str]:
-    """Columns right-aligned except the last, which may run long (like top's COMMAND)."""
+def _aligned(headers: list[str], rows: list[list[str]], text: tuple[int, ...] = ()) -> list[str]:
+    """Numbers right-aligned, `text` columns left-aligned; the last column may run long."""
     widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers) - 1)]
+
+    def cell(i: int, value: str) -> str:
+        return value.ljust(widths[i]) if i in text else value.rjust(widths[i])
+
     return [
-        "  ".join([*(c.rjust(w) for c, w in zip(r[:-1], widths, strict=True)), r[-1]]).rstrip()
+        "  ".join([*(cell(i, c) for i, c in enumerate(r[:-1])), r[-1]]).rstrip()
         for r in [headers, *rows]
     ]
 
@@ -93,7 +97,8 @@ def format_snapshot(snapshot: Snapshot) -> str:
         ]
         for p in snapshot.processes
     ]
-    lines += ["", *_aligned(["PID", "USER", "RSS_MIB", "CPU%", "NAME", "COMMAND"], rows)]
+    headers = ["PID", "USER", "RSS_MIB", "CPU%", "NAME", "COMMAND"]
+    lines += ["", *_aligned(headers, rows, text=(1, 4))]
     return "\n".join(lines) + "\n"
 
 
