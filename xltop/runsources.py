@@ -95,10 +95,27 @@ class _ChannelRun:
     def pid(self) -> int | None:
         raise NotImplementedError
 
+    def _hello(self) -> dict[str, Any]:
+        return (self._client.hello if self._client is not None else None) or {}
+
     def _hello_info(self, state: str) -> RunInfo:
-        hello = (self._client.hello if self._client is not None else None) or {}
-        return RunInfo(
-            state=state, pid=self.pid, mode=hello.get("mode", ""), preset=hello.get("preset", "")
+        hello = self._hello()
+        return self._with_layout(
+            RunInfo(state=state, pid=self.pid, mode=hello.get("mode", ""),
+                    preset=hello.get("preset", ""))
+        )  # fmt: skip
+
+    def _with_layout(self, info: RunInfo) -> RunInfo:
+        """Empty stats for every block and layer until the run's first sampled step, so the
+        layout (and a CSV's columns) is known from the start: one TTT layer per block."""
+        if info.blocks:
+            return info
+        config = self._hello().get("config") or {}
+        n = int(config.get("num_blocks") or 0)
+        return dataclasses.replace(
+            info,
+            blocks=(BlockStats(None, None),) * n,
+            layers=(LayerStats(None, None, None, None, None),) * n,
         )
 
     def _live_info(self) -> RunInfo:
@@ -110,7 +127,7 @@ class _ChannelRun:
             self._last_message = message
             # A malformed report is skipped: the last good one stands.
             with contextlib.suppress(TypeError, ValueError, AttributeError):
-                self._last = run_info_from_telemetry(message)
+                self._last = self._with_layout(run_info_from_telemetry(message))
         return self._last or self._hello_info("starting")
 
     def _dead_info(self, exit_code: int | None, fallback_error: str | None) -> RunInfo:
