@@ -1,10 +1,6 @@
-"""What TTT-Linear and TTT-MLP share: projections, inner learning rates, RoPE, the mini-batch
-scan with its streaming cache, and the output path. Subclasses give the fast weights and the
-inner model (`predict`, `inner`).
-
-A chunk of any length continuing a stream at any offset splits into at most three segments:
-the rest of a mini-batch already begun (primal sums carried in the cache), whole mini-batches
-(dual form, scanned; the hot path, compiled), and the start of a new mini-batch.
+"""What TTT-Linear and TTT-MLP share: projections, inner learning rates, RoPE, the cache, and
+the output path. Subclasses give the fast weights and the inner model (`predict`, `inner`);
+`scan.py` walks the mini-batches.
 """
 
 from __future__ import annotations
@@ -18,21 +14,16 @@ from mlx.utils import tree_flatten
 
 from ttt_runtime.layers.cache import TTTCache
 from ttt_runtime.layers.config import TTTLayerConfig
-from ttt_runtime.layers.ops import dual_matrix, gelu_tanh, inner_loss, ln_fwd
+from ttt_runtime.layers.ops import gelu_tanh, ln_fwd
+from ttt_runtime.layers.scan import Scan
 
 # buffers the PyTorch reference may put in a state dict; derived here, so ignored on load
 _DERIVED_NAMES = ("rotary_emb.inv_freq", "token_idx")
 
 
-def carried_term(x: mx.array, sums: tuple[mx.array, mx.array], tok: mx.array) -> mx.array:
-    """tok_i * (x_i @ gW + gb): the part of the primal update from earlier chunks' tokens."""
-    gW, gb = sums
-    return tok * (x @ gW + gb)
-
-
 class TTTBase(nn.Module):
-    fast_weight_names: ClassVar[tuple[str, ...]]
-    _compiled_steps: ClassVar[dict] = {}
+    # the inner model's linear maps as (weight, bias) names, e.g. (('W1', 'b1'),)
+    fast_weight_maps: ClassVar[tuple[tuple[str, str], ...]]
 
     def __init__(self, config: TTTLayerConfig):
         super().__init__()
@@ -57,16 +48,17 @@ class TTTBase(nn.Module):
         raise NotImplementedError
 
     @staticmethod
-    def predict(params, xk):
-        """The inner model's output Z for inputs xk under fast weights `params`."""
+    def predict(maps, xk_a):
+        """The inner model's output Z for augmented inputs xk_a under augmented maps."""
         raise NotImplementedError
 
     @staticmethod
-    def inner(params, carried, xq, xk, target, attn, eta, lr, gamma, beta):
-        """One segment of a mini-batch -> (Zbar, gradient sums of the segment, one per param).
+    def inner(maps, carried, xkq, target, lmat, eta, lr, gamma, beta):
+        """One mini-batch (or a segment of one) -> (Zbar, per map sum_j lr_j Xa_j^T G_j).
 
-        params: fast weights at the mini-batch start; carried: None or (sums of the earlier
-        tokens of this mini-batch, tok (n, 1)); attn: dual_matrix(xq, xk, eta).
+        maps: augmented fast weights [W; b] at the mini-batch start, (B, nh, f_in + 1, f_out);
+        carried: None, or (those sums over this mini-batch's earlier tokens, tok (n, 1));
+        xkq: [XKa; XQa] (B, nh, 2n, f + 1); lmat: dual_and_grad_matrix(XQa, XKa, eta, lr).
         """
         raise NotImplementedError
 
@@ -98,11 +90,12 @@ class TTTBase(nn.Module):
         return layer
 
     def make_cache(self, batch_size: int) -> TTTCache:
-        params = tuple(
-            mx.broadcast_to(self[name].astype(mx.float32), (batch_size, *self[name].shape))
-            for name in self.fast_weight_names
+        maps = tuple(
+            mx.concatenate([self[w], self[b]], axis=-2).astype(mx.float32)
+            for w, b in self.fast_weight_maps
         )
-        return TTTCache(self.fast_weight_names, params)
+        maps = tuple(mx.broadcast_to(m, (batch_size, *m.shape)) for m in maps)
+        return TTTCache(self.fast_weight_maps, maps)
 
     # -- forward ------------------------------------------------------------------------------
     def __call__(self, x: mx.array, cache: TTTCache | None = None) -> mx.array:
@@ -133,7 +126,8 @@ class TTTBase(nn.Module):
         gamma = self.ttt_norm_weight.astype(mx.float32).reshape(nh, 1, f)
         beta = self.ttt_norm_bias.astype(mx.float32).reshape(nh, 1, f)
 
-        zbar, losses = _Scan(self, cache, tok, gamma, beta, with_stats).run(xq, xk, target, lr)
+        scan = Scan(self, cache, tok, gamma, beta, with_stats)
+        zbar = scan.run(xq, xk, target, lr)
 
         out = xq + ln_fwd(zbar, gamma, beta)  # (B, nh, L, f)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, d).astype(x.dtype)
@@ -143,7 +137,7 @@ class TTTBase(nn.Module):
         y = self.o_proj(out)
         if not with_stats:
             return y, None
-        before, after = (mx.concatenate([s.reshape(-1) for s in part]) for part in losses)
+        before, after = (mx.concatenate([s.reshape(-1) for s in part]) for part in scan.losses)
         stats = {
             "inner_loss_before": before.mean(),
             "inner_loss_after": after.mean(),
@@ -192,126 +186,3 @@ def _as_mx(value, dtype) -> mx.array:
     if isinstance(value, mx.array):
         return value.astype(dtype)
     return mx.array(np.asarray(value, dtype=np.float32)).astype(dtype)
-
-
-def _tril_eta(tok: mx.array, lr: mx.array) -> mx.array:
-    """eta[i, j] = tok_i * lr_j for j <= i, else 0; tok (n,), lr (..., n) -> (..., n, n)."""
-    n = tok.shape[0]
-    return mx.tril(tok[:, None] * lr[..., None, :]) if n > 1 else tok[:, None] * lr[..., None, :]
-
-
-class _Scan:
-    """One call's walk over its segments, updating `cache` in place."""
-
-    def __init__(self, layer: TTTBase, cache: TTTCache, tok, gamma, beta, with_stats: bool):
-        self.layer = layer
-        self.cache = cache
-        self.tok = tok
-        self.ln = (gamma, beta)
-        self.with_stats = with_stats
-        self.outputs: list[mx.array] = []
-        self.losses: tuple[list, list] = ([], [])
-        self.updates: list[tuple[mx.array, ...]] = []
-
-    def run(self, xq, xk, target, lr):
-        K = self.layer.config.mini_batch_size
-        L = xq.shape[2]
-        start = self.cache.offset % K
-        head = min(L, K - start) if start else 0
-        n_full = (L - head) // K
-        parts = (
-            (0, head, start, self._partial),
-            (head, head + n_full * K, 0, self._whole),
-            (head + n_full * K, L, 0, self._partial),
-        )
-        for lo, hi, pos, segment in parts:
-            if hi > lo:
-                cut = slice(lo, hi)
-                segment(xq[:, :, cut], xk[:, :, cut], target[:, :, cut], lr[:, :, cut], pos)
-        self.cache.offset += L
-        if self.cache.record_updates:
-            names = self.cache.names
-            self.cache.updates = {
-                name: mx.stack([u[i] for u in self.updates]) if self.updates else mx.array([])
-                for i, name in enumerate(names)
-            }
-        zbar = self.outputs[0] if len(self.outputs) == 1 else mx.concatenate(self.outputs, 2)
-        return zbar, self.losses
-
-    def _partial(self, xq, xk, target, lr, pos):
-        """Tokens pos .. pos+n-1 of one mini-batch, continuing the cache's running sums."""
-        cache, layer, K = self.cache, self.layer, self.layer.config.mini_batch_size
-        n = xq.shape[2]
-        tok = self.tok[pos : pos + n]
-        eta = _tril_eta(tok, lr)
-        carried = None if cache.sums is None else (cache.sums, tok[:, None])
-        params = cache.params
-        zbar, sums = layer.inner(
-            params, carried, xq, xk, target, dual_matrix(xq, xk, eta), eta, lr, *self.ln
-        )
-        if cache.sums is not None:
-            sums = tuple(a + b for a, b in zip(cache.sums, sums, strict=True))
-        self.outputs.append(zbar)
-        # the weights after this segment: those of its last token
-        updates = tuple(tok[-1] * s for s in sums)
-        after = tuple(p - u for p, u in zip(params, updates, strict=True))
-        if self.with_stats:
-            for out, weights in zip(self.losses, (params, after), strict=True):
-                out.append(inner_loss(layer.predict(weights, xk), target, *self.ln))
-        if pos + n == K:  # the mini-batch is complete: its last token's weights carry on
-            cache.params, cache.sums = after, None
-            self.updates.append(updates)
-        else:
-            cache.sums = sums
-
-    def _whole(self, xq, xk, target, lr, pos):
-        """Whole mini-batches: precompute what does not depend on the fast weights for all of
-        them at once, then scan the rest mini-batch by mini-batch."""
-        B, nh, L, f = xq.shape
-        K = self.layer.config.mini_batch_size
-        n = L // K
-
-        def blocks(a):  # (B, nh, n*K, ...) -> (n, B, nh, K, ...)
-            return mx.moveaxis(a.reshape(B, nh, n, K, *a.shape[3:]), 2, 0)
-
-        xq, xk, target, lr = blocks(xq), blocks(xk), blocks(target), blocks(lr)
-        eta = _tril_eta(self.tok, lr)  # (n, B, nh, K, K)
-        attn = dual_matrix(xq, xk, eta)
-        step = self._step_fn()
-        params = self.cache.params
-        t_last = self.tok[K - 1]
-        zbars = []
-        for i in range(n):
-            zbar, new_params, updates, losses = step(
-                params, xq[i], xk[i], target[i], attn[i], eta[i], lr[i], t_last, *self.ln
-            )
-            zbars.append(zbar)
-            self.updates.append(updates)
-            for out, loss in zip(self.losses, losses, strict=False):
-                out.append(loss)
-            params = new_params
-        self.cache.params = params
-        self.outputs.append(mx.stack(zbars, axis=2).reshape(B, nh, L, f))
-
-    def _step_fn(self):
-        layer_cls, with_stats = type(self.layer), self.with_stats
-        key = (layer_cls, with_stats, self.layer.config.compile)
-        if key not in TTTBase._compiled_steps:
-
-            def step(params, xq, xk, target, attn, eta, lr, t_last, gamma, beta):
-                zbar, sums = layer_cls.inner(
-                    params, None, xq, xk, target, attn, eta, lr, gamma, beta
-                )
-                updates = tuple(t_last * s for s in sums)
-                new_params = tuple(p - u for p, u in zip(params, updates, strict=True))
-                losses = ()
-                if with_stats:
-                    losses = tuple(
-                        inner_loss(layer_cls.predict(w, xk), target, gamma, beta)
-                        for w in (params, new_params)
-                    )
-                return zbar, new_params, updates, losses
-
-            compiled = mx.compile(step) if self.layer.config.compile else step
-            TTTBase._compiled_steps[key] = compiled
-        return TTTBase._compiled_steps[key]

@@ -1,0 +1,141 @@
+"""The mini-batch scan: everything that does not depend on the fast weights is computed for all
+mini-batches at once, and a compiled step does the rest mini-batch by mini-batch.
+
+Each linear map of the inner model is kept "augmented", `[W; b]` of shape (f_in + 1, f_out),
+with a column of ones appended to its inputs: then `Z = X W + b` is one matmul, the dual form's
+`eta * tril(XQ XK^T) + tril(eta)` is `eta * (XQa XKa^T)`, and the gradient sums of W and b come
+out of the same matmul as the dual-form correction:
+
+    [eta * (XQa XKa^T); (lr * XKa)^T] @ G  =  [correction for Zbar (n rows); sum_j lr_j XKa_j^T G_j]
+
+On the CPU every small matmul is a separate BLAS call per head, so this layout (two calls per
+mini-batch for TTT-Linear) is what sets the speed.
+
+A chunk continuing a stream at any offset splits into at most three segments: the rest of a
+mini-batch already begun (its running sums carried in the cache, the primal form's `gW`),
+whole mini-batches, and the start of a new one.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from ttt_runtime.layers.cache import TTTCache
+from ttt_runtime.layers.ops import inner_loss
+
+_STEPS: dict = {}  # compiled step functions by (layer class, carried, finish, stats, compile)
+
+
+def augment(x: mx.array) -> mx.array:
+    """Append a column of ones: (..., n, f) -> (..., n, f + 1)."""
+    return mx.concatenate([x, mx.ones((*x.shape[:-1], 1), dtype=x.dtype)], axis=-1)
+
+
+def tril_eta(tok: mx.array, lr: mx.array) -> mx.array:
+    """eta[i, j] = tok_i * lr_j for j <= i, else 0; tok (n,), lr (..., n) -> (..., n, n)."""
+    eta = tok[:, None] * lr[..., None, :]
+    return mx.tril(eta) if tok.shape[0] > 1 else eta
+
+
+def dual_and_grad_matrix(xq_a: mx.array, x_a: mx.array, eta: mx.array, lr: mx.array) -> mx.array:
+    """[eta * (xq_a x_a^T); (lr * x_a)^T]: (..., n + f_in + 1, n), applied to G (see above)."""
+    attn = eta * (xq_a @ x_a.swapaxes(-1, -2))
+    return mx.concatenate([attn, (lr[..., None] * x_a).swapaxes(-1, -2)], axis=-2)
+
+
+class Scan:
+    """One call's walk over its segments, updating `cache` in place."""
+
+    def __init__(self, layer, cache: TTTCache, tok, gamma, beta, with_stats: bool):
+        self.layer = layer
+        self.cache = cache
+        self.tok = tok
+        self.ln = (gamma, beta)
+        self.with_stats = with_stats
+        self.outputs: list[mx.array] = []
+        self.losses: tuple[list, list] = ([], [])
+        self.updates: list[tuple[mx.array, ...]] = []
+
+    def run(self, xq, xk, target, lr):
+        """xq, xk, target: (B, nh, L, f) float32; lr (B, nh, L) -> Zbar (B, nh, L, f)."""
+        K = self.layer.config.mini_batch_size
+        L = xq.shape[2]
+        pos = self.cache.offset % K
+        head = min(L, K - pos) if pos else 0
+        whole_end = head + (L - head) // K * K
+        for lo, hi, start in ((0, head, pos), (head, whole_end, 0), (whole_end, L, 0)):
+            if hi > lo:
+                cut = slice(lo, hi)
+                self._segment(xq[:, :, cut], xk[:, :, cut], target[:, :, cut], lr[:, :, cut], start)
+        self.cache.offset += L
+        if self.cache.record_updates:
+            self.cache.record(self.updates)
+        return self.outputs[0] if len(self.outputs) == 1 else mx.concatenate(self.outputs, 2)
+
+    def _segment(self, xq, xk, target, lr, pos):
+        """Tokens at positions pos.. of S consecutive mini-batches (S > 1 only when pos = 0)."""
+        B, nh, L, f = xq.shape
+        K = self.layer.config.mini_batch_size
+        n = min(L, K - pos)
+        S = L // n
+
+        def steps_first(a):  # (B, nh, S*n, ...) -> (S, B, nh, n, ...)
+            return mx.moveaxis(a.reshape(B, nh, S, n, *a.shape[3:]), 2, 0)
+
+        xq_a, xk_a = steps_first(augment(xq)), steps_first(augment(xk))
+        target, lr = steps_first(target), steps_first(lr)
+        tok = self.tok[pos : pos + n]
+        eta = tril_eta(tok, lr)
+        lmat = dual_and_grad_matrix(xq_a, xk_a, eta, lr)
+        xkq = mx.concatenate([xk_a, xq_a], axis=-2)  # one matmul gives Z and XQ W
+        # one Split node hands out every step's inputs (indexing would add one node per step)
+        per_step = [mx.split(a, S) if S > 1 else [a] for a in (xkq, target, lmat, eta, lr)]
+
+        cache = self.cache
+        step = self._step_fn(carried=cache.sums is not None, finish=pos + n == K)
+        maps, sums = cache.maps, cache.sums or ()
+        zbars = []
+        for inputs in zip(*per_step, strict=True):
+            zbar, maps, sums, updates, losses = step(
+                maps, sums, *(a[0] for a in inputs), tok, *self.ln
+            )
+            zbars.append(zbar)
+            if updates:
+                self.updates.append(updates)
+            for out, loss in zip(self.losses, losses, strict=False):
+                out.append(loss)
+        cache.maps, cache.sums = maps, (sums or None)
+        zbar = zbars[0][None] if S == 1 else mx.stack(zbars)
+        self.outputs.append(mx.moveaxis(zbar, 0, 2).reshape(B, nh, L, f))
+
+    def _step_fn(self, carried: bool, finish: bool):
+        layer_cls, with_stats = type(self.layer), self.with_stats
+        use_compile = self.layer.config.compile
+        key = (layer_cls, carried, finish, with_stats, use_compile)
+        if key in _STEPS:
+            return _STEPS[key]
+
+        def step(maps, sums, xkq, target, lmat, eta, lr, tok, gamma, beta):
+            n = target.shape[-2]
+            zbar, grads = layer_cls.inner(
+                maps, (sums, tok[:, None]) if carried else None, xkq, target, lmat, eta, lr,
+                gamma, beta,
+            )  # fmt: skip
+            if carried:
+                grads = tuple(s + g for s, g in zip(sums, grads, strict=True))
+            # the weights of the segment's last token: W - tok_last * sum_j lr_j x_j^T G_j
+            updates = tuple(tok[-1] * g for g in grads)
+            after = tuple(m - u for m, u in zip(maps, updates, strict=True))
+            losses = ()
+            if with_stats:
+                xk_a = xkq[..., :n, :]
+                losses = tuple(
+                    inner_loss(layer_cls.predict(w, xk_a), target, gamma, beta)
+                    for w in (maps, after)
+                )
+            if finish:  # the mini-batch is complete: its last token's weights carry on
+                return zbar, after, (), updates, losses
+            return zbar, maps, grads, (), losses
+
+        _STEPS[key] = mx.compile(step) if use_compile else step
+        return _STEPS[key]
