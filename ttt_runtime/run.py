@@ -1,0 +1,351 @@
+"""The TTT run: a loop that trains or adapts, obeys the channel's commands between steps, and
+publishes one telemetry message per step (ttt_runtime.protocol.TELEMETRY_FIELDS).
+
+Commands are handled on the loop's own thread, between steps, so MLX is only ever touched from
+one thread. A step in progress always finishes: `stop` (or SIGTERM) exits after it, with a
+"bye"; an exception is sent as an "error" message before the process exits 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import signal
+import sys
+import time
+import traceback
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from ttt_runtime import checkpoint as ckpt
+from ttt_runtime.blas import loaded_blas
+from ttt_runtime.channel import ChannelError, ChannelServer
+from ttt_runtime.config import ConfigError, RunConfig
+from ttt_runtime.launch import private_socket_path
+from ttt_runtime.model import TTTModel
+from ttt_runtime.steps import (
+    LN2,
+    adapt_step,
+    cache_arrays,
+    make_optimizer,
+    make_train_step,
+    model_config,
+)
+from ttt_runtime.stream import ByteStream
+from ttt_runtime.telemetry import (
+    device_info,
+    fast_weight_stats,
+    inner_stats,
+    memory_counters,
+    sampled_adapt_step,
+    sampled_train_step,
+)
+
+# what a checkpoint fixes about the model; everything else may change on --resume
+SHAPE_FIELDS = ("layer_type", "num_blocks", "hidden_size", "num_heads", "mini_batch_size",
+                "intermediate_size", "ttt_base_lr", "use_gate")  # fmt: skip
+PAUSED_REPORT_S = 1.0  # a paused run still reports this often, for monitors that attach late
+PROGRESS_S = 2.0  # stderr progress line period when no monitor is attached
+
+
+class SetupError(ValueError):
+    """The run cannot start (bad data path, checkpoint, socket); one line, no traceback."""
+
+
+class TTTRun:
+    def __init__(
+        self, config: RunConfig, socket_path: str | None = None, resume: str | None = None
+    ):
+        try:
+            restored = ckpt.load(resume) if resume else None
+            if restored is not None:
+                config = config.with_overrides(**{k: restored.config[k] for k in SHAPE_FIELDS})
+            self.config = config
+            mx.random.seed(config.seed)
+            # one mx.compile around the whole train step beats compiling each layer's scan
+            fuse_outer = config.compile and config.mode == "train"
+            mcfg = dataclasses.replace(
+                model_config(config), compile=config.compile and not fuse_outer
+            )
+            self.model = TTTModel(mcfg)
+            self.stream = ByteStream(
+                config.data, config.seq_len, config.batch_size,
+                restored.stream_position if restored else 0,
+            )  # fmt: skip
+        except (ckpt.CheckpointError, ConfigError, ValueError, KeyError) as exc:
+            raise SetupError(str(exc)) from None
+        self.run_id = secrets.token_hex(4)
+        self.step = restored.step if restored else 0
+        self.tokens = restored.tokens if restored else 0
+        self.conversation = restored.conversation if restored else 0
+        self.paused = False
+        self.stopping = False
+        self.exact = None  # adapt mode with exact_accumulate: per layer, name -> accumulator
+        self.report = {"sampled_step": None, "blocks": [], "layers": [], "inner_lr": None}
+        self.last = {"tokens_per_s": None, "step_ms": None, "loss_bpb": None}
+        self.device = device_info()  # fixed for the process; memory is re-read per report
+        self.blas = loaded_blas()
+        self._setup_model(restored, resume)
+        self._open_channel(socket_path)
+
+    # -- setup ----------------------------------------------------------------------------------
+    def _setup_model(self, restored: ckpt.Checkpoint | None, resume: str | None) -> None:
+        model, config = self.model, self.config
+        if restored is not None:
+            try:
+                model.load_weights(list(restored.group("model").items()), strict=True)
+            except ValueError as exc:
+                raise SetupError(f"checkpoint {resume}: {exc}") from None
+        mx.eval(model.parameters())
+        if config.mode == "train":
+            self.optimizer = make_optimizer(config)
+            saved = restored.group("optimizer") if restored else {}
+            if saved and restored.config.get("mode") == "train":
+                self.optimizer.state = tree_unflatten(list(saved.items()))
+            self.optimizer.init(model.trainable_parameters())
+            self.train_step = make_train_step(model, self.optimizer, config.compile)
+            return
+        model.freeze()
+        self.new_conversation()
+        saved = restored.group("cache") if restored else {}
+        if saved and restored.config.get("mode") == "adapt":
+            for i, cache in enumerate(self.caches):
+                cache.state = [saved[f"{i}.{j}"] for j in range(len(cache.state))]
+                cache.offset = restored.cache_offsets[i]
+            self.new_conversation(keep_cache=True)
+
+    def new_conversation(self, keep_cache: bool = False) -> None:
+        """Adapt mode: fresh fast weights (unless kept) become the conversation's origin."""
+        if not keep_cache:
+            self.caches = self.model.make_cache(self.config.batch_size)
+        mx.eval(cache_arrays(self.caches))
+        self.origin = [c.fast_weights for c in self.caches]
+        self.exact = None
+        if self.config.exact_accumulate:
+            from ttt_runtime.swar import ExactAccumulator
+
+            self.exact = []  # per layer: fast-weight name -> exact running value
+            for cache in self.caches:
+                cache.record_updates = True
+                accumulators = {}
+                for name, w in cache.fast_weights.items():
+                    accumulators[name] = ExactAccumulator(w.shape)
+                    accumulators[name].add(np.array(w))
+                self.exact.append(accumulators)
+
+    def _open_channel(self, socket_path: str | None) -> None:
+        if socket_path is None:
+            socket_path = private_socket_path()
+            print(f"ttt-run: listening on {socket_path} (xltop --attach {socket_path})",
+                  file=sys.stderr)  # fmt: skip
+        hello = {
+            "pid": os.getpid(),
+            "run_id": self.run_id,
+            "mode": self.config.mode,
+            "preset": self.config.preset,
+            "config": self.config.as_dict(),
+            "socket": socket_path,
+        }
+        try:
+            self.server = ChannelServer(socket_path, hello)
+        except ChannelError as exc:
+            raise SetupError(str(exc)) from None
+
+    # -- the loop -------------------------------------------------------------------------------
+    def serve(self) -> int:
+        """Run until stopped; the process's exit code."""
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
+        last_progress = time.monotonic()
+        try:
+            while not self.stopping:
+                self._handle_commands(wait=PAUSED_REPORT_S if self.paused else 0.0)
+                if self.paused:
+                    self.publish()
+                    continue
+                if self.stopping:
+                    break
+                self.run_step()
+                self.publish()
+                if self.server.monitors == 0 and time.monotonic() - last_progress > PROGRESS_S:
+                    last_progress = time.monotonic()
+                    self._print_progress()
+                if self.config.max_steps and self.step >= self.config.max_steps:
+                    break
+        except Exception as exc:
+            text = traceback.format_exc()
+            print(text, file=sys.stderr, end="")
+            self.server.publish({"type": "error", "exc_type": type(exc).__name__,
+                                 "message": str(exc), "traceback": text})  # fmt: skip
+            self.server.close()
+            return 1
+        self.server.publish({"type": "bye", "exit_code": 0, "step": self.step})
+        self.server.close()
+        return 0
+
+    def is_sampled(self, step: int) -> bool:
+        every = self.config.sample_every
+        return step == 1 or (every > 0 and step % every == 0)
+
+    def run_step(self) -> None:
+        inputs, targets = (mx.array(a) for a in next(self.stream))
+        step = self.step + 1
+        sampled = self.is_sampled(step)
+        start = time.perf_counter()
+        if self.config.mode == "train":
+            if sampled:
+                loss, caches, before, stats, fwd_ms, bwd_ms = sampled_train_step(
+                    self.model, self.optimizer, inputs, targets
+                )
+                origin = before  # each train step is a fresh conversation
+            else:
+                loss = self.train_step(inputs, targets)
+                mx.eval(loss, self.model.parameters(), self.optimizer.state)
+        else:
+            before = [c.fast_weights for c in self.caches]
+            if sampled:
+                loss, stats, fwd_ms = sampled_adapt_step(self.model, self.caches, inputs, targets)
+                bwd_ms = [None] * len(fwd_ms)
+            else:
+                loss = adapt_step(self.model, self.caches, inputs, targets)
+                mx.eval(loss, cache_arrays(self.caches))
+            caches, origin = self.caches, self.origin
+            if self.exact is not None:
+                self._accumulate_exact()
+        elapsed = time.perf_counter() - start
+        self.step = step
+        self.tokens += inputs.size
+        self.last = {
+            "tokens_per_s": inputs.size / elapsed,
+            "step_ms": elapsed * 1e3,
+            "loss_bpb": loss.item() / LN2,
+        }
+        if sampled:
+            self._record_sample(caches, before, origin, stats, fwd_ms, bwd_ms)
+
+    def _record_sample(self, caches, before, origin, stats, fwd_ms, bwd_ms) -> None:
+        layers = fast_weight_stats([c.fast_weights for c in caches], before, origin)
+        inner, lr_mean = inner_stats(stats)
+        exact = self._exact_drift() if self.exact is not None else [None] * len(layers)
+        for layer, extra, drift in zip(layers, inner, exact, strict=True):
+            layer.update(extra, exact_drift=drift)
+        self.report = {
+            "sampled_step": self.step,
+            "blocks": [{"fwd_ms": f, "bwd_ms": b} for f, b in zip(fwd_ms, bwd_ms, strict=True)],
+            "layers": layers,
+            "inner_lr": lr_mean,
+        }
+
+    def _accumulate_exact(self) -> None:
+        for cache, accumulators in zip(self.caches, self.exact, strict=True):
+            for name, acc in accumulators.items():
+                update = cache.updates.get(name)
+                if update is not None and update.size:
+                    acc.add(-np.array(update))
+
+    def _exact_drift(self) -> list[float]:
+        """||W_float32 - W_exact|| per layer, averaged over the batch rows."""
+        drifts = []
+        for cache, accumulators in zip(self.caches, self.exact, strict=True):
+            squares = sum(
+                np.square(np.array(w, dtype=np.float64) - acc.value())
+                .reshape(w.shape[0], -1)
+                .sum(1)
+                for w, acc in ((cache.fast_weights[n], a) for n, a in accumulators.items())
+            )
+            drifts.append(float(np.mean(np.sqrt(squares))))
+        return drifts
+
+    # -- commands -------------------------------------------------------------------------------
+    def _handle_commands(self, wait: float) -> None:
+        item = self.server.next_command(wait)
+        while item is not None:
+            peer, command = item
+            self._obey(peer, command)
+            item = self.server.next_command(0)
+
+    def _obey(self, peer, command: dict) -> None:
+        cmd, reply = command["cmd"], {}
+        if cmd == "pause":
+            self.paused = True
+        elif cmd == "resume":
+            self.paused = False
+        elif cmd == "clear_cache":
+            mx.clear_cache()
+            reply["cache"] = mx.get_cache_memory()
+        elif cmd == "reset":
+            self.reset()
+            reply["conversation"] = self.conversation
+        elif cmd == "save":
+            try:
+                reply["path"] = self.save(command.get("path"))
+            except ckpt.CheckpointError as exc:
+                self.server.reply(peer, command, ok=False, error=str(exc))
+                return
+        elif cmd == "stop":
+            self.stopping = True
+        self.server.reply(peer, command, **reply)
+        self.publish()  # the effect shows in the very next report
+
+    def reset(self) -> None:
+        """Fast weights back to their initial values; a new conversation."""
+        self.conversation += 1
+        if self.config.mode == "adapt":
+            self.new_conversation()
+            zero = fast_weight_stats(self.origin, self.origin, self.origin)
+        else:  # every train step starts from the initial fast weights anyway
+            zero = [dict(layer, update_norm=0.0, drift=0.0) for layer in self.report["layers"]]
+        self.report["layers"] = [
+            {**layer, "inner_loss_before": None, "inner_loss_after": None,
+             "exact_drift": 0.0 if self.exact is not None else None}
+            for layer in zero
+        ]  # fmt: skip
+        self.report["sampled_step"] = self.step
+
+    def save(self, path: str | None) -> str:
+        if not path:
+            path = os.path.join(self.config.checkpoint_dir, f"step-{self.step}.safetensors")
+        arrays = {f"model.{k}": v for k, v in tree_flatten(self.model.parameters())}
+        offsets = []
+        if self.config.mode == "train":
+            arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(self.optimizer.state)})
+        else:
+            for i, cache in enumerate(self.caches):
+                arrays.update({f"cache.{i}.{j}": a for j, a in enumerate(cache.state)})
+                offsets.append(cache.offset)
+        return ckpt.save(path, ckpt.Checkpoint(
+            arrays=arrays, config=self.config.as_dict(), step=self.step, tokens=self.tokens,
+            stream_position=self.stream.position, conversation=self.conversation,
+            cache_offsets=offsets,
+        ))  # fmt: skip
+
+    # -- reporting ------------------------------------------------------------------------------
+    def telemetry(self) -> dict:
+        return {
+            "type": "telemetry",
+            "t": time.time(),
+            "pid": os.getpid(),
+            "run_id": self.run_id,
+            "mode": self.config.mode,
+            "preset": self.config.preset,
+            "paused": self.paused,
+            "step": self.step,
+            "tokens": self.tokens,
+            **self.last,
+            "conversation": self.conversation,
+            **self.report,
+            "mlx": {**self.device, **memory_counters()},
+            "blas": self.blas,
+        }
+
+    def publish(self) -> None:
+        if self.server.monitors:
+            self.server.publish(self.telemetry())
+
+    def _print_progress(self) -> None:
+        last = self.last
+        print(f"ttt-run: step {self.step}  loss {last['loss_bpb']:.3f} bpb  "
+              f"{last['tokens_per_s']:.0f} tok/s  {last['step_ms']:.0f} ms/step",
+              file=sys.stderr)  # fmt: skip

@@ -1,0 +1,172 @@
+"""The sampled steps and what the run reports about itself.
+
+A sampled step is a real step (same maths, same update) run block by block with an evaluation
+at every block boundary, so that each block's time can be read off the clock; that costs the
+fusion across blocks, hence the sampling schedule. In train mode the backward pass is chained
+block by block with `mx.vjp`; each block's vjp re-runs its forward, so its backward time is the
+vjp's time minus the block's measured forward time.
+
+Fast-weight figures per TTT layer (TTT_SPEC.md, last section), over all of a layer's fast-weight
+tensors and heads, averaged over the batch rows: `w_norm` = ||W||, `update_norm` = ||W_after -
+W_before|| over the step, `drift` = ||W - W_0|| with W_0 the fast weights at the start of the
+conversation (train mode: every step is a fresh conversation, so drift = update_norm).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from ttt_runtime.layers import TTTCache
+from ttt_runtime.model import TTTModel
+from ttt_runtime.steps import cache_arrays, next_byte_loss
+
+Params = dict[str, mx.array]  # a layer's fast weights by name (cache.fast_weights)
+
+
+def _ms_since(start: float) -> float:
+    return (time.perf_counter() - start) * 1e3
+
+
+def _norm(tensors) -> mx.array:
+    """sqrt(sum of squares over every tensor but the batch axis), averaged over the batch."""
+    squares = sum(mx.sum(mx.square(t).reshape(t.shape[0], -1), axis=1) for t in tensors)
+    return mx.mean(mx.sqrt(squares))
+
+
+def fast_weight_stats(now: list[Params], before: list[Params], origin: list[Params]) -> list[dict]:
+    """Per layer: w_norm, update_norm, drift (floats)."""
+    figures = [
+        (_norm(w.values()), _norm(w[k] - wb[k] for k in w), _norm(w[k] - wo[k] for k in w))
+        for w, wb, wo in zip(now, before, origin, strict=True)
+    ]
+    mx.eval(figures)
+    return [{"w_norm": n.item(), "update_norm": u.item(), "drift": d.item()} for n, u, d in figures]
+
+
+def timed_forward(model: TTTModel, inputs: mx.array, caches: list[TTTCache]):
+    """Blocks one by one -> (hidden states before each block and after the last, inner-loop
+    stats per layer, forward ms per block)."""
+    h = model.embed(inputs)
+    mx.eval(h)
+    hidden, stats, fwd_ms = [h], [], []
+    for block, cache in zip(model.blocks, caches, strict=True):
+        start = time.perf_counter()
+        y, layer_stats = block.ttt.forward_with_stats(block.ttt_norm(h), cache)
+        h = block.feed_forward(h + y)
+        mx.eval(h, layer_stats, cache_arrays([cache]))
+        fwd_ms.append(_ms_since(start))
+        hidden.append(h)
+        stats.append(layer_stats)
+    return hidden, stats, fwd_ms
+
+
+def _grad_of(module, inputs: list[mx.array], fn, cotangent: mx.array):
+    """vjp of `fn(module with params, *inputs)` -> (param grads as a tree, input grads)."""
+    flat = tree_flatten(module.trainable_parameters())
+    names = [name for name, _ in flat]
+    n = len(flat)
+
+    def call(*arrays):
+        module.update(tree_unflatten(list(zip(names, arrays[:n], strict=True))))
+        return [fn(*arrays[n:])]
+
+    _, grads = mx.vjp(call, [a for _, a in flat] + inputs, [cotangent])
+    module.update(tree_unflatten(flat))  # the real parameters back, not the traced ones
+    return tree_unflatten(list(zip(names, grads[:n], strict=True))), grads[n:]
+
+
+def sampled_train_step(model: TTTModel, optimizer, inputs: mx.array, targets: mx.array):
+    """One train step timed per block -> (loss, caches, fast weights before the step, inner
+    stats, fwd_ms, bwd_ms)."""
+    batch = inputs.shape[0]
+    caches = model.make_cache(batch)
+    before = [c.fast_weights for c in caches]
+    hidden, stats, fwd_ms = timed_forward(model, inputs, caches)
+
+    head = {"norm": model.norm.trainable_parameters(), "head": model.head.trainable_parameters()}
+    flat_head = tree_flatten(head)
+
+    def head_loss(*arrays):
+        params = tree_unflatten(list(zip([k for k, _ in flat_head], arrays[:-1], strict=True)))
+        model.norm.update(params["norm"])
+        model.head.update(params["head"])
+        return [next_byte_loss(model.logits(arrays[-1]), targets)]
+
+    (loss,), head_grads = mx.vjp(
+        head_loss, [a for _, a in flat_head] + [hidden[-1]], [mx.array(1.0)]
+    )
+    model.norm.update(head["norm"])
+    model.head.update(head["head"])
+    cotangent = head_grads[-1]
+    grads = tree_unflatten(list(zip([k for k, _ in flat_head], head_grads[:-1], strict=True)))
+    mx.eval(loss, cotangent)
+
+    block_grads, bwd_ms = [None] * len(model.blocks), [0.0] * len(model.blocks)
+    for i in reversed(range(len(model.blocks))):
+        block = model.blocks[i]
+        start = time.perf_counter()
+        block_grads[i], (cotangent,) = _grad_of(
+            block, [hidden[i]], lambda h, b=block: b(h, cache=b.ttt.make_cache(batch)), cotangent
+        )
+        mx.eval(block_grads[i], cotangent)
+        bwd_ms[i] = max(0.0, _ms_since(start) - fwd_ms[i])
+    grads["blocks"] = block_grads
+    grads["embed"], _ = _grad_of(model.embed, [], lambda: model.embed(inputs), cotangent)
+    optimizer.update(model, grads)
+    mx.eval(model.parameters(), optimizer.state)
+    return loss, caches, before, stats, fwd_ms, bwd_ms
+
+
+def sampled_adapt_step(model: TTTModel, caches: list[TTTCache], inputs, targets):
+    """One adapt step timed per block -> (loss, stats, fwd_ms)."""
+    hidden, stats, fwd_ms = timed_forward(model, inputs, caches)
+    loss = next_byte_loss(model.logits(hidden[-1]), targets)
+    mx.eval(loss)
+    return loss, stats, fwd_ms
+
+
+def inner_stats(stats: list[dict]) -> tuple[list[dict], float]:
+    """Per layer inner loss before/after (floats), and the mean inner learning rate."""
+    layers = [
+        {"inner_loss_before": s["inner_loss_before"].item(),
+         "inner_loss_after": s["inner_loss_after"].item()}
+        for s in stats
+    ]  # fmt: skip
+    return layers, float(np.mean([s["lr_mean"].item() for s in stats]))
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0
+
+
+def device_info() -> dict:
+    """The run's device: backend, name, memory size and (Metal) recommended working set."""
+    info = mx.device_info()
+    if mx.default_device().type == mx.DeviceType.cpu:
+        backend = "cpu"
+    else:
+        backend = "cuda" if mx.cuda.is_available() else "gpu"
+    return {
+        "backend": backend,
+        "device": str(info.get("device_name", "")),
+        "memory_size": int(info.get("memory_size") or _physical_memory()),
+        "working_set": info.get("max_recommended_working_set_size"),
+    }
+
+
+def memory_counters() -> dict:
+    """This process's MLX memory in bytes (MLX counters are per process)."""
+    return {
+        "active": mx.get_active_memory(),
+        "cache": mx.get_cache_memory(),
+        "peak": mx.get_peak_memory(),
+        "limit": mx.get_memory_limit(),
+    }
