@@ -91,7 +91,12 @@ class Monitor:
         delay = self._next_due - time.monotonic()
         if delay > 0:
             self._closed.wait(delay)
-        self._next_due = max(self._next_due + self._interval, time.monotonic())
+        # Keep a fixed rate; after a long stall (waiting for a run) restart the grid from now
+        # rather than firing a burst of late ticks.
+        now = time.monotonic()
+        self._next_due += self._interval
+        if self._next_due <= now:
+            self._next_due = now + self._interval
         system, processes = self.system.sample()
         run = self._sample_run(processes)
         if run is not None and self.watchdog is not None:

@@ -107,7 +107,8 @@ def _fetch_details(pid: int, started: float, name: str) -> _Details:
             user = proc.username()
         except (psutil.AccessDenied, KeyError):  # KeyError: uid with no passwd entry
             user = str(proc.uids().real) if hasattr(proc, "uids") else "?"
-        command = " ".join(proc.cmdline()) or f"[{name}]"
+        # One line whatever the arguments hold (`python -c` scripts carry newlines).
+        command = " ".join(" ".join(proc.cmdline()).split()) or f"[{name}]"
     except psutil.Error:
         pass
     return _Details(started, user, command, time.monotonic())

@@ -50,3 +50,10 @@ def test_monitor_makes_the_system_source_follow_its_run():
     assert source.run_pid_getter is None
     Monitor(source)
     assert source.run_pid_getter() is None  # no run: nothing to follow
+
+
+def test_a_late_first_tick_does_not_cause_a_burst():
+    monitor = Monitor(SystemSource(), interval=0.5)
+    time.sleep(1.5)  # e.g. waiting for a run's first step
+    first, second = monitor.tick(), monitor.tick()
+    assert second.time - first.time >= 0.4

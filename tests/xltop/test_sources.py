@@ -162,3 +162,11 @@ def test_attached_run_sees_the_run_stop(tiny_run):
         assert run.sample().state == "dead"
     finally:
         run.close()
+
+
+def test_commands_are_one_line(child):
+    script = child("import time\ntime.sleep(60)")
+    source = SystemSource(run_pid_getter=lambda: script.pid, top_n=1)
+    _, processes = source.sample()
+    command = next(p.command for p in processes if p.pid == script.pid)
+    assert "\n" not in command and "time.sleep(60)" in command
