@@ -1,0 +1,120 @@
+"""xltop.killer against real processes: refusals, SIGTERM, SIGKILL after the grace, pid reuse."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from xltop import killer
+
+REPO = Path(__file__).resolve().parents[2]
+NOBODY = 65534
+IGNORES_SIGTERM = (
+    "import signal, sys, time\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "print('ready', flush=True)\n"
+    "time.sleep(120)\n"
+)
+
+
+@pytest.fixture
+def child():
+    """Factory: a child process of this test, always ended at teardown."""
+    started: list[subprocess.Popen] = []
+
+    def start(*argv: str, **kw) -> subprocess.Popen:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, **kw)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+
+
+def test_refuses_init_and_itself():
+    assert "init" in killer.refusal(1)
+    assert "xltop itself" in killer.refusal(os.getpid())
+    assert isinstance(killer.lock_target(1), str)
+    assert isinstance(killer.lock_target(os.getpid()), str)
+
+
+def test_sigterm_ends_a_child_and_reports_it(child):
+    proc = child("sleep", "60")
+    target = killer.lock_target(proc.pid)
+    assert isinstance(target, killer.KillTarget), target
+    assert target.name == "sleep" and "sleep 60" in target.command
+    result = killer.kill(target)
+    assert result.ok, result.message
+    assert "SIGTERM" in result.message
+    proc.wait(10)  # psutil may have reaped our child already: then Popen sees no status
+    assert killer.lock_target(proc.pid) == f"pid {proc.pid} is gone already"
+
+
+def test_sigkill_follows_when_sigterm_is_ignored(child):
+    proc = child(sys.executable, "-c", IGNORES_SIGTERM)
+    assert proc.stdout.readline().strip() == "ready"
+    target = killer.lock_target(proc.pid)
+    result = killer.kill(target, grace=0.5)
+    assert result.ok, result.message
+    assert "SIGKILL" in result.message
+    proc.wait(10)
+    assert not psutil.pid_exists(proc.pid)
+
+
+def test_a_process_that_is_gone_is_reported_not_ignored(child):
+    proc = child("sleep", "60")
+    target = killer.lock_target(proc.pid)
+    proc.kill()
+    proc.wait()
+    result = killer.kill(target)
+    assert not result.ok
+    assert "gone" in result.message
+    assert "gone" in killer.lock_target(proc.pid)
+
+
+def test_a_reused_pid_is_not_killed(child):
+    proc = child("sleep", "60")
+    target = killer.lock_target(proc.pid)
+    # The same pid as seen at another start time: what a reused pid looks like.
+    stale = killer.KillTarget(**{**target.__dict__, "started": target.started - 100.0})
+    result = killer.kill(stale)
+    assert not result.ok and "reused" in result.message
+    assert proc.poll() is None
+
+
+def _lock_target_as_nobody(pid: int) -> str:
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) is needed to drop root for this check")
+    code = f"from xltop.killer import lock_target; print(lock_target({pid}))"
+    drop = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    out = subprocess.run(
+        [*drop, sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_processes_of_other_users_are_refused(child):
+    if os.geteuid() == 0:
+        # As root, ask from an unprivileged child about a process of ours (root's).
+        proc = child("sleep", "60")
+        assert "another user" in _lock_target_as_nobody(proc.pid)
+        assert proc.poll() is None
+        return
+    others = [p for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.pid > 1]
+    others = [p for p in others if p.info["uids"].real != os.getuid()]
+    if not others:
+        pytest.skip("no process of another user on this machine")
+    assert "another user" in killer.refusal(others[0].pid)
