@@ -29,6 +29,8 @@ _KNOWN = (
     ("Accelerate.framework", "accelerate"),
     ("mlx_cpu.libs/libblas", "bundled"),
 )
+# NumPy's private OpenBLAS exports prefixed symbols only (scipy_cblas_*): MLX never calls it
+_PRIVATE = ("numpy.libs", "scipy_openblas")
 
 
 def find_optimized_blas() -> str | None:
@@ -54,6 +56,7 @@ def loaded_blas(maps_path: str = "/proc/self/maps") -> str:
     try:
         with open(maps_path) as handle:
             paths = {line.split(maxsplit=5)[-1].strip() for line in handle if "/" in line}
+        paths = {p for p in paths if not any(private in p for private in _PRIVATE)}
     except OSError:
         return "unknown"
     for needle, name in _KNOWN:

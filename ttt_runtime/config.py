@@ -46,10 +46,11 @@ class RunConfig:
     weight_decay: float = 0.0
     data: str | None = None  # None: the embedded standard-library text
     seed: int = 0
-    sample_every: int = 10  # per-block timing and layer stats on step 1 and every N steps
+    sample_every: int = 10  # per-block timing and layer stats on step 1 and every N (0: never)
     exact_accumulate: bool = False  # adapt mode: exact fast-weight sums (SWAR accumulator)
     checkpoint_dir: str = "checkpoints"
     max_steps: int = 0  # 0: run until stopped
+    start_paused: bool = False  # wait for a `resume` command before the first step
     compile: bool = True  # mx.compile the unsampled steps
 
     @classmethod
@@ -86,8 +87,9 @@ class RunConfig:
         _choice("layer_type", self.layer_type, LAYER_TYPES)
         for name in ("num_blocks", "num_heads", "mini_batch_size", "intermediate_size"):
             _at_least(name, getattr(self, name), 1)
-        for name in ("seq_len", "batch_size", "sample_every"):
+        for name in ("seq_len", "batch_size"):
             _at_least(name, getattr(self, name), 1)
+        _at_least("sample_every", self.sample_every, 0)
         _at_least("hidden_size", self.hidden_size, 2)
         _at_least("max_steps", self.max_steps, 0)
         _at_least("seed", self.seed, 0)
@@ -196,8 +198,9 @@ def run_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """Preset, then TOML file, then flags; validated."""
+def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None) -> RunConfig:
+    """Preset (or `base`, a resumed checkpoint's config, when neither --preset nor --config is
+    given), then TOML file, then flags; validated."""
     overrides = {
         f.name: _parse_value(f.name, f.type, getattr(args, f.name))
         for f in fields(RunConfig)
@@ -205,6 +208,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     }
     if args.config:
         config = RunConfig.from_toml(args.config, preset=args.preset)
+    elif base is not None and not args.preset:
+        config = RunConfig().with_overrides(**base)
     else:
         config = RunConfig.from_preset(args.preset or "default")
     return config.with_overrides(**overrides)
@@ -212,5 +217,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def parse_run_args(argv: list[str]) -> tuple[argparse.Namespace, RunConfig]:
     """Parse `ttt-run run` flags; ConfigError (one line) for anything wrong."""
+    from ttt_runtime.checkpoint import CheckpointError, read_config  # no MLX on this path
+
     args = run_arg_parser().parse_args(argv)
-    return args, config_from_args(args)
+    base = None
+    if args.resume:
+        try:
+            base = read_config(args.resume)
+        except CheckpointError as exc:
+            raise ConfigError(str(exc)) from None
+    return args, config_from_args(args, base)

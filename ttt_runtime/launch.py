@@ -34,9 +34,8 @@ def check_run_args(argv: list[str]) -> str | None:
         args, config = parse_run_args(argv)
     except ConfigError as exc:
         return str(exc)
-    for flag, path in (("--resume", args.resume), ("--data", config.data)):
-        if path is not None and not os.path.exists(path):
-            return f"{flag} {path}: no such file or directory"
+    if config.data is not None and not os.path.exists(config.data):
+        return f"--data {config.data}: no such file or directory"
     return None
 
 

@@ -44,9 +44,6 @@ from ttt_runtime.telemetry import (
     sampled_train_step,
 )
 
-# what a checkpoint fixes about the model; everything else may change on --resume
-SHAPE_FIELDS = ("layer_type", "num_blocks", "hidden_size", "num_heads", "mini_batch_size",
-                "intermediate_size", "ttt_base_lr", "use_gate")  # fmt: skip
 PAUSED_REPORT_S = 1.0  # a paused run still reports this often, for monitors that attach late
 PROGRESS_S = 2.0  # stderr progress line period when no monitor is attached
 
@@ -61,8 +58,6 @@ class TTTRun:
     ):
         try:
             restored = ckpt.load(resume) if resume else None
-            if restored is not None:
-                config = config.with_overrides(**{k: restored.config[k] for k in SHAPE_FIELDS})
             self.config = config
             mx.random.seed(config.seed)
             # one mx.compile around the whole train step beats compiling each layer's scan
@@ -81,7 +76,7 @@ class TTTRun:
         self.step = restored.step if restored else 0
         self.tokens = restored.tokens if restored else 0
         self.conversation = restored.conversation if restored else 0
-        self.paused = False
+        self.paused = config.start_paused
         self.stopping = False
         self.exact = None  # adapt mode with exact_accumulate: per layer, name -> accumulator
         self.report = {"sampled_step": None, "blocks": [], "layers": [], "inner_lr": None}
@@ -187,7 +182,7 @@ class TTTRun:
 
     def is_sampled(self, step: int) -> bool:
         every = self.config.sample_every
-        return step == 1 or (every > 0 and step % every == 0)
+        return every > 0 and (step == 1 or step % every == 0)
 
     def run_step(self) -> None:
         inputs, targets = (mx.array(a) for a in next(self.stream))

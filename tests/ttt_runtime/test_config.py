@@ -78,7 +78,7 @@ def test_toml_errors_name_the_key_or_the_file(tmp_path):
 
 def test_check_run_args_catches_missing_paths(tmp_path):
     assert check_run_args(["--preset", "tiny"]) is None
-    assert "--resume" in check_run_args(["--resume", str(tmp_path / "nope.safetensors")])
+    assert "no such file" in check_run_args(["--resume", str(tmp_path / "nope.safetensors")])
     assert "--data" in check_run_args(["--data", str(tmp_path / "nope")])
     assert check_run_args(["--bogus"]).startswith("unrecognized arguments")
 

@@ -1,0 +1,302 @@
+"""The TTT run as a real child process (tiny preset), steered over its real channel."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ttt_runtime.blas import find_optimized_blas
+from ttt_runtime.channel import ChannelClient, ChannelError
+from ttt_runtime.protocol import TELEMETRY_FIELDS, decode
+
+READY_S = 90.0  # importing MLX and compiling on a loaded 2-core machine
+pytestmark = pytest.mark.slow
+
+
+def wait_until(predicate, timeout=30.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"{what} not met within {timeout} s")
+
+
+def connect(run, timeout=READY_S) -> ChannelClient:
+    """Connect once the run listens; fail early (with its stderr) if it dies first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert run.poll() is None, f"run exited {run.poll()}: {run.stderr_tail()}"
+        try:
+            return ChannelClient.connect(run.socket_path, timeout=5.0)
+        except ChannelError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def report(client, predicate=lambda m: True, timeout=READY_S, what="report"):
+    """The first telemetry message (from now on) that satisfies `predicate`."""
+    return wait_until(
+        lambda: (m := client.latest()) is not None and predicate(m) and m, timeout, what
+    )
+
+
+def report_after(client, moment: float, predicate=lambda m: True, timeout=30.0):
+    return report(client, lambda m: m["t"] > moment and predicate(m), timeout)
+
+
+@pytest.fixture
+def clients():
+    opened: list[ChannelClient] = []
+
+    def open_(run):
+        client = connect(run)
+        opened.append(client)
+        return client
+
+    yield open_
+    for client in opened:
+        client.close()
+
+
+def test_steps_advance_with_every_telemetry_field(spawned_run, clients):
+    run = spawned_run()
+    first, second = clients(run), clients(run)  # several monitors may watch one run
+    message = report(first, lambda m: m["step"] >= 3 and m["sampled_step"] is not None)
+    assert set(TELEMETRY_FIELDS) <= set(message)
+    assert message["mode"] == "train" and message["preset"] == "tiny"
+    assert message["tokens"] == message["step"] * 32  # tiny: seq_len 32, batch 1
+    assert message["sampled_step"] == 1 or message["sampled_step"] % 5 == 0
+    assert len(message["blocks"]) == 2 and len(message["layers"]) == 2
+    assert all(b["fwd_ms"] > 0 and b["bwd_ms"] is not None for b in message["blocks"])
+    for layer in message["layers"]:
+        assert layer["w_norm"] > 0 and layer["inner_loss_before"] is not None
+        assert layer["exact_drift"] is None
+    assert message["mlx"]["active"] > 0 and message["mlx"]["backend"] in ("cpu", "gpu", "cuda")
+    assert message["mlx"]["device"] and message["mlx"]["memory_size"] > 0
+    assert message["blas"] == ("openblas" if find_optimized_blas() else "bundled")
+    later = report(second, lambda m: m["step"] > message["step"] + 5)
+    assert later["tokens"] > message["tokens"]
+
+
+def test_without_preload_the_bundled_blas_is_reported(spawned_run, clients):
+    client = clients(spawned_run(preload_blas=False))
+    assert report(client)["blas"] in ("bundled", "accelerate")
+
+
+def test_pause_stops_steps_and_resume_restarts_them(spawned_run, clients):
+    client = clients(spawned_run())
+    report(client, lambda m: m["step"] >= 2)
+    assert client.request("pause")["ok"]
+    paused = report(client, lambda m: m["paused"])
+    time.sleep(1.5)  # a tiny step takes milliseconds: a paused run would have made hundreds
+    still = client.latest()
+    assert still["paused"] and still["step"] == paused["step"]
+    assert client.request("resume")["ok"]
+    report(client, lambda m: not m["paused"] and m["step"] > paused["step"] + 3)
+
+
+def test_clear_cache_drops_the_reported_cache(spawned_run, clients):
+    client = clients(spawned_run())
+    report(client, lambda m: m["mlx"]["cache"] > 0, what="a non-empty MLX cache")
+    assert client.request("pause")["ok"]
+    before = report(client, lambda m: m["paused"])["mlx"]["cache"]
+    moment = time.time()
+    reply = client.request("clear_cache")
+    after = report_after(client, moment)["mlx"]["cache"]
+    assert reply["ok"] and reply["cache"] == after
+    assert before > 0 and after <= before // 10
+
+
+def test_reset_brings_drift_back_to_zero(spawned_run, clients):
+    client = clients(spawned_run("--mode", "adapt"))
+    drifted = report(client, lambda m: m["step"] > 5 and m["layers"]
+                     and all(x["drift"] > 0 for x in m["layers"]))  # fmt: skip
+    assert client.request("pause")["ok"]
+    moment = time.time()
+    reply = client.request("reset")
+    assert reply["ok"] and reply["conversation"] == drifted["conversation"] + 1
+    reset = report_after(client, moment)
+    assert reset["conversation"] == reply["conversation"]
+    assert [x["drift"] for x in reset["layers"]] == [0.0, 0.0]
+    assert client.request("resume")["ok"]
+    report(client, lambda m: m["sampled_step"] > reset["step"] and m["layers"][0]["drift"] > 0)
+
+
+def test_exact_accumulation_reports_the_float32_error(spawned_run, clients):
+    client = clients(spawned_run("--mode", "adapt", "--exact-accumulate", "true"))
+    message = report(client, lambda m: m["sampled_step"] and m["sampled_step"] >= 10)
+    for layer in message["layers"]:
+        # float32 rounding over a few hundred updates: tiny next to the drift itself
+        assert 0.0 <= layer["exact_drift"] < 1e-3 * max(layer["drift"], 1e-3)
+
+
+def test_save_then_resume_continues_at_the_same_step_with_identical_weights(
+    spawned_run, clients, tmp_path
+):
+    client = clients(spawned_run())
+    report(client, lambda m: m["step"] >= 7)
+    assert client.request("pause")["ok"]
+    step = report(client, lambda m: m["paused"])["step"]
+    saved = client.request("save", path=str(tmp_path / "a.safetensors"))
+    assert saved["ok"] and saved["path"] == str(tmp_path / "a.safetensors")
+
+    resumed_run = spawned_run("--resume", saved["path"], "--start-paused", "true")
+    resumed = clients(resumed_run)
+    first = report(resumed)
+    assert first["step"] == step and first["paused"] and first["tokens"] == step * 32
+    again = resumed.request("save", path=str(tmp_path / "b.safetensors"))
+    assert again["ok"]
+
+    import mlx.core as mx
+
+    a, b = (mx.load(str(tmp_path / n)) for n in ("a.safetensors", "b.safetensors"))
+    assert sorted(a) == sorted(b) and any(k.startswith("optimizer.") for k in a)
+    for name in a:
+        assert mx.array_equal(a[name], b[name]).item(), name
+    assert resumed.request("resume")["ok"]
+    report(resumed, lambda m: m["step"] > step)
+
+
+def test_save_to_an_unwritable_place_is_an_error_reply(spawned_run, clients, tmp_path):
+    client = clients(spawned_run())
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    reply = client.request("save", path=str(blocker / "sub" / "x.safetensors"))
+    assert not reply["ok"] and "cannot" in reply["error"]
+    report(client, lambda m: m["step"] > 2)  # still running
+
+
+def test_malformed_commands_get_an_error_and_the_run_continues(spawned_run, clients):
+    run = spawned_run()
+    client = clients(run)
+    step = report(client, lambda m: m["step"] >= 1)["step"]
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    raw.settimeout(30)
+    raw.connect(run.socket_path)
+    raw.sendall(b'{"cmd": "__import__(\'os\').system(\'true\')", "id": 1}\nnot json\n')
+    replies, buffer = [], b""
+    while len(replies) < 2:
+        data = raw.recv(65536)
+        assert data, "the run closed the connection"
+        buffer += data
+        *lines, buffer = buffer.split(b"\n")
+        replies += [m for m in map(decode, filter(None, lines)) if m["type"] == "reply"]
+    raw.close()
+    assert [r["ok"] for r in replies] == [False, False]
+    assert "unknown command" in replies[0]["error"] and "not JSON" in replies[1]["error"]
+    unknown = client.request("launch_missiles")
+    assert not unknown["ok"] and "unknown command" in unknown["error"]
+    report(client, lambda m: m["step"] > step + 3 and not m["paused"])
+
+
+def test_stop_finishes_cleanly_with_exit_zero(spawned_run, clients):
+    run = spawned_run()
+    client = clients(run)
+    report(client, lambda m: m["step"] >= 1)
+    assert client.request("stop")["ok"]
+    assert run.wait(30) == 0
+    wait_until(lambda: not client.alive, 5)
+    assert client.bye == {"type": "bye", "exit_code": 0, "step": client.bye["step"]}
+    assert not os.path.exists(run.socket_path)
+
+
+def test_sigterm_stops_cleanly(spawned_run, clients):
+    run = spawned_run()
+    report(clients(run), lambda m: m["step"] >= 1)
+    os.kill(run.pid, signal.SIGTERM)
+    assert run.wait(30) == 0
+
+
+def test_sigkill_is_detected_within_two_intervals(spawned_run, clients):
+    run = spawned_run()
+    client = clients(run)
+    report(client, lambda m: m["step"] >= 1)
+    os.kill(run.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    wait_until(lambda: not client.alive, timeout=2.0, what="the client noticing the kill")
+    assert time.monotonic() - killed < 2.0  # two intervals of the monitor's default 1 s
+    assert run.wait(10) == -signal.SIGKILL
+    with pytest.raises(ChannelError):
+        client.request("pause", timeout=1)
+
+
+def test_stale_socket_of_a_killed_run_is_cleaned_up(spawned_run, clients, tmp_path):
+    path = str(tmp_path / "run.sock")
+    first = spawned_run(socket_path=path)
+    report(clients(first), lambda m: m["step"] >= 1)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait(10)
+    assert stat.S_ISSOCK(os.stat(path).st_mode)  # left behind by the dead run
+    second = spawned_run(socket_path=path)
+    assert report(clients(second), lambda m: m["step"] >= 1)["pid"] == second.pid
+
+
+def test_socket_is_private(spawned_run, clients):
+    run = spawned_run()
+    clients(run)
+    assert stat.S_IMODE(os.stat(run.socket_path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(run.socket_path)).st_mode) == 0o700
+
+
+def test_a_run_that_raises_sends_its_error_and_exits_nonzero(spawned_run, clients, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(12):  # more files than the stream keeps in memory
+        (data / f"{i:02}.txt").write_text(f"file {i} " * 40)
+    run = spawned_run("--data", str(data))
+    client = clients(run)
+    report(client, lambda m: m["step"] >= 1)
+    for file in data.iterdir():
+        file.unlink()  # the data vanishes under the running stream
+    assert run.wait(60) == 1
+    wait_until(lambda: client.last_error is not None, 5, "the error message")
+    assert client.last_error["exc_type"] == "StreamError"
+    assert "unreadable" in client.last_error["message"]
+    assert "Traceback" in client.last_error["traceback"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ttt_runtime", "run", *args],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--seq-len", "0"], "seq_len"),
+        (["--num-heads", "3"], "num_heads"),
+        (["--mode", "dream"], "mode"),
+        (["--data", "/nonexistent/corpus"], "/nonexistent/corpus"),
+        (["--resume", "/nonexistent/ckpt.safetensors"], "/nonexistent/ckpt.safetensors"),
+    ],
+)
+def test_bad_config_exits_2_with_one_line_naming_the_field(args, needle, tmp_path):
+    result = run_cli("--socket", str(tmp_path / "s.sock"), "--preset", "tiny", *args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.stderr
+
+
+def test_a_truncated_checkpoint_is_refused_in_one_line(spawned_run, clients, tmp_path):
+    client = clients(spawned_run())
+    report(client, lambda m: m["step"] >= 1)
+    path = tmp_path / "whole.safetensors"
+    assert client.request("save", path=str(path))["ok"]
+    data = path.read_bytes()
+    half = tmp_path / "half.safetensors"
+    half.write_bytes(data[: len(data) // 2])
+    result = run_cli("--socket", str(tmp_path / "s.sock"), "--resume", str(half))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert str(half) in result.stderr and "truncated" in result.stderr
