@@ -36,12 +36,13 @@ from ttt_runtime.steps import (
 )
 from ttt_runtime.stream import ByteStream
 from ttt_runtime.telemetry import (
+    Sample,
     device_info,
     fast_weight_stats,
     inner_stats,
     memory_counters,
     sampled_adapt_step,
-    sampled_train_step,
+    sampled_train_grads,
 )
 
 PAUSED_REPORT_S = 1.0  # a paused run still reports this often, for monitors that attach late
@@ -187,26 +188,23 @@ class TTTRun:
     def run_step(self) -> None:
         inputs, targets = (mx.array(a) for a in next(self.stream))
         step = self.step + 1
-        sampled = self.is_sampled(step)
+        sample = None
         start = time.perf_counter()
         if self.config.mode == "train":
-            if sampled:
-                loss, caches, before, stats, fwd_ms, bwd_ms = sampled_train_step(
-                    self.model, self.optimizer, inputs, targets
-                )
-                origin = before  # each train step is a fresh conversation
+            if self.is_sampled(step):
+                sample = sampled_train_grads(self.model, inputs, targets)
+                self.optimizer.update(self.model, sample.grads)
+                loss = sample.loss
             else:
                 loss = self.train_step(inputs, targets)
-                mx.eval(loss, self.model.parameters(), self.optimizer.state)
+            mx.eval(loss, self.model.parameters(), self.optimizer.state)
         else:
-            before = [c.fast_weights for c in self.caches]
-            if sampled:
-                loss, stats, fwd_ms = sampled_adapt_step(self.model, self.caches, inputs, targets)
-                bwd_ms = [None] * len(fwd_ms)
+            if self.is_sampled(step):
+                sample = sampled_adapt_step(self.model, self.caches, inputs, targets)
+                loss = sample.loss
             else:
                 loss = adapt_step(self.model, self.caches, inputs, targets)
-                mx.eval(loss, cache_arrays(self.caches))
-            caches, origin = self.caches, self.origin
+            mx.eval(loss, cache_arrays(self.caches))
             if self.exact is not None:
                 self._accumulate_exact()
         elapsed = time.perf_counter() - start
@@ -217,18 +215,24 @@ class TTTRun:
             "step_ms": elapsed * 1e3,
             "loss_bpb": loss.item() / LN2,
         }
-        if sampled:
-            self._record_sample(caches, before, origin, stats, fwd_ms, bwd_ms)
+        if sample is not None:
+            self._record_sample(sample)
 
-    def _record_sample(self, caches, before, origin, stats, fwd_ms, bwd_ms) -> None:
-        layers = fast_weight_stats([c.fast_weights for c in caches], before, origin)
-        inner, lr_mean = inner_stats(stats)
+    def _record_sample(self, sample: Sample) -> None:
+        # train: every step is a fresh conversation, so its start is the drift's origin
+        origin = sample.before if self.config.mode == "train" else self.origin
+        now = [c.fast_weights for c in sample.caches]
+        layers = fast_weight_stats(now, sample.before, origin)
+        inner, lr_mean = inner_stats(sample.stats)
         exact = self._exact_drift() if self.exact is not None else [None] * len(layers)
         for layer, extra, drift in zip(layers, inner, exact, strict=True):
             layer.update(extra, exact_drift=drift)
         self.report = {
             "sampled_step": self.step,
-            "blocks": [{"fwd_ms": f, "bwd_ms": b} for f, b in zip(fwd_ms, bwd_ms, strict=True)],
+            "blocks": [
+                {"fwd_ms": f, "bwd_ms": b}
+                for f, b in zip(sample.fwd_ms, sample.bwd_ms, strict=True)
+            ],
             "layers": layers,
             "inner_lr": lr_mean,
         }

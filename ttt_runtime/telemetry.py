@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
@@ -80,9 +81,21 @@ def _grad_of(module, inputs: list[mx.array], fn, cotangent: mx.array):
     return tree_unflatten(list(zip(names, grads[:n], strict=True))), grads[n:]
 
 
-def sampled_train_step(model: TTTModel, optimizer, inputs: mx.array, targets: mx.array):
-    """One train step timed per block -> (loss, caches, fast weights before the step, inner
-    stats, fwd_ms, bwd_ms)."""
+@dataclass
+class Sample:
+    """What a sampled step measured."""
+
+    loss: mx.array
+    caches: list[TTTCache]  # the fast weights as the step left them
+    before: list[dict]  # the fast weights at the step's start
+    stats: list[dict]  # per layer: forward_with_stats' inner losses and lr
+    fwd_ms: list[float]
+    bwd_ms: list[float | None]
+    grads: dict | None = None  # train mode: the outer gradients, for the optimizer
+
+
+def sampled_train_grads(model: TTTModel, inputs: mx.array, targets: mx.array) -> Sample:
+    """A train step's loss and gradients, timed per block (the caller applies the update)."""
     batch = inputs.shape[0]
     caches = model.make_cache(batch)
     before = [c.fast_weights for c in caches]
@@ -117,17 +130,16 @@ def sampled_train_step(model: TTTModel, optimizer, inputs: mx.array, targets: mx
         bwd_ms[i] = max(0.0, _ms_since(start) - fwd_ms[i])
     grads["blocks"] = block_grads
     grads["embed"], _ = _grad_of(model.embed, [], lambda: model.embed(inputs), cotangent)
-    optimizer.update(model, grads)
-    mx.eval(model.parameters(), optimizer.state)
-    return loss, caches, before, stats, fwd_ms, bwd_ms
+    return Sample(loss, caches, before, stats, fwd_ms, bwd_ms, grads)
 
 
-def sampled_adapt_step(model: TTTModel, caches: list[TTTCache], inputs, targets):
-    """One adapt step timed per block -> (loss, stats, fwd_ms)."""
+def sampled_adapt_step(model: TTTModel, caches: list[TTTCache], inputs, targets) -> Sample:
+    """One adapt step (the caches carry on), timed per block."""
+    before = [c.fast_weights for c in caches]
     hidden, stats, fwd_ms = timed_forward(model, inputs, caches)
     loss = next_byte_loss(model.logits(hidden[-1]), targets)
     mx.eval(loss)
-    return loss, stats, fwd_ms
+    return Sample(loss, caches, before, stats, fwd_ms, [None] * len(fwd_ms))
 
 
 def inner_stats(stats: list[dict]) -> tuple[list[dict], float]:
