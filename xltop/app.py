@@ -1,0 +1,323 @@
+"""XltopApp: the Textual TUI, one more consumer of the Monitor's Snapshots.
+
+Everything that can block (a tick: psutil and the run's channel; commands to the run; kills; the
+CSV) runs in worker threads, never on the event loop. The tick thread asks for the next tick
+only once the last one is on screen, so ticks never pile up behind a slow frame.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from textual.app import App, ComposeResult, SystemCommand
+from textual.containers import Horizontal
+from textual.widgets import Footer
+from textual.worker import get_current_worker
+
+from xltop import __version__, commands, killer
+from xltop.csvlog import CsvLog, CsvLogError
+from xltop.snapshot import RunInfo, Snapshot
+from xltop.widgets.blocks import BlocksTable
+from xltop.widgets.charts import MetricCharts
+from xltop.widgets.events import EventLine
+from xltop.widgets.header import RunHeader
+from xltop.widgets.help_screen import HelpScreen
+from xltop.widgets.kill_dialog import KillDialog
+from xltop.widgets.memory import MemoryPanel
+from xltop.widgets.processes import ProcessTable
+
+Outcome = tuple[str, bool]  # a sentence for the events line, and whether it reports a failure
+NARROW_COLUMNS = 120  # below this, one chart at a time
+SHORT_ROWS = 30  # below this, one events line
+INTERVALS = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0)  # the ladder + and - climb
+
+
+def readonly_from_env() -> bool:
+    return os.environ.get("XLTOP_READONLY", "").strip().lower() in ("1", "true", "yes")
+
+
+class XltopApp(App[None]):
+    CSS_PATH = "app.tcss"
+    TITLE = "xltop"
+    BINDINGS = commands.bindings()
+
+    def __init__(
+        self,
+        monitor: Any,
+        *,
+        readonly: bool = False,
+        csv_path: str | None = None,
+        host: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.monitor = monitor
+        self.readonly = readonly or readonly_from_env()
+        self.host = host or socket.gethostname()
+        self.csv_path = csv_path
+        self.frozen = False
+        self.last: Snapshot | None = None
+        self.snapshots_shown = 0
+        self._csv: CsvLog | None = None
+        self._logging = bool(csv_path)
+        self._csv_lock = threading.Lock()
+        self._quitting = False
+
+    # -- layout and the tick loop -------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        yield RunHeader(id="header")
+        with Horizontal(id="top"):
+            yield MemoryPanel(id="memory")
+            yield MetricCharts(id="charts")
+        yield BlocksTable(id="blocks")
+        yield ProcessTable(id="processes")
+        yield EventLine(id="events")
+        yield Footer(compact=True)
+
+    def on_mount(self) -> None:
+        self.query_one(ProcessTable).focus()
+        self.run_worker(self._tick_loop, thread=True, name="ticks", group="ticks")
+
+    def _tick_loop(self) -> None:
+        worker = get_current_worker()
+        while not (worker.is_cancelled or self._quitting):
+            try:
+                snapshot = self.monitor.tick()
+            except Exception as exc:  # a source failing must not end the display
+                self.monitor.post_event(f"tick failed: {type(exc).__name__}: {exc}")
+                time.sleep(self.monitor.interval)
+                continue
+            self._log(snapshot)
+            if worker.is_cancelled or self._quitting:
+                return
+            try:
+                self.call_from_thread(self.show_snapshot, snapshot)
+            except RuntimeError:  # the app stopped while this tick ran
+                return
+
+    def show_snapshot(self, snapshot: Snapshot) -> None:
+        self.last = snapshot
+        self.snapshots_shown += 1
+        self._show_header()
+        self.query_one(EventLine).add(*snapshot.events)
+        charts, blocks = self.query_one(MetricCharts), self.query_one(BlocksTable)
+        charts.record(snapshot)
+        blocks.record(snapshot.run)
+        if not self.frozen:
+            self._show_panels(snapshot)
+
+    def _show_panels(self, snapshot: Snapshot) -> None:
+        self.query_one(MemoryPanel).show(snapshot)
+        self.query_one(MetricCharts).redraw()
+        self.query_one(BlocksTable).show(snapshot.run)
+        self.query_one(ProcessTable).show(snapshot.processes)
+
+    def _show_header(self) -> None:
+        if self.last is None:
+            return
+        self.query_one(RunHeader).show(
+            self.last,
+            version=__version__,
+            host=self.host,
+            frozen=self.frozen,
+            readonly=self.readonly,
+            csv=self._csv_label(),
+        )
+
+    def say(self, text: str, error: bool = False) -> None:
+        """An event of the app's own (a command and its reply) on the events line."""
+        self.query_one(EventLine).add(text)
+        if error:
+            self.notify(text, severity="error")
+
+    def _in_thread(self, work: Callable[[], Outcome | None], name: str) -> None:
+        """Run `work` off the event loop; the (sentence, failed) it returns goes on screen."""
+
+        def run() -> None:
+            outcome = work()
+            if outcome is not None and not self._quitting:
+                self.call_from_thread(self.say, *outcome)
+
+        self.run_worker(run, thread=True, name=name, group="commands")
+
+    # -- CSV ----------------------------------------------------------------------------------
+
+    def _csv_label(self) -> str | None:
+        return (self._csv.path if self._csv else self.csv_path) if self._logging else None
+
+    def _log(self, snapshot: Snapshot) -> None:
+        """Write the tick's CSV row (tick thread); a failing disk stops logging, not the app."""
+        with self._csv_lock:
+            if not self._logging:
+                return
+            try:
+                if self._csv is None:
+                    self._csv = CsvLog.open(self.csv_path, snapshot)
+                self._csv.write(snapshot)
+            except CsvLogError as exc:
+                self._logging, self._csv = False, None
+                self.monitor.post_event(f"{exc}; CSV logging stopped")
+
+    def _close_csv(self) -> str | None:
+        with self._csv_lock:
+            self._logging = False
+            csv, self._csv = self._csv, None
+        if csv is None:
+            return None
+        csv.close()
+        return str(csv.path)
+
+    # -- actions: one per entry of xltop.commands.COMMANDS ---------------------------------------
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        return not (self.readonly and action in commands.RUN_ACTIONS)
+
+    def get_system_commands(self, screen: Any):
+        for command in commands.available(self.readonly):
+            action = getattr(self, f"action_{command.action}")
+            yield SystemCommand(f"{command.label} ({command.key_text})", command.help, action)
+
+    def _run(self) -> RunInfo | None:
+        return self.last.run if self.last is not None else None
+
+    def _send(self, cmd: str) -> None:
+        runtime = self.monitor.runtime
+        if runtime is None:
+            self.say(f"not sent: {cmd} needs a run (xltop was started with --no-run)", True)
+            return
+        self.say(f"sent {cmd}")
+
+        def send() -> Outcome:
+            reply = runtime.send(cmd)
+            if not reply.get("ok"):
+                return f"{cmd} failed: {reply.get('error') or 'no reason given'}", True
+            extra = f" -> {reply['path']}" if reply.get("path") else ""
+            return f"{cmd}: ok{extra}", False
+
+        self._in_thread(send, cmd)
+
+    def action_toggle_pause(self) -> None:
+        run = self._run()
+        self._send("resume" if run is not None and run.state == "paused" else "pause")
+
+    def action_toggle_freeze(self) -> None:
+        self.frozen = not self.frozen
+        self.say("display frozen; the run goes on (f unfreezes)" if self.frozen else "display live")
+        self._show_header()
+        if not self.frozen and self.last is not None:
+            self._show_panels(self.last)
+
+    def action_clear_cache(self) -> None:
+        self._send("clear_cache")
+
+    def action_reset(self) -> None:
+        self._send("reset")
+
+    def action_save(self) -> None:
+        self._send("save")
+
+    def action_toggle_log(self) -> None:
+        if self._logging:
+            path = self._close_csv()
+            self.say(f"CSV log closed: {path}" if path else "CSV logging off")
+        else:
+            self.csv_path = self.csv_path or time.strftime("xltop-%Y%m%d-%H%M%S.csv")
+            with self._csv_lock:
+                self._logging = True
+            self.say(f"CSV logging to {self.csv_path} from the next tick")
+        self._show_header()
+
+    def _step_interval(self, direction: int) -> None:
+        current = self.monitor.interval
+        if direction > 0:
+            target = next((s for s in INTERVALS if s > current + 1e-9), INTERVALS[-1])
+        else:
+            target = next((s for s in reversed(INTERVALS) if s < current - 1e-9), INTERVALS[0])
+        self.monitor.interval = target
+        self.say(f"interval {self.monitor.interval:g} s")
+
+    def action_faster(self) -> None:
+        self._step_interval(-1)
+
+    def action_slower(self) -> None:
+        self._step_interval(+1)
+
+    def on_resize(self) -> None:
+        self.screen.set_class(self.size.width < NARROW_COLUMNS, "narrow")
+        self.screen.set_class(self.size.height < SHORT_ROWS, "short")
+
+    def action_next_chart(self) -> None:
+        self.say(f"chart: {self.query_one(MetricCharts).show_next()}")
+
+    def action_sort(self) -> None:
+        self.say(f"processes sorted by {self.query_one(ProcessTable).cycle_sort()}")
+
+    def action_kill(self) -> None:
+        pid = self.query_one(ProcessTable).selected_pid()
+        if pid is None:
+            self.say("not killed: no process selected", True)
+            return
+
+        def lock() -> Outcome | None:
+            target = killer.lock_target(pid)
+            if isinstance(target, str):
+                return target, True
+            self.call_from_thread(self._confirm_kill, target)
+            return None
+
+        self._in_thread(lock, "kill")
+
+    def _confirm_kill(self, target: killer.KillTarget) -> None:
+        def answered(yes: bool | None) -> None:
+            if not yes:
+                self.say(f"kill of pid {target.pid} cancelled")
+                return
+            self.say(f"SIGTERM to pid {target.pid} ({target.name})")
+            self._in_thread(lambda: _kill_outcome(target), "kill")
+
+        self.push_screen(KillDialog(target), answered)
+
+    def action_restart(self) -> None:
+        run, runtime = self._run(), self.monitor.runtime
+        if runtime is None or run is None:
+            self.say("not restarted: there is no run", True)
+            return
+        if run.state != "dead":
+            self.say(f"not restarted: the run is {run.state}; R restarts a dead run", True)
+            return
+        self.say("restarting the run")
+
+        def restart() -> Outcome:
+            try:
+                runtime.restart()
+            except Exception as exc:  # e.g. an attached run: the message says why
+                return f"cannot restart: {exc}", True
+            return "run restarted", False
+
+        self._in_thread(restart, "restart")
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen(commands.available(self.readonly), self.readonly))
+
+    async def action_quit(self) -> None:
+        if self._quitting:
+            return
+        self._quitting = True
+        self.say("stopping the run and closing the CSV ...")
+
+        def stop() -> None:
+            self._close_csv()
+            self.monitor.close()
+            self.call_from_thread(self.exit)
+
+        self.run_worker(stop, thread=True, name="quit", group="quit")
+
+
+def _kill_outcome(target: killer.KillTarget) -> Outcome:
+    result = killer.kill(target)
+    return result.message, not result.ok

@@ -1,0 +1,60 @@
+"""The one command table: it drives the key bindings, the footer, the help screen and the palette.
+
+Add a command here and it has a key, a footer entry, a help line and a palette entry; mark it
+`changes_run` and `--readonly` removes it everywhere at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from textual.binding import Binding
+
+# Textual key names as people type them.
+_KEY_TEXT = {"plus": "+", "minus": "-", "question_mark": "?", "f9": "F9", "f10": "F10"}
+
+
+@dataclass(frozen=True)
+class Command:
+    action: str  # XltopApp.action_<action>
+    keys: tuple[str, ...]  # Textual key names
+    label: str  # footer and palette title
+    help: str  # one line: help screen and palette
+    changes_run: bool = False  # acts on the run or on processes: gone under --readonly
+    footer: bool = True
+
+    @property
+    def key_text(self) -> str:
+        return " ".join(_KEY_TEXT.get(key, key) for key in self.keys)
+
+
+COMMANDS = (
+    Command("toggle_pause", ("p",), "Pause run", "pause / resume the RUN itself: training stops, not just the screen", changes_run=True),  # noqa: E501
+    Command("toggle_freeze", ("f",), "Freeze", "freeze / unfreeze the DISPLAY; the run goes on"),
+    Command("clear_cache", ("c",), "Clear cache", "clear the run's MLX cache (the cache bar drops on the next tick)", changes_run=True),  # noqa: E501
+    Command("reset", ("r",), "Reset", "reset the fast weights: start a new conversation", changes_run=True),  # noqa: E501
+    Command("save", ("s",), "Save", "save a checkpoint of the run", changes_run=True),
+    Command("toggle_log", ("l",), "Log", "start / stop logging one CSV row per tick"),
+    Command("faster", ("plus",), "Faster", "shorter interval between ticks", footer=False),
+    Command("slower", ("minus",), "Slower", "longer interval between ticks", footer=False),
+    Command("next_chart", ("g",), "Chart", "show the next chart (on narrow screens one chart shows)", footer=False),  # noqa: E501
+    Command("sort", ("o",), "Sort", "sort the processes by the next column (or click a header)", footer=False),  # noqa: E501
+    Command("kill", ("k", "f9"), "Kill", "kill the selected process: confirm, SIGTERM, SIGKILL after a grace", changes_run=True),  # noqa: E501
+    Command("restart", ("R",), "Restart", "restart a dead run with the same flags", changes_run=True, footer=False),  # noqa: E501
+    Command("help", ("question_mark",), "Help", "this screen"),
+    Command("quit", ("q", "f10"), "Quit", "stop the hosted run cleanly, close the CSV, quit"),
+)  # fmt: skip
+
+RUN_ACTIONS = frozenset(c.action for c in COMMANDS if c.changes_run)
+
+
+def available(readonly: bool) -> tuple[Command, ...]:
+    return tuple(c for c in COMMANDS if not (readonly and c.changes_run))
+
+
+def bindings() -> list[Binding]:
+    """Every command's keys; XltopApp.check_action hides the run commands under --readonly."""
+    return [
+        Binding(",".join(c.keys), c.action, c.label, show=c.footer)
+        for c in COMMANDS
+    ]

@@ -1,0 +1,24 @@
+"""The events line: watchdog actions, run state changes, commands sent and their replies."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from rich.text import Text
+from textual.widgets import Static
+
+SHOWN = 2  # newest events on screen; the CSV log keeps the run's own events
+
+
+class EventLine(Static):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.events: deque[str] = deque(maxlen=50)
+
+    def add(self, *events: str) -> None:
+        if not events:
+            return
+        self.events.extend(events)
+        newest = list(self.events)[-SHOWN:]
+        text = Text("\n").join(Text(f"> {event}") for event in newest)
+        self.update(text)

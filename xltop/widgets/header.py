@@ -1,0 +1,71 @@
+"""The header: who and where (version, host, MLX backend, BLAS) and the run's state."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.widgets import Static
+
+from xltop.snapshot import RunInfo, Snapshot
+from xltop.widgets import units
+
+_STATE_STYLE = {"running": "bold green", "paused": "bold yellow", "dead": "bold red"}
+
+
+def _state_text(run: RunInfo | None) -> Text:
+    if run is None:
+        return Text("no run (--no-run)", style="dim")
+    if run.state == "dead":
+        code = "?" if run.exit_code is None else run.exit_code
+        return Text(f"DEAD exit {code} (R restarts)", style=_STATE_STYLE["dead"])
+    if run.state == "paused":
+        return Text("RUN PAUSED (p resumes)", style=_STATE_STYLE["paused"])
+    if run.state == "starting":
+        return Text("starting", style="bold")
+    return Text(run.state, style=_STATE_STYLE.get(run.state, "bold"))
+
+
+class RunHeader(Static):
+    def show(
+        self,
+        snapshot: Snapshot,
+        *,
+        version: str,
+        host: str,
+        frozen: bool,
+        readonly: bool,
+        csv: str | None,
+    ) -> None:
+        # Most important first: a narrow terminal crops each line, it never wraps it.
+        run = snapshot.run
+        line = Text.assemble((f"xltop {version}", "bold"), " | ", no_wrap=True, overflow="crop")
+        line.append_text(_state_text(run))
+        if run is not None and (run.mode or run.preset):
+            line.append(f" | {run.mode or '?'}/{run.preset or '?'}")
+        if run is not None and run.mlx is not None:
+            device = "" if run.mlx.device in ("", run.mlx.backend) else f" {run.mlx.device}"
+            line.append(f" | MLX {run.mlx.backend}{device}")
+        if run is not None and run.blas:
+            line.append(f" | BLAS {run.blas}")
+        line.append(f" | {snapshot.interval:g}s")
+        line.append(f" | CSV {csv}" if csv else " | CSV off")
+        if frozen:
+            line.append(" | FROZEN", style="reverse")
+        if readonly:
+            line.append(" | readonly", style="italic")
+        line.append(f" | {host}")
+        line.append("\n")
+        line.append_text(self._run_line(run))
+        self.update(line)
+
+    @staticmethod
+    def _run_line(run: RunInfo | None) -> Text:
+        if run is None:
+            return Text("")
+        if run.state == "dead":
+            return Text(f"last error: {run.last_error or 'none reported'}", style="red")
+        return Text(
+            f"pid {run.pid or '-'}  step {run.step}  {units.rate(run.tokens_per_s)} tok/s  "
+            f"{units.ms(run.step_ms)} ms/step  loss {units.number(run.loss_bpb)} bpb  "
+            f"inner lr {units.number(run.inner_lr)}  conv {run.conversation}  "
+            f"tokens {run.tokens}"
+        )

@@ -1,0 +1,95 @@
+"""Processes by RSS: sortable by column (click a header or press o), the run's process marked.
+
+Rows are keyed by pid: a process that stays is updated cell by cell, one that appears is added,
+one that goes is removed. The cursor stays on the same process when the rows re-sort.
+"""
+
+from __future__ import annotations
+
+from textual.widgets import DataTable
+
+from xltop.snapshot import ProcessInfo
+from xltop.widgets import units
+
+RUN_MARK = ">"
+# column key, label, the ProcessInfo field it sorts by, whether largest first
+COLUMNS = (
+    ("mark", " ", "is_run", True),
+    ("pid", "pid", "pid", False),
+    ("user", "user", "user", False),
+    ("name", "name", "name", False),
+    ("rss", "RSS", "rss", True),
+    ("cpu", "CPU%", "cpu_percent", True),
+    ("command", "command", "command", False),
+)
+SORTABLE = [c for c in COLUMNS if c[0] != "mark"]
+
+
+def _cells(p: ProcessInfo) -> dict[str, object]:
+    return dict(
+        mark=RUN_MARK if p.is_run else "",
+        pid=p.pid,
+        user=p.user,
+        name=p.name,
+        rss=units.size(p.rss),
+        cpu=f"{p.cpu_percent:.1f}",
+        command=p.command,
+    )
+
+
+class ProcessTable(DataTable):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
+        self.processes: dict[int, ProcessInfo] = {}
+        self.sort_column = "rss"
+
+    def on_mount(self) -> None:
+        for key, label, _, _ in COLUMNS:
+            self.add_column(label, key=key)
+
+    def show(self, processes: tuple[ProcessInfo, ...]) -> None:
+        selected = self.selected_pid()
+        fresh = {p.pid: p for p in processes}
+        for pid in [pid for pid in self.processes if pid not in fresh]:
+            self.remove_row(str(pid))
+        for pid, proc in fresh.items():
+            old = self.processes.get(pid)
+            if old is None:
+                cells = _cells(proc)
+                self.add_row(*(cells[key] for key, *_ in COLUMNS), key=str(pid))
+            elif old != proc:
+                old_cells = _cells(old)
+                for column, value in _cells(proc).items():
+                    if old_cells[column] != value:
+                        self.update_cell(str(pid), column, value, update_width=True)
+        self.processes = fresh
+        self._sort(selected)
+
+    def selected_pid(self) -> int | None:
+        if not self.row_count:
+            return None
+        row_key, _ = self.coordinate_to_cell_key(self.cursor_coordinate)
+        return int(row_key.value)
+
+    def select_pid(self, pid: int) -> None:
+        self.move_cursor(row=self.get_row_index(str(pid)))
+
+    def cycle_sort(self) -> str:
+        keys = [key for key, *_ in SORTABLE]
+        self.sort_by(keys[(keys.index(self.sort_column) + 1) % len(keys)])
+        return self.sort_column
+
+    def sort_by(self, column: str) -> None:
+        if column in (key for key, *_ in SORTABLE):
+            self.sort_column = column
+            self._sort(self.selected_pid())
+
+    def on_data_table_header_selected(self, event: DataTable.HeaderSelected) -> None:
+        self.sort_by(event.column_key.value)
+
+    def _sort(self, keep_pid: int | None) -> None:
+        _, _, field, largest_first = next(c for c in COLUMNS if c[0] == self.sort_column)
+        processes = self.processes
+        self.sort("pid", key=lambda pid: getattr(processes[pid], field), reverse=largest_first)
+        if keep_pid in processes:
+            self.select_pid(keep_pid)

@@ -1,0 +1,35 @@
+"""Number formats shared by the widgets: short, fixed-width friendly, '-' for unknown."""
+
+from __future__ import annotations
+
+MISSING = "-"
+
+
+def size(value: int | float | None) -> str:
+    """Bytes as B/KiB/MiB/GiB with three significant figures."""
+    if value is None:
+        return MISSING
+    value = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            break
+        value /= 1024
+    return f"{value:.0f} {unit}" if unit == "B" or value >= 100 else f"{value:.3g} {unit}"
+
+
+def number(value: float | None, digits: int = 3) -> str:
+    """A float with `digits` significant figures, or '-'."""
+    return MISSING if value is None else f"{value:.{digits}g}"
+
+
+def ms(value: float | None) -> str:
+    if value is None:
+        return MISSING
+    return f"{value:.1f}" if value < 100 else f"{value:.0f}"
+
+
+def rate(value: float | None) -> str:
+    """Tokens per second, thousands as k."""
+    if value is None:
+        return MISSING
+    return f"{value / 1000:.1f}k" if value >= 10_000 else f"{value:.0f}"
