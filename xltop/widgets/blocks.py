@@ -75,7 +75,8 @@ class BlocksTable(DataTable):
         if layer is None:
             stats = dict.fromkeys(("wnorm", "unorm", "drift", "inner"), units.MISSING)
         else:
-            before, after = units.number(layer.inner_loss_before), units.number(layer.inner_loss_after)
+            before = units.number(layer.inner_loss_before)
+            after = units.number(layer.inner_loss_after)
             stats = dict(
                 wnorm=units.number(layer.w_norm),
                 unorm=units.number(layer.update_norm),

@@ -85,8 +85,10 @@ class MetricCharts(Horizontal):
             plt.clear_data()
             plt.title(title)
             for label, _ in series:
-                points = [(x, y) for x, y in zip(xs, self.values[label]) if y is not None]
+                pairs = zip(xs, self.values[label], strict=True)
+                points = [(x, y) for x, y in pairs if y is not None]
                 if points:
-                    plt.plot(*zip(*points), label=label, marker="braille")
+                    x, y = zip(*points, strict=True)
+                    plt.plot(x, y, label=label, marker="braille")
             plt.xlim(min(xs[0], -1.0), 0.0)
             plot.refresh()

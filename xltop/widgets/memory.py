@@ -54,6 +54,7 @@ class MemoryPanel(Static):
             bar("CPU", system.cpu_percent / 100, f"{system.cpu_percent:.0f}%{run_cpu}", width),
         ]
         if mlx is not None:
-            where = mlx.backend if mlx.device in ("", mlx.backend) else f"{mlx.backend} {mlx.device}"
+            device = "" if mlx.device in ("", mlx.backend) else f" {mlx.device}"
+            where = f"{mlx.backend}{device}"
             lines.append(Text(f"MLX ceiling {units.size(ceiling)} ({where})", style="dim"))
         self.update(Text("\n").join(lines))
