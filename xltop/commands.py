@@ -54,7 +54,4 @@ def available(readonly: bool) -> tuple[Command, ...]:
 
 def bindings() -> list[Binding]:
     """Every command's keys; XltopApp.check_action hides the run commands under --readonly."""
-    return [
-        Binding(",".join(c.keys), c.action, c.label, show=c.footer)
-        for c in COMMANDS
-    ]
+    return [Binding(",".join(c.keys), c.action, c.label, show=c.footer) for c in COMMANDS]

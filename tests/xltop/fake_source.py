@@ -44,7 +44,9 @@ def fake_processes(k: int) -> tuple[ProcessInfo, ...]:
 
 
 def fake_run(k: int, state: str = "running") -> RunInfo:
-    blocks = tuple(BlockStats(fwd_ms=2.0 + b + 0.1 * (k % 5), bwd_ms=4.0 + 2 * b) for b in range(N_BLOCKS))  # noqa: E501
+    blocks = tuple(
+        BlockStats(fwd_ms=2.0 + b + 0.1 * (k % 5), bwd_ms=4.0 + 2 * b) for b in range(N_BLOCKS)
+    )  # noqa: E501
     layers = tuple(
         LayerStats(
             w_norm=10.0 + b + 0.01 * k,
@@ -73,8 +75,14 @@ def fake_run(k: int, state: str = "running") -> RunInfo:
         sampled_step=10 * k,
         blocks=blocks,
         layers=layers,
-        mlx=MlxMemory(active=(300 + k) * MIB, cache=(100 + 2 * k) * MIB, peak=(420 + k) * MIB,
-                      limit=24 * GIB, backend="cpu", device="cpu"),  # fmt: skip
+        mlx=MlxMemory(
+            active=(300 + k) * MIB,
+            cache=(100 + 2 * k) * MIB,
+            peak=(420 + k) * MIB,
+            limit=24 * GIB,
+            backend="cpu",
+            device="cpu",
+        ),  # fmt: skip
         blas="openblas",
     )
 
@@ -83,8 +91,9 @@ def fake_snapshot(k: int, interval: float = 1.0, state: str = "running") -> Snap
     return Snapshot(
         time=START + k * interval,
         interval=interval,
-        system=SystemInfo(total=24 * GIB, used=(12 * GIB + k * 8 * MIB), available=11 * GIB,
-                          cpu_percent=55.0),  # fmt: skip
+        system=SystemInfo(
+            total=24 * GIB, used=(12 * GIB + k * 8 * MIB), available=11 * GIB, cpu_percent=55.0
+        ),  # fmt: skip
         processes=fake_processes(k),
         run=fake_run(k, state),
         events=("run running (pid 4242)",) if k == 0 else (),
