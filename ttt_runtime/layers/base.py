@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten
 
 from ttt_runtime.layers.cache import TTTCache
 from ttt_runtime.layers.config import TTTLayerConfig
-from ttt_runtime.layers.ops import gelu_tanh, ln_fwd
+from ttt_runtime.layers.ops import gelu_tanh
 from ttt_runtime.layers.scan import Scan
 
 # buffers the PyTorch reference may put in a state dict; derived here, so ignored on load
@@ -108,36 +108,25 @@ class TTTBase(nn.Module):
         return self._forward(x, cache, with_stats=True)
 
     def _forward(self, x: mx.array, cache: TTTCache | None, with_stats: bool):
-        B, L, d = x.shape
         cfg = self.config
         if cache is None:
-            cache = self.make_cache(B)
-        elif cache.batch_size != B:
-            raise ValueError(f"input batch {B} does not match the cache's batch {cache.batch_size}")
-        xq = self._rope(self._heads(self.q_proj(x)), cache.offset)
-        xk = self._rope(self._heads(self.k_proj(x)), cache.offset)
-        target = self._heads(self.v_proj(x)) - xk  # T = XV - XK, (B, nh, L, f)
-        lr = self._inner_lr(x)  # (B, nh, L)
-        K = cfg.mini_batch_size
-        tok = mx.maximum(
-            1.0 / mx.arange(1, K + 1, dtype=mx.float32) + self.learnable_token_idx, 0.0
-        ).astype(mx.float32)
-        nh, f = cfg.num_heads, cfg.head_dim
-        gamma = self.ttt_norm_weight.astype(mx.float32).reshape(nh, 1, f)
-        beta = self.ttt_norm_bias.astype(mx.float32).reshape(nh, 1, f)
-
-        scan = Scan(self, cache, tok, gamma, beta, with_stats)
-        zbar = scan.run(xq, xk, target, lr)
-
-        out = xq + ln_fwd(zbar, gamma, beta)  # (B, nh, L, f)
-        out = out.transpose(0, 2, 1, 3).reshape(B, L, d).astype(x.dtype)
+            cache = self.make_cache(x.shape[0])
+        elif cache.batch_size != x.shape[0]:
+            raise ValueError(
+                f"input batch {x.shape[0]} does not match the cache's batch {cache.batch_size}"
+            )
+        scan = Scan(self, cache, with_stats)
+        out = scan.run(x).astype(x.dtype)  # (B, L, d): XQ + LN(Zbar), heads side by side
         out = self.post_norm(out)
         if cfg.use_gate:
             out = gelu_tanh(self.g_proj(x)) * out
         y = self.o_proj(out)
         if not with_stats:
             return y, None
-        before, after = (mx.concatenate([s.reshape(-1) for s in part]) for part in scan.losses)
+        before, after, lr = (
+            mx.concatenate([a.reshape(-1) for a in part])
+            for part in (*scan.losses, scan.learning_rates)
+        )
         stats = {
             "inner_loss_before": before.mean(),
             "inner_loss_after": after.mean(),
@@ -145,41 +134,46 @@ class TTTBase(nn.Module):
         }
         return y, stats
 
-    def _heads(self, h: mx.array) -> mx.array:
-        """(B, L, d) -> float32 (B, nh, L, f): the inner loop always runs in float32."""
-        B, L, _ = h.shape
-        h = h.reshape(B, L, self.config.num_heads, self.config.head_dim)
-        return h.transpose(0, 2, 1, 3).astype(mx.float32)
+    def project(self, x: mx.array, pos: int, steps: int, n: int):
+        """The inner loop's inputs for `steps` mini-batch segments of n tokens each, the first
+        at position `pos` of its mini-batch, laid out step-first and float32:
 
-    def _rope(self, x: mx.array, offset: int) -> mx.array:
-        """RoPE at position (p mod K): pad the chunk to whole mini-batches so that positions
-        restart at every mini-batch row of a (.., n, K, f) view."""
-        B, nh, L, f = x.shape
-        K = self.config.mini_batch_size
-        lead = offset % K
-        trail = -(lead + L) % K
-        if lead or trail:
-            x = mx.pad(x, [(0, 0), (0, 0), (lead, trail), (0, 0)])
-        n = (lead + L + trail) // K
-        x = mx.fast.rope(
-            x.reshape(B, nh, n, K, f),
-            f,
-            traditional=True,
-            base=self.config.rope_theta,
-            scale=1.0,
-            offset=0,
-        )
-        return x.reshape(B, nh, n * K, f)[:, :, lead : lead + L]
-
-    def _inner_lr(self, x: mx.array) -> mx.array:
-        """lr_j = ttt_base_lr * sigmoid(x_j . w_h + c_h) / f, (B, nh, L) float32."""
+        xkq (S, B, nh, 2n, f): RoPE'd XK then XQ of each step; target (S, B, nh, n, f) = XV - XK;
+        lr (S, B, nh, n) = ttt_base_lr * sigmoid(x_j . w_h + c_h) / f.
+        """
         cfg = self.config
-        w = self.learnable_ttt_lr_weight.reshape(cfg.num_heads, cfg.hidden_size)
-        logits = x.astype(mx.float32) @ w.astype(mx.float32).T + self.learnable_ttt_lr_bias.reshape(
-            -1
-        ).astype(mx.float32)
-        lr = mx.sigmoid(logits) * (cfg.ttt_base_lr / cfg.head_dim)
-        return lr.transpose(0, 2, 1)
+        B = x.shape[0]
+        nh, f = cfg.num_heads, cfg.head_dim
+
+        w_kq = mx.concatenate([self.k_proj.weight, self.q_proj.weight])
+        kq = (x @ w_kq.T).reshape(B, steps, n, 2, nh, f).transpose(1, 0, 4, 3, 2, 5)
+        # (S, B, nh, 2, n, f): RoPE positions restart every mini-batch (p mod K), so along n
+        # they are pos, pos + 1, ...
+        kq = mx.fast.rope(
+            kq.astype(mx.float32), f, traditional=True, base=cfg.rope_theta, scale=1.0, offset=pos
+        )
+        xkq = kq.reshape(steps, B, nh, 2 * n, f)
+        v = self.v_proj(x).reshape(B, steps, n, nh, f).transpose(1, 0, 3, 2, 4)
+        target = v.astype(mx.float32) - xkq[..., :n, :]
+        w = self.learnable_ttt_lr_weight.reshape(nh, cfg.hidden_size).astype(mx.float32)
+        c = self.learnable_ttt_lr_bias.reshape(nh).astype(mx.float32)
+        lr = mx.sigmoid(x.astype(mx.float32) @ w.T + c) * (cfg.ttt_base_lr / f)  # (B, S*n, nh)
+        lr = lr.reshape(B, steps, n, nh).transpose(1, 0, 3, 2)
+        return xkq, target, lr
+
+    def inner_norm(self) -> tuple[mx.array, mx.array]:
+        """The inner LayerNorm's (gamma, beta) as float32 (nh, 1, f)."""
+        nh, f = self.config.num_heads, self.config.head_dim
+        return tuple(
+            p.astype(mx.float32).reshape(nh, 1, f)
+            for p in (self.ttt_norm_weight, self.ttt_norm_bias)
+        )
+
+    def token_factors(self) -> mx.array:
+        """tok_i = max(1/i + learnable_token_idx[i-1], 0), i = 1..K, float32."""
+        K = self.config.mini_batch_size
+        i = mx.arange(1, K + 1, dtype=mx.float32)
+        return mx.maximum(1.0 / i + self.learnable_token_idx.astype(mx.float32), 0.0)
 
 
 def _as_mx(value, dtype) -> mx.array:

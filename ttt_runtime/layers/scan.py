@@ -21,7 +21,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ttt_runtime.layers.cache import TTTCache
-from ttt_runtime.layers.ops import inner_loss
+from ttt_runtime.layers.ops import inner_loss, ln_fwd
 
 _STEPS: dict = {}  # compiled step functions by (layer class, carried, finish, stats, compile)
 
@@ -43,53 +43,56 @@ def dual_and_grad_matrix(xq_a: mx.array, x_a: mx.array, eta: mx.array, lr: mx.ar
     return mx.concatenate([attn, (lr[..., None] * x_a).swapaxes(-1, -2)], axis=-2)
 
 
+@mx.compile
+def _residual_norm(xq, zbar, gamma, beta):
+    """XQ + LN(Zbar), the inner model's output with its residual (one fused pass)."""
+    return xq + ln_fwd(zbar, gamma, beta)
+
+
 class Scan:
     """One call's walk over its segments, updating `cache` in place."""
 
-    def __init__(self, layer, cache: TTTCache, tok, gamma, beta, with_stats: bool):
+    def __init__(self, layer, cache: TTTCache, with_stats: bool):
         self.layer = layer
         self.cache = cache
-        self.tok = tok
-        self.ln = (gamma, beta)
+        self.tok = layer.token_factors()
+        self.ln = layer.inner_norm()
         self.with_stats = with_stats
-        self.outputs: list[mx.array] = []
         self.losses: tuple[list, list] = ([], [])
+        self.learning_rates: list[mx.array] = []
         self.updates: list[tuple[mx.array, ...]] = []
 
-    def run(self, xq, xk, target, lr):
-        """xq, xk, target: (B, nh, L, f) float32; lr (B, nh, L) -> Zbar (B, nh, L, f)."""
+    def run(self, x: mx.array) -> mx.array:
+        """x (B, L, d) -> float32 (B, L, d): per head XQ + LN(Zbar), heads side by side."""
         K = self.layer.config.mini_batch_size
-        L = xq.shape[2]
+        L = x.shape[1]
         pos = self.cache.offset % K
         head = min(L, K - pos) if pos else 0
         whole_end = head + (L - head) // K * K
-        for lo, hi, start in ((0, head, pos), (head, whole_end, 0), (whole_end, L, 0)):
-            if hi > lo:
-                cut = slice(lo, hi)
-                self._segment(xq[:, :, cut], xk[:, :, cut], target[:, :, cut], lr[:, :, cut], start)
+        outputs = [
+            self._segment(x[:, lo:hi], start)
+            for lo, hi, start in ((0, head, pos), (head, whole_end, 0), (whole_end, L, 0))
+            if hi > lo
+        ]
         self.cache.offset += L
         if self.cache.record_updates:
             self.cache.record(self.updates)
-        return self.outputs[0] if len(self.outputs) == 1 else mx.concatenate(self.outputs, 2)
+        return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=1)
 
-    def _segment(self, xq, xk, target, lr, pos):
+    def _segment(self, x: mx.array, pos: int) -> mx.array:
         """Tokens at positions pos.. of S consecutive mini-batches (S > 1 only when pos = 0)."""
-        B, nh, L, f = xq.shape
+        B, L, d = x.shape
         K = self.layer.config.mini_batch_size
         n = min(L, K - pos)
         S = L // n
-
-        def steps_first(a):  # (B, nh, S*n, ...) -> (S, B, nh, n, ...)
-            return mx.moveaxis(a.reshape(B, nh, S, n, *a.shape[3:]), 2, 0)
-
-        xq_a, xk_a = steps_first(augment(xq)), steps_first(augment(xk))
-        target, lr = steps_first(target), steps_first(lr)
+        xkq, target, lr = self.layer.project(x, pos, S, n)
+        self.learning_rates.append(lr)
+        xkq_a = augment(xkq)  # [XKa; XQa] per step: one matmul gives Z and XQ W
         tok = self.tok[pos : pos + n]
         eta = tril_eta(tok, lr)
-        lmat = dual_and_grad_matrix(xq_a, xk_a, eta, lr)
-        xkq = mx.concatenate([xk_a, xq_a], axis=-2)  # one matmul gives Z and XQ W
+        lmat = dual_and_grad_matrix(xkq_a[..., n:, :], xkq_a[..., :n, :], eta, lr)
         # one Split node hands out every step's inputs (indexing would add one node per step)
-        per_step = [mx.split(a, S) if S > 1 else [a] for a in (xkq, target, lmat, eta, lr)]
+        per_step = [mx.split(a, S) if S > 1 else [a] for a in (xkq_a, target, lmat, eta, lr)]
 
         cache = self.cache
         step = self._step_fn(carried=cache.sums is not None, finish=pos + n == K)
@@ -105,8 +108,9 @@ class Scan:
             for out, loss in zip(self.losses, losses, strict=False):
                 out.append(loss)
         cache.maps, cache.sums = maps, (sums or None)
-        zbar = zbars[0][None] if S == 1 else mx.stack(zbars)
-        self.outputs.append(mx.moveaxis(zbar, 0, 2).reshape(B, nh, L, f))
+        zbar = zbars[0][None] if S == 1 else mx.stack(zbars)  # (S, B, nh, n, f)
+        out = _residual_norm(xkq[..., n:, :], zbar, *self.ln)
+        return out.transpose(1, 0, 3, 2, 4).reshape(B, L, d)
 
     def _step_fn(self, carried: bool, finish: bool):
         layer_cls, with_stats = type(self.layer), self.with_stats
