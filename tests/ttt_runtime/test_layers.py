@@ -94,6 +94,35 @@ def test_layer_matches_numpy_reference(kind, batch, length, use_gate):
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("mini_batch", [1, 5, 16])
+def test_other_mini_batch_sizes_match_the_reference_in_one_pass_and_in_chunks(kind, mini_batch):
+    cfg = TTTLayerConfig(D, NH, mini_batch_size=mini_batch, ttt_base_lr=0.5)
+    weights = random_weights(kind, k=mini_batch, seed=4)
+    layer = LAYERS[kind].from_state_dict(cfg, weights)
+    x = random_input(2, 11, seed=4)
+    expected, _ = ref.ttt_layer(weights, x, kind, NH, mini_batch, base_lr=0.5)
+    assert rel_err(layer(mx.array(x)), expected) < 1e-4
+    cache = layer.make_cache(2)
+    pieces = [layer(mx.array(x[:, a:b]), cache=cache) for a, b in [(0, 2), (2, 9), (9, 11)]]
+    assert rel_err(mx.concatenate(pieces, axis=1), expected) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_stats_of_a_continued_chunk_match_the_reference(kind):
+    """A chunk that starts mid-mini-batch and ends the stream: its inner losses before/after
+    are the reference's for those tokens (the weights at each mini-batch's start and end)."""
+    layer, weights = make_layer(kind)
+    x = random_input(1, 3 * K + 1)
+    _, losses = ref.ttt_layer(weights, x, kind, NH, K)
+    cache = layer.make_cache(1)
+    layer(mx.array(x[:, : K + 2]), cache=cache)
+    _, stats = layer.forward_with_stats(mx.array(x[:, K + 2 :]), cache=cache)
+    tail = losses[:, :, :, K + 2 :]
+    assert stats["inner_loss_before"].item() == pytest.approx(tail[0].mean(), rel=1e-4)
+    assert stats["inner_loss_after"].item() == pytest.approx(tail[1].mean(), rel=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_cache_at_rest_holds_the_reference_fast_weights(kind):
     """After 2 whole mini-batches the cache's fast weights are the reference's, per batch row."""
     layer, weights = make_layer(kind)
