@@ -80,7 +80,8 @@ class XltopApp(App[None]):
         yield Footer(compact=True)
 
     def on_mount(self) -> None:
-        self.query_one(ProcessTable).focus()
+        self.main_screen = self.screen  # widgets live here; dialogs stack above it
+        self.main_screen.query_one(ProcessTable).focus()
         self.run_worker(self._tick_loop, thread=True, name="ticks", group="ticks")
 
     def _tick_loop(self) -> None:
@@ -101,26 +102,27 @@ class XltopApp(App[None]):
                 return
 
     def show_snapshot(self, snapshot: Snapshot) -> None:
+        if not self.main_screen.is_attached:  # a tick that lands while the app shuts down
+            return
         self.last = snapshot
         self.snapshots_shown += 1
         self._show_header()
-        self.query_one(EventLine).add(*snapshot.events)
-        charts, blocks = self.query_one(MetricCharts), self.query_one(BlocksTable)
-        charts.record(snapshot)
-        blocks.record(snapshot.run)
+        self.main_screen.query_one(EventLine).add(*snapshot.events)
+        self.main_screen.query_one(MetricCharts).record(snapshot)
+        self.main_screen.query_one(BlocksTable).record(snapshot.run)
         if not self.frozen:
             self._show_panels(snapshot)
 
     def _show_panels(self, snapshot: Snapshot) -> None:
-        self.query_one(MemoryPanel).show(snapshot)
-        self.query_one(MetricCharts).redraw()
-        self.query_one(BlocksTable).show(snapshot.run)
-        self.query_one(ProcessTable).show(snapshot.processes)
+        self.main_screen.query_one(MemoryPanel).show(snapshot)
+        self.main_screen.query_one(MetricCharts).redraw()
+        self.main_screen.query_one(BlocksTable).show(snapshot.run)
+        self.main_screen.query_one(ProcessTable).show(snapshot.processes)
 
     def _show_header(self) -> None:
         if self.last is None:
             return
-        self.query_one(RunHeader).show(
+        self.main_screen.query_one(RunHeader).show(
             self.last,
             version=__version__,
             host=self.host,
@@ -131,7 +133,7 @@ class XltopApp(App[None]):
 
     def say(self, text: str, error: bool = False) -> None:
         """An event of the app's own (a command and its reply) on the events line."""
-        self.query_one(EventLine).add(text)
+        self.main_screen.query_one(EventLine).add(text)
         if error:
             self.notify(text, severity="error")
 
@@ -241,24 +243,24 @@ class XltopApp(App[None]):
         self.monitor.interval = target
         self.say(f"interval {self.monitor.interval:g} s")
 
-    def action_faster(self) -> None:
-        self._step_interval(-1)
-
-    def action_slower(self) -> None:
+    def action_interval_up(self) -> None:
         self._step_interval(+1)
+
+    def action_interval_down(self) -> None:
+        self._step_interval(-1)
 
     def on_resize(self) -> None:
         self.screen.set_class(self.size.width < NARROW_COLUMNS, "narrow")
         self.screen.set_class(self.size.height < SHORT_ROWS, "short")
 
     def action_next_chart(self) -> None:
-        self.say(f"chart: {self.query_one(MetricCharts).show_next()}")
+        self.say(f"chart: {self.main_screen.query_one(MetricCharts).show_next()}")
 
     def action_sort(self) -> None:
-        self.say(f"processes sorted by {self.query_one(ProcessTable).cycle_sort()}")
+        self.say(f"processes sorted by {self.main_screen.query_one(ProcessTable).cycle_sort()}")
 
     def action_kill(self) -> None:
-        pid = self.query_one(ProcessTable).selected_pid()
+        pid = self.main_screen.query_one(ProcessTable).selected_pid()
         if pid is None:
             self.say("not killed: no process selected", True)
             return

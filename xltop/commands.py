@@ -35,8 +35,8 @@ COMMANDS = (
     Command("reset", ("r",), "Reset", "reset the fast weights: start a new conversation", changes_run=True),  # noqa: E501
     Command("save", ("s",), "Save", "save a checkpoint of the run", changes_run=True),
     Command("toggle_log", ("l",), "Log", "start / stop logging one CSV row per tick"),
-    Command("faster", ("plus",), "Faster", "shorter interval between ticks", footer=False),
-    Command("slower", ("minus",), "Slower", "longer interval between ticks", footer=False),
+    Command("interval_up", ("plus",), "Interval +", "longer interval between ticks", footer=False),
+    Command("interval_down", ("minus",), "Interval -", "shorter interval between ticks", footer=False),  # noqa: E501
     Command("next_chart", ("g",), "Chart", "show the next chart (on narrow screens one chart shows)", footer=False),  # noqa: E501
     Command("sort", ("o",), "Sort", "sort the processes by the next column (or click a header)", footer=False),  # noqa: E501
     Command("kill", ("k", "f9"), "Kill", "kill the selected process: confirm, SIGTERM, SIGKILL after a grace", changes_run=True),  # noqa: E501

@@ -1,0 +1,341 @@
+"""Pilot tests of every key of the TUI, against a real spawned run where the key talks to the run.
+
+The app runs headless in-process (App.run_test) on a real Monitor: real psutil sampling, a real
+`ttt-run --preset tiny` over its real socket, real child processes to kill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import process_gone, read_rows
+
+from xltop.app import XltopApp
+from xltop.commands import COMMANDS
+from xltop.monitor import Monitor
+from xltop.runsources import AttachedRun, HostedRun
+from xltop.sources import SystemSource
+from xltop.widgets.events import EventLine
+from xltop.widgets.help_screen import HelpScreen
+from xltop.widgets.kill_dialog import KillDialog
+from xltop.widgets.memory import MemoryPanel
+from xltop.widgets.processes import ProcessTable
+
+TIMEOUT_S = 60.0  # generous: the machine is small and shared
+ALL_PROCESSES = 100_000  # top_n that lists every process (the kill tests need small ones)
+
+
+def pilot_test(test):
+    """Run an async Pilot test with asyncio.run (no async pytest plugin is needed)."""
+
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        asyncio.run(test(*args, **kwargs))
+
+    return run
+
+
+async def until(pilot, predicate: Callable[[], object], what: str, timeout: float = TIMEOUT_S):
+    """Let the app run until `predicate()` is true; fail naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await pilot.pause(0.05)
+
+
+def events(app: XltopApp) -> str:
+    return "\n".join(app.main_screen.query_one(EventLine).events)
+
+
+def run_of(app: XltopApp):
+    return app.last.run if app.last is not None else None
+
+
+def state(app: XltopApp) -> str | None:
+    run = run_of(app)
+    return run.state if run is not None else None
+
+
+async def until_steps(pilot, app: XltopApp, n: int = 1) -> int:
+    """Wait until the run has made `n` more steps than now; return the step count."""
+    start = run_of(app).step if run_of(app) else 0
+    await until(pilot, lambda: run_of(app) and run_of(app).step >= start + n, f"{n} steps")
+    return run_of(app).step
+
+
+@pytest.fixture
+def monitors():
+    """Factory for real Monitors; every one is closed (and its hosted run stopped) at teardown."""
+    made: list[Monitor] = []
+
+    def make(runtime=None, top_n: int = 30) -> Monitor:
+        monitor = Monitor(SystemSource(top_n=top_n), runtime, interval=0.2)
+        made.append(monitor)
+        return monitor
+
+    yield make
+    for monitor in made:
+        monitor.close()
+
+
+@pytest.fixture
+def attached(tiny_run, monitors, tmp_path):
+    """Factory: an app watching a real tiny run (spawned by the test) through its socket."""
+
+    def make(**app_kwargs) -> tuple[XltopApp, object]:
+        run = tiny_run("--checkpoint-dir", str(tmp_path / "checkpoints"))
+        monitor = monitors(AttachedRun(run.socket_path), top_n=app_kwargs.pop("top_n", 30))
+        return XltopApp(monitor, **app_kwargs), run
+
+    return make
+
+
+@pytest.fixture
+def children():
+    """Factory: child processes for the kill tests; ended at teardown whatever happened."""
+    started: list[subprocess.Popen] = []
+
+    def start(*argv: str) -> subprocess.Popen:
+        proc = subprocess.Popen(argv)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+@pilot_test
+async def test_p_pauses_the_run_itself_and_resumes_it(attached):
+    app, _ = attached()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, lambda: state(app) == "running", "the run")
+        await until_steps(pilot, app, 2)
+        await pilot.press("p")
+        await until(pilot, lambda: state(app) == "paused", "the paused state")
+        paused_at = run_of(app).step
+        shown = app.snapshots_shown
+        await until(pilot, lambda: app.snapshots_shown >= shown + 5, "five ticks")
+        assert run_of(app).step == paused_at  # the step counter stopped
+        assert "run paused" in events(app)
+        assert "RUN PAUSED" in str(app.main_screen.query_one("#header").content)
+        await pilot.press("p")
+        await until(pilot, lambda: state(app) == "running", "the run to resume")
+        await until_steps(pilot, app, 2)
+        assert "sent resume" in events(app)
+
+
+@pilot_test
+async def test_c_clears_the_runs_mlx_cache(attached):
+    app, _ = attached()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, lambda: run_of(app) and run_of(app).mlx, "MLX memory figures")
+        await until(pilot, lambda: run_of(app).mlx.cache > 0, "a non-empty MLX cache")
+        before = run_of(app).mlx.cache
+        await pilot.press("c")
+        await until(pilot, lambda: "clear_cache: ok" in events(app), "the run's reply")
+        await until(pilot, lambda: run_of(app).mlx.cache < before, "a smaller cache figure")
+
+
+@pilot_test
+async def test_r_resets_the_fast_weights_into_a_new_conversation(attached):
+    app, _ = attached()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, lambda: state(app) == "running", "the run")
+        conversation = run_of(app).conversation
+        await pilot.press("r")
+        await until(pilot, lambda: run_of(app).conversation > conversation, "a new conversation")
+        assert "reset: ok" in events(app)
+
+
+@pilot_test
+async def test_s_saves_a_checkpoint(attached, tmp_path):
+    app, _ = attached()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, lambda: state(app) == "running", "the run")
+        await pilot.press("s")
+        await until(pilot, lambda: "save: ok -> " in events(app), "the saved checkpoint")
+        path = events(app).split("save: ok -> ")[1].splitlines()[0]
+        assert Path(path).is_file() and Path(path).parent == tmp_path / "checkpoints"
+
+
+@pilot_test
+async def test_l_starts_and_stops_csv_logging(attached, tmp_path):
+    csv_path = tmp_path / "log.csv"
+    app, _ = attached(csv_path=str(csv_path))
+    app._logging = False  # as if started without logging, with a path chosen
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, lambda: state(app) == "running", "the run")
+        assert not csv_path.exists()
+        await pilot.press("l")
+        await until(pilot, lambda: csv_path.exists() and len(read_rows(csv_path)) >= 3, "rows")
+        assert f"CSV {csv_path}" in str(app.main_screen.query_one("#header").content)
+        await pilot.press("l")
+        await until(pilot, lambda: "CSV log closed" in events(app), "the log to close")
+        rows = read_rows(csv_path)
+        shown = app.snapshots_shown
+        await until(pilot, lambda: app.snapshots_shown >= shown + 3, "three more ticks")
+        assert len(read_rows(csv_path)) == len(rows)  # no rows after stopping
+        assert rows[-1]["run_state"] == "running" and int(rows[-1]["step"]) > 0
+
+
+@pilot_test
+async def test_k_kills_a_child_process_after_confirmation(monitors, children):
+    victim = children("sleep", "300")
+    app = XltopApp(monitors(top_n=ALL_PROCESSES))
+    async with app.run_test(size=(120, 40)) as pilot:
+        table = app.main_screen.query_one(ProcessTable)
+        await until(pilot, lambda: victim.pid in table.processes, "the child in the table")
+        table.select_pid(victim.pid)
+        await pilot.press("k")
+        await until(pilot, lambda: isinstance(app.screen, KillDialog), "the kill dialog")
+        assert app.screen.target.pid == victim.pid and "sleep 300" in app.screen.target.command
+        await pilot.press("y")
+        await until(pilot, lambda: process_gone(victim.pid), "the child to end")
+        await until(pilot, lambda: "ended on SIGTERM" in events(app), "the kill's report")
+
+
+@pilot_test
+async def test_f9_opens_the_same_dialog_and_cancel_spares_the_process(monitors, children):
+    victim = children("sleep", "300")
+    app = XltopApp(monitors(top_n=ALL_PROCESSES))
+    async with app.run_test(size=(120, 40)) as pilot:
+        table = app.main_screen.query_one(ProcessTable)
+        await until(pilot, lambda: victim.pid in table.processes, "the child in the table")
+        table.select_pid(victim.pid)
+        await pilot.press("f9")
+        await until(pilot, lambda: isinstance(app.screen, KillDialog), "the kill dialog")
+        # The dialog is locked on its process even if the selection moves underneath.
+        table.move_cursor(row=0)
+        await pilot.press("n")
+        await until(pilot, lambda: "cancelled" in events(app), "the cancel")
+        assert f"pid {victim.pid}" in events(app)
+        assert victim.poll() is None
+
+
+@pytest.mark.parametrize("whom", ["init", "xltop itself"])
+@pilot_test
+async def test_k_refuses_pid_1_and_xltop_itself(monitors, whom):
+    pid = 1 if whom == "init" else os.getpid()
+    app = XltopApp(monitors(top_n=ALL_PROCESSES))
+    async with app.run_test(size=(120, 40)) as pilot:
+        table = app.main_screen.query_one(ProcessTable)
+        await until(pilot, lambda: pid in table.processes, f"pid {pid} in the table")
+        table.select_pid(pid)
+        await pilot.press("k")
+        await until(pilot, lambda: "refused" in events(app), "the refusal")
+        assert whom in events(app)
+        assert not isinstance(app.screen, KillDialog)
+
+
+@pilot_test
+async def test_readonly_removes_kill_and_every_run_command(attached, monkeypatch):
+    monkeypatch.setenv("XLTOP_READONLY", "1")
+    app, _ = attached(top_n=ALL_PROCESSES)
+    assert app.readonly
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, lambda: state(app) == "running", "the run")
+        app.main_screen.query_one(ProcessTable).select_pid(run_of(app).pid)
+        await pilot.press("p", "c", "r", "s", "k", "f9")
+        await until_steps(pilot, app, 3)
+        assert state(app) == "running"  # not paused
+        assert not any(e.startswith("sent ") for e in app.main_screen.query_one(EventLine).events)
+        assert not isinstance(app.screen, KillDialog)
+        titles = [c.title for c in app.get_system_commands(app.screen)]
+        assert titles and not any(t.startswith(("Pause", "Kill", "Clear", "Save")) for t in titles)
+        footer_actions = {b.action for _, b, enabled, _ in app.active_bindings.values() if enabled}
+        assert "kill" not in footer_actions and "toggle_pause" not in footer_actions
+
+
+@pilot_test
+async def test_big_r_restarts_a_dead_run_and_q_stops_it_cleanly(monitors, tmp_path):
+    runtime = HostedRun(["--preset", "tiny"])
+    monitor = monitors(runtime)
+    csv_path = tmp_path / "quit.csv"
+    app = XltopApp(monitor, csv_path=str(csv_path))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until(pilot, lambda: state(app) == "running", "the hosted run")
+        first_pid = runtime.pid
+        await pilot.press("R")  # a live run is not restarted
+        await until(pilot, lambda: "not restarted" in events(app), "the refusal to restart")
+        os.kill(first_pid, signal.SIGKILL)
+        await until(pilot, lambda: state(app) == "dead", "the dead state")
+        assert "DEAD" in str(app.main_screen.query_one("#header").content)
+        await pilot.press("R")
+        await until(pilot, lambda: state(app) == "running" and runtime.pid != first_pid, "restart")
+        second = runtime._proc
+        await pilot.press("q")
+        await until(pilot, lambda: not app.is_running, "the app to exit")
+    assert second.poll() == 0  # stopped cleanly by the stop command, not killed
+    rows = read_rows(csv_path)  # closed with whole rows
+    assert rows and {r["run_state"] for r in rows} >= {"running", "dead"}
+
+
+@pilot_test
+async def test_f_freezes_the_display_while_the_run_goes_on(attached):
+    app, _ = attached()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await until_steps(pilot, app, 2)
+        await pilot.press("f")
+        panel = app.main_screen.query_one(MemoryPanel)
+        frozen_content, frozen_step = panel.content, run_of(app).step
+        await until_steps(pilot, app, 3)
+        assert panel.content is frozen_content
+        assert "FROZEN" in str(app.main_screen.query_one("#header").content)
+        assert run_of(app).step > frozen_step  # the run went on
+        await pilot.press("f")
+        await until(pilot, lambda: panel.content is not frozen_content, "a live display")
+
+
+@pilot_test
+async def test_plus_minus_change_the_interval_and_o_g_sort_and_chart(monitors):
+    monitor = monitors()
+    app = XltopApp(monitor)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await until(pilot, lambda: app.last is not None, "the first tick")
+        await pilot.press("plus", "plus")
+        assert monitor.interval == 1.0
+        await pilot.press("minus")
+        assert monitor.interval == 0.5
+        assert "interval 0.5 s" in events(app)
+        table = app.main_screen.query_one(ProcessTable)
+        await pilot.press("o")
+        assert table.sort_column == "cpu"
+        await pilot.press("g")
+        assert "chart: tokens/s" in events(app)
+
+
+@pilot_test
+async def test_help_screen_and_palette_offer_every_command(monitors):
+    app = XltopApp(monitors())
+    async with app.run_test(size=(100, 40)) as pilot:
+        await pilot.press("question_mark")
+        await until(pilot, lambda: isinstance(app.screen, HelpScreen), "the help screen")
+        table = app.screen.query_one("#help-table")
+        assert table.row_count == len(COMMANDS)
+        await pilot.press("escape")
+        await until(pilot, lambda: not isinstance(app.screen, HelpScreen), "help to close")
+        titles = [c.title for c in app.get_system_commands(app.screen)]
+        assert len(titles) == len(COMMANDS)
+
+
+@pilot_test
+async def test_resizing_never_crashes(attached):
+    app, _ = attached()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: state(app) == "running", "the run")
+        for width, height in ((40, 12), (200, 60), (20, 5), (80, 24)):
+            await pilot.resize_terminal(width, height)
+            shown = app.snapshots_shown
+            await until(pilot, lambda s=shown: app.snapshots_shown > s, "a tick at a new size")
+        assert app.is_running
