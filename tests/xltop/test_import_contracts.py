@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 REPO = Path(__file__).resolve().parents[2]
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
+VERDICT = re.compile(r"^(.+) (KEPT|BROKEN)(?: \(.*\))?$", re.MULTILINE)
 UI_MODULES = ("xltop.app", "xltop.commands", "xltop.widgets")
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 CONTRACTS = {c["name"]: c for c in PYPROJECT["tool"]["importlinter"]["contracts"]}
@@ -63,12 +65,25 @@ def test_each_contract_fails_on_a_deliberate_violation(tmp_path):
 
     result = lint_imports(tmp_path)
     assert result.returncode != 0
-    verdicts = {
-        line.rsplit(" ", 1)[0]: line.rsplit(" ", 1)[1]
-        for line in result.stdout.splitlines()
-        if line.endswith((" KEPT", " BROKEN"))
-    }
+    verdicts = dict(VERDICT.findall(result.stdout))
     for contract, culprit in ((CORE, "xltop.table"), (NO_MLX, "xltop.jsonout"),
                               (NO_XLTOP, "ttt_runtime.protocol")):  # fmt: skip
         assert verdicts[contract["name"]] == "BROKEN", result.stdout
         assert culprit in result.stdout
+
+
+def test_headless_paths_load_neither_mlx_nor_textual(tmp_path):
+    # The static contracts above, checked once more at run time: a whole --once with a hosted
+    # run's flags validated, in a fresh interpreter, must not have loaded either.
+    code = (
+        "import sys\n"
+        "from xltop.cli import main\n"
+        "from xltop.runsources import validate_run_args\n"
+        "assert validate_run_args(['--preset', 'tiny', '--mode', 'adapt']) is None\n"
+        "main(['--once', '--no-run'])\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'textual')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
