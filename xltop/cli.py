@@ -290,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     sinks = None
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        if mode == "tui" and args.csv:
+            _wait_ready(monitor, bool(args.attach), args.quiet)  # the CSV's columns need it
         if mode == "tui" and _run_tui(monitor, args):
             return 0
         if mode == "tui":
