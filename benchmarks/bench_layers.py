@@ -4,9 +4,10 @@ BLAS vs an optimized BLAS (OpenBLAS) preloaded, and the compiled vs the plain mi
     python benchmarks/bench_layers.py                 # B=1, L=2048, d=512, 8 heads, K=16
     python benchmarks/bench_layers.py --repeats 15 --no-bundled
 
-Each configuration runs in a fresh interpreter (a BLAS can only be preloaded at exec time); the
-table shows the median tokens/s of the timed calls and their spread (min-max), after warm-up
-calls that also compile. On a shared machine the spread says how much the load moved things.
+Each configuration runs in fresh interpreters (a BLAS can only be preloaded at exec time), in
+interleaved rounds; the table shows the median tokens/s of the timed calls and their spread
+(min-max), after warm-up calls that also compile. On a shared machine the spread says how
+much the load moved things. The bundled BLAS is ~40x slower at GEMM: it gets two timed calls.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def worker(args) -> None:
     print(json.dumps({"blas": loaded_blas(), "seconds": results}))
 
 
-def run_config(args, preload: str | None, compiled: bool, repeats: int) -> dict:
+def run_config(args, preload: str | None, compiled: bool, repeats: int, warmup: int) -> dict:
     env = dict(os.environ)
     env.pop("LD_PRELOAD", None)
     if preload:
@@ -66,7 +67,7 @@ def run_config(args, preload: str | None, compiled: bool, repeats: int) -> dict:
         sys.executable, __file__, "--worker", "--length", str(args.length),
         "--hidden", str(args.hidden), "--heads", str(args.heads),
         "--mini-batch", str(args.mini_batch), "--repeats", str(repeats),
-        "--warmup", str(args.warmup), "--compiled" if compiled else "--plain",
+        "--warmup", str(warmup), "--compiled" if compiled else "--plain",
     ]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode:
@@ -90,7 +91,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--mini-batch", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--repeats", type=int, default=9, help="timed calls per configuration")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved worker runs")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-bundled", action="store_true", help="skip the slow bundled BLAS")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -105,14 +107,28 @@ def main() -> None:
     import mlx.core as mx
 
     openblas = find_optimized_blas()
-    columns = []  # (title, preload, compiled, repeats)
-    if not args.no_bundled:  # ~40x slower at GEMM: fewer repeats
-        columns.append(("bundled BLAS", None, True, min(args.repeats, 3)))
+    columns = []  # (title, preload, compiled)
+    if not args.no_bundled:
+        columns.append(("bundled BLAS", None, True))
     if openblas:
-        columns.append(("OpenBLAS", openblas, True, args.repeats))
-        columns.append(("OpenBLAS, plain scan", openblas, False, args.repeats))
+        columns.append(("OpenBLAS", openblas, True))
+        columns.append(("OpenBLAS, plain scan", openblas, False))
+    # rounds interleave the configurations, so that a change in the machine's load while the
+    # benchmark runs spreads over all columns instead of favouring one
+    results = [{"blas": "", "seconds": {kind: [] for kind in LAYERS}} for _ in columns]
     load_before = os.getloadavg()
-    results = [run_config(args, preload, compiled, n) for _, preload, compiled, n in columns]
+    for round_index in range(args.rounds):
+        for (_, preload, compiled), result in zip(columns, results, strict=True):
+            if preload is None and round_index:  # ~40x slower at GEMM: one round is enough
+                continue
+            if preload is None:
+                done = run_config(args, preload, compiled, repeats=2, warmup=1)
+            else:
+                repeats = max(1, args.repeats // args.rounds)
+                done = run_config(args, preload, compiled, repeats, args.warmup)
+            result["blas"] = done["blas"]
+            for kind in LAYERS:
+                result["seconds"][kind] += done["seconds"][kind]
     load_after = os.getloadavg()
 
     print(
