@@ -10,7 +10,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from conftest import kill_pid, process_gone, read_rows, run_xltop, wait_for_rows
+from xltop_helpers import kill_pid, process_gone, read_rows, run_xltop, wait_for_rows
 
 SCHEMA = json.loads((Path(__file__).parent / "snapshot_schema.json").read_text())
 

@@ -6,7 +6,7 @@ import signal
 import time
 
 import pytest
-from conftest import read_rows, run_xltop, wait_for_rows
+from xltop_helpers import read_rows, run_xltop, wait_for_rows
 
 from xltop.csvlog import CsvLog, CsvLogError, csv_columns, snapshot_to_row
 from xltop.monitor import Monitor

@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from conftest import process_gone
+from xltop_helpers import process_gone
 
 from xltop.sources import SystemSource
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import read_rows, run_xltop
+from xltop_helpers import read_rows, run_xltop
 
 from xltop.snapshot import MlxMemory, RunInfo
 from xltop.watchdog import MIB, Threshold, run_memory
