@@ -188,3 +188,12 @@ def test_bad_run_values_exit_2_before_starting():
     result = run_xltop("--preset", "enormous", "--once")
     assert result.returncode == 2
     assert "enormous" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_run_that_dies_at_start_is_a_clear_error(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")  # exists (so the flags pass), but there is nothing to stream
+    result = run_xltop("--once", "--preset", "tiny", "--data", str(empty))
+    assert result.returncode == 1
+    assert "empty.txt" in result.stderr and "Traceback" not in result.stderr
+    assert result.stdout == ""
