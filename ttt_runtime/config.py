@@ -46,7 +46,7 @@ class RunConfig:
     weight_decay: float = 0.0
     data: str | None = None  # None: the embedded standard-library text
     seed: int = 0
-    sample_every: int = 10  # per-block timing and layer stats on step 1 and every N (0: never)
+    sample_every: int = 20  # per-block timing and layer stats on step 1 and every N (0: never)
     exact_accumulate: bool = False  # adapt mode: exact fast-weight sums (SWAR accumulator)
     checkpoint_dir: str = "checkpoints"
     max_steps: int = 0  # 0: run until stopped
