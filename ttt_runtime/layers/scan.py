@@ -109,8 +109,11 @@ class Scan:
                 out.append(loss)
         cache.maps, cache.sums = maps, (sums or None)
         zbar = zbars[0][None] if S == 1 else mx.stack(zbars)  # (S, B, nh, n, f)
-        out = _residual_norm(xkq[..., n:, :], zbar, *self.ln)
-        return out.transpose(1, 0, 3, 2, 4).reshape(B, L, d)
+        # computed in (B, S, n, nh, f) order, so that the result is (B, L, d) without a copy
+        order = (1, 0, 3, 2, 4)
+        gamma, beta = (p.reshape(p.shape[0], -1) for p in self.ln)  # (nh, f)
+        out = _residual_norm(xkq[..., n:, :].transpose(order), zbar.transpose(order), gamma, beta)
+        return out.reshape(B, L, d)
 
     def _step_fn(self, carried: bool, finish: bool):
         layer_cls, with_stats = type(self.layer), self.with_stats
