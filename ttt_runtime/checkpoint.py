@@ -6,8 +6,8 @@ target, so a reader sees the old file or the new one, never half of one. A SHA-2
 tensor, kept in the metadata, turns a truncated or corrupted file into a clear error instead of
 a silent load of wrong weights.
 
-`read_config` reads only the header (no MLX): the launcher checks `--resume` with it before a
-run starts, and the run starts from the checkpoint's config.
+The header alone (no MLX) is read by `config.checkpoint_config`, so that `--resume` is checked
+before a run starts and the run starts from the checkpoint's config.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import contextlib
 import hashlib
 import json
 import os
-import struct
 from dataclasses import dataclass
 from typing import Any
 
+import mlx.core as mx
 import numpy as np
 
 FORMAT = "xltop-ttt-checkpoint/1"
@@ -56,8 +56,6 @@ def _digest(arrays: dict[str, Any]) -> str:
 
 def save(path: str, checkpoint: Checkpoint) -> str:
     """Write atomically; returns the absolute path."""
-    import mlx.core as mx  # here, not at the top: read_config must work without MLX
-
     path = os.path.abspath(path)
     folder = os.path.dirname(path)
     try:
@@ -95,8 +93,6 @@ def save(path: str, checkpoint: Checkpoint) -> str:
 
 def load(path: str) -> Checkpoint:
     """Read and verify a checkpoint; CheckpointError if it is missing, truncated or altered."""
-    import mlx.core as mx
-
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path}: no such file")
     try:
@@ -121,18 +117,3 @@ def load(path: str) -> Checkpoint:
         )
     except (KeyError, ValueError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {path} has bad metadata ({exc})") from None
-
-
-def read_config(path: str) -> dict[str, Any]:
-    """The run config stored in a checkpoint's header (safetensors: u64 length + JSON)."""
-    try:
-        with open(path, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(min(length, 1 << 26)))
-        return json.loads(header["__metadata__"]["config"])
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path}: no such file") from None
-    except OSError as exc:
-        raise CheckpointError(f"checkpoint {path}: {exc.strerror}") from None
-    except (struct.error, ValueError, KeyError, TypeError):
-        raise CheckpointError(f"checkpoint {path} is truncated or not a checkpoint") from None

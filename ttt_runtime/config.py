@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
+import struct
 import sys
 from dataclasses import dataclass, fields
 from typing import Any
@@ -217,13 +219,22 @@ def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = Non
 
 def parse_run_args(argv: list[str]) -> tuple[argparse.Namespace, RunConfig]:
     """Parse `ttt-run run` flags; ConfigError (one line) for anything wrong."""
-    from ttt_runtime.checkpoint import CheckpointError, read_config  # no MLX on this path
-
     args = run_arg_parser().parse_args(argv)
-    base = None
-    if args.resume:
-        try:
-            base = read_config(args.resume)
-        except CheckpointError as exc:
-            raise ConfigError(str(exc)) from None
+    base = checkpoint_config(args.resume) if args.resume else None
     return args, config_from_args(args, base)
+
+
+def checkpoint_config(path: str) -> dict[str, Any]:
+    """The run config in a checkpoint's header (safetensors: u64 length, JSON), without MLX.
+    The full check of the file (ttt_runtime.checkpoint.load) happens when the run starts."""
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(min(length, 1 << 26)))
+        return json.loads(header["__metadata__"]["config"])
+    except FileNotFoundError:
+        raise ConfigError(f"checkpoint {path}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"checkpoint {path}: {exc.strerror}") from None
+    except (struct.error, ValueError, KeyError, TypeError):
+        raise ConfigError(f"checkpoint {path} is truncated or not a checkpoint") from None
