@@ -23,7 +23,7 @@ import mlx.core as mx
 from ttt_runtime.layers.cache import TTTCache
 from ttt_runtime.layers.ops import inner_loss, ln_fwd
 
-_STEPS: dict = {}  # compiled step functions by (layer class, carried, finish, stats, compile)
+_STEPS: dict = {}  # compiled step functions by layer class and variant
 
 
 def augment(x: mx.array) -> mx.array:
@@ -117,8 +117,10 @@ class Scan:
 
     def _step_fn(self, carried: bool, finish: bool):
         layer_cls, with_stats = type(self.layer), self.with_stats
+        # returning the update tensors costs a full write of the weights per step: only on demand
+        record = finish and self.cache.record_updates
         use_compile = self.layer.config.compile
-        key = (layer_cls, carried, finish, with_stats, use_compile)
+        key = (layer_cls, carried, finish, with_stats, record, use_compile)
         if key in _STEPS:
             return _STEPS[key]
 
@@ -141,7 +143,7 @@ class Scan:
                     for w in (maps, after)
                 )
             if finish:  # the mini-batch is complete: its last token's weights carry on
-                return zbar, after, (), updates, losses
+                return zbar, after, (), updates if record else (), losses
             return zbar, maps, grads, (), losses
 
         _STEPS[key] = mx.compile(step) if use_compile else step
