@@ -6,7 +6,7 @@ import mlx.core as mx
 
 from ttt_runtime.layers.base import TTTBase
 from ttt_runtime.layers.ops import gelu_tanh, gelu_tanh_and_grad, ln_l2_grad
-from ttt_runtime.layers.scan import augment, dual_and_grad_matrix
+from ttt_runtime.layers.scan import augment, grad_matrix
 
 
 class TTTMLP(TTTBase):
@@ -34,14 +34,14 @@ class TTTMLP(TTTBase):
         x2_a = augment(x2)  # (B, nh, n, 4f + 1)
         g2 = ln_l2_grad(x2_a @ W2, target, gamma, beta)  # (B, nh, n, f)
         g1 = (g2 @ W2[..., :-1, :].swapaxes(-1, -2)) * gelu_grad  # (B, nh, n, 4f)
-        s1 = lmat @ g1  # (B, nh, n + f + 1, 4f)
-        zbar1 = r1[..., n:, :] - s1[..., :n, :]
+        zbar1 = r1[..., n:, :] - lmat[..., :n, :] @ g1  # dual form, (B, nh, n, 4f)
         if carried is not None:  # primal part from this mini-batch's earlier tokens
             (sums1, sums2), tok = carried
             zbar1 = zbar1 - tok * (xkq[..., n:, :] @ sums1)
         x2bar_a = augment(gelu_tanh(zbar1))
-        s2 = dual_and_grad_matrix(x2bar_a, x2_a, eta, lr) @ g2  # (B, nh, n + 4f + 1, f)
-        zbar = x2bar_a @ W2 - s2[..., :n, :]
+        attn2 = eta * (x2bar_a @ x2_a.swapaxes(-1, -2))  # (B, nh, n, n)
+        zbar = x2bar_a @ W2 - attn2 @ g2
         if carried is not None:
             zbar = zbar - tok * (x2bar_a @ sums2)
-        return zbar, (s1[..., n:, :], s2[..., n:, :])
+        # the gradient sums as factors: the step folds them into the weights with one addmm
+        return zbar, ((lmat[..., n:, :], g1), (grad_matrix(lr, x2_a), g2))

@@ -37,16 +37,33 @@ def tril_eta(tok: mx.array, lr: mx.array) -> mx.array:
     return mx.tril(eta) if tok.shape[0] > 1 else eta
 
 
+def grad_matrix(lr: mx.array, x_a: mx.array) -> mx.array:
+    """(lr * x_a)^T: (..., f_in + 1, n); times G it gives sum_j lr_j x_a_j^T G_j."""
+    return (lr[..., None] * x_a).swapaxes(-1, -2)
+
+
 def dual_and_grad_matrix(xq_a: mx.array, x_a: mx.array, eta: mx.array, lr: mx.array) -> mx.array:
     """[eta * (xq_a x_a^T); (lr * x_a)^T]: (..., n + f_in + 1, n), applied to G (see above)."""
     attn = eta * (xq_a @ x_a.swapaxes(-1, -2))
-    return mx.concatenate([attn, (lr[..., None] * x_a).swapaxes(-1, -2)], axis=-2)
+    return mx.concatenate([attn, grad_matrix(lr, x_a)], axis=-2)
 
 
 @mx.compile
 def _residual_norm(xq, zbar, gamma, beta):
     """XQ + LN(Zbar), the inner model's output with its residual (one fused pass)."""
     return xq + ln_fwd(zbar, gamma, beta)
+
+
+def _product(grad) -> mx.array:
+    """A gradient sum given as an array or as factors (left, right) of left @ right."""
+    return grad[0] @ grad[1] if isinstance(grad, tuple) else grad
+
+
+def _minus_scaled(weights: mx.array, scale: mx.array, grad) -> mx.array:
+    if isinstance(grad, tuple):
+        left, right = grad
+        return mx.addmm(weights, -scale * left, right)
+    return weights - scale * grad
 
 
 class Scan:
@@ -130,11 +147,17 @@ class Scan:
                 maps, (sums, tok[:, None]) if carried else None, xkq, target, lmat, eta, lr,
                 gamma, beta,
             )  # fmt: skip
-            if carried:
-                grads = tuple(s + g for s, g in zip(sums, grads, strict=True))
-            # the weights of the segment's last token: W - tok_last * sum_j lr_j x_j^T G_j
-            updates = tuple(tok[-1] * g for g in grads)
-            after = tuple(m - u for m, u in zip(maps, updates, strict=True))
+            t_last = tok[-1]
+            if finish and not carried and not record:
+                # the weights of the mini-batch's last token, W - tok_K * sum_j lr_j x_j^T G_j,
+                # in one BLAS call per map where the layer gave the sum as factors
+                after = tuple(_minus_scaled(m, t_last, g) for m, g in zip(maps, grads, strict=True))
+            else:
+                grads = tuple(_product(g) for g in grads)
+                if carried:
+                    grads = tuple(s + g for s, g in zip(sums, grads, strict=True))
+                updates = tuple(t_last * g for g in grads)
+                after = tuple(m - u for m, u in zip(maps, updates, strict=True))
             losses = ()
             if with_stats:
                 xk_a = xkq[..., :n, :]
