@@ -48,7 +48,7 @@ def measure(preset: str, telemetry: bool, steps: int, warmup: int) -> list[tuple
         finally:
             if client is not None:
                 client.close()
-            run.server.close()
+            run.close()
     return times
 
 

@@ -8,6 +8,7 @@ one thread. A step in progress always finishes: `stop` (or SIGTERM) exits after 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import secrets
@@ -133,8 +134,10 @@ class TTTRun:
                 self.exact.append(accumulators)
 
     def _open_channel(self, socket_path: str | None) -> None:
+        self._private_dir = None
         if socket_path is None:
             socket_path = private_socket_path()
+            self._private_dir = os.path.dirname(socket_path)
             print(f"ttt-run: listening on {socket_path} (xltop --attach {socket_path})",
                   file=sys.stderr)  # fmt: skip
         hello = {
@@ -175,11 +178,18 @@ class TTTRun:
             print(text, file=sys.stderr, end="")
             self.server.publish({"type": "error", "exc_type": type(exc).__name__,
                                  "message": str(exc), "traceback": text})  # fmt: skip
-            self.server.close()
+            self.close()
             return 1
         self.server.publish({"type": "bye", "exit_code": 0, "step": self.step})
-        self.server.close()
+        self.close()
         return 0
+
+    def close(self) -> None:
+        """Close the channel (and remove the private socket directory made for it)."""
+        self.server.close()
+        if self._private_dir:
+            with contextlib.suppress(OSError):
+                os.rmdir(self._private_dir)
 
     def is_sampled(self, step: int) -> bool:
         every = self.config.sample_every
