@@ -88,8 +88,9 @@ def test_missing_or_foreign_file_is_refused(tmp_path):
         load(foreign)
 
 
-def test_sampled_train_step_gradients_match_value_and_grad():
-    config = RunConfig.from_preset("tiny")
+@pytest.mark.parametrize("layer_type", ["linear", "mlp"])
+def test_sampled_train_step_gradients_match_value_and_grad(layer_type):
+    config = RunConfig.from_preset("tiny").with_overrides(layer_type=layer_type)
     mx.random.seed(1)
     model = TTTModel(model_config(config))
     rng = np.random.default_rng(0)

@@ -132,8 +132,10 @@ def test_reset_brings_drift_back_to_zero(spawned_run, clients):
     report(client, lambda m: m["sampled_step"] > reset["step"] and m["layers"][0]["drift"] > 0)
 
 
-def test_exact_accumulation_reports_the_float32_error(spawned_run, clients):
-    client = clients(spawned_run("--mode", "adapt", "--exact-accumulate", "true"))
+@pytest.mark.parametrize("layer_type", ["linear", "mlp"])
+def test_exact_accumulation_reports_the_float32_error(spawned_run, clients, layer_type):
+    run = spawned_run("--mode", "adapt", "--exact-accumulate", "true", "--layer-type", layer_type)
+    client = clients(run)
     message = report(client, lambda m: m["sampled_step"] and m["sampled_step"] >= 10)
     for layer in message["layers"]:
         # float32 rounding over a few hundred updates: tiny next to the drift itself
