@@ -1,5 +1,6 @@
 """The mini-batch scan: everything that does not depend on the fast weights is computed for all
-mini-batches at once, and a compiled step does the rest mini-batch by mini-batch.
+mini-batches at once; the sequential rest, mini-batch by mini-batch, is one compiled function
+per number of mini-batches (no Python in the loop once traced).
 
 Each linear map of the inner model is kept "augmented", `[W; b]` of shape (f_in + 1, f_out),
 with a column of ones appended to its inputs: then `Z = X W + b` is one matmul, the dual form's
@@ -23,7 +24,7 @@ import mlx.core as mx
 from ttt_runtime.layers.cache import TTTCache
 from ttt_runtime.layers.ops import inner_loss, ln_fwd
 
-_STEPS: dict = {}  # compiled step functions by layer class and variant
+_SCANS: dict = {}  # compiled scans by layer class, variant and number of mini-batches
 
 
 def augment(x: mx.array) -> mx.array:
@@ -64,6 +65,11 @@ def _minus_scaled(weights: mx.array, scale: mx.array, grad) -> mx.array:
         left, right = grad
         return mx.addmm(weights, -scale * left, right)
     return weights - scale * grad
+
+
+def _stacked(per_step: list[tuple[mx.array, ...]]) -> tuple[mx.array, ...]:
+    """Per-step tuples of arrays -> one tuple of arrays with a leading step axis."""
+    return tuple(mx.stack(parts) for parts in zip(*per_step, strict=True))
 
 
 class Scan:
@@ -108,38 +114,30 @@ class Scan:
         tok = self.tok[pos : pos + n]
         eta = tril_eta(tok, lr)
         lmat = dual_and_grad_matrix(xkq_a[..., n:, :], xkq_a[..., :n, :], eta, lr)
-        # one Split node hands out every step's inputs (indexing would add one node per step)
-        per_step = [mx.split(a, S) if S > 1 else [a] for a in (xkq_a, target, lmat, eta, lr)]
-
         cache = self.cache
-        step = self._step_fn(carried=cache.sums is not None, finish=pos + n == K)
-        maps, sums = cache.maps, cache.sums or ()
-        zbars = []
-        for inputs in zip(*per_step, strict=True):
-            zbar, maps, sums, updates, losses = step(
-                maps, sums, *(a[0] for a in inputs), tok, *self.ln
-            )
-            zbars.append(zbar)
-            if updates:
-                self.updates.append(updates)
-            for out, loss in zip(self.losses, losses, strict=False):
-                out.append(loss)
+        scan = self._scan_fn(carried=cache.sums is not None, finish=pos + n == K, steps=S)
+        zbar, maps, sums, updates, losses = scan(
+            cache.maps, cache.sums or (), xkq_a, target, lmat, eta, lr, tok, *self.ln
+        )
         cache.maps, cache.sums = maps, (sums or None)
-        zbar = zbars[0][None] if S == 1 else mx.stack(zbars)  # (S, B, nh, n, f)
+        if updates:
+            self.updates.append(updates)
+        for out, loss in zip(self.losses, losses, strict=False):
+            out.append(loss)
         # computed in (B, S, n, nh, f) order, so that the result is (B, L, d) without a copy
         order = (1, 0, 3, 2, 4)
         gamma, beta = (p.reshape(p.shape[0], -1) for p in self.ln)  # (nh, f)
         out = _residual_norm(xkq[..., n:, :].transpose(order), zbar.transpose(order), gamma, beta)
         return out.reshape(B, L, d)
 
-    def _step_fn(self, carried: bool, finish: bool):
+    def _scan_fn(self, carried: bool, finish: bool, steps: int):
         layer_cls, with_stats = type(self.layer), self.with_stats
         # returning the update tensors costs a full write of the weights per step: only on demand
         record = finish and self.cache.record_updates
         use_compile = self.layer.config.compile
-        key = (layer_cls, carried, finish, with_stats, record, use_compile)
-        if key in _STEPS:
-            return _STEPS[key]
+        key = (layer_cls, carried, finish, with_stats, record, use_compile, steps)
+        if key in _SCANS:
+            return _SCANS[key]
 
         def step(maps, sums, xkq, target, lmat, eta, lr, tok, gamma, beta):
             n = target.shape[-2]
@@ -169,5 +167,20 @@ class Scan:
                 return zbar, after, (), updates if record else (), losses
             return zbar, maps, grads, (), losses
 
-        _STEPS[key] = mx.compile(step) if use_compile else step
-        return _STEPS[key]
+        def scan(maps, sums, xkq_a, target, lmat, eta, lr, tok, gamma, beta):
+            """All `steps` mini-batches: inputs with a leading step axis, outputs stacked."""
+            per_step = [
+                mx.split(a, steps) if steps > 1 else [a] for a in (xkq_a, target, lmat, eta, lr)
+            ]
+            zbars, updates, losses = [], [], []
+            for inputs in zip(*per_step, strict=True):
+                zbar, maps, sums, update, loss = step(
+                    maps, sums, *(a[0] for a in inputs), tok, gamma, beta
+                )
+                zbars.append(zbar)
+                updates.append(update)
+                losses.append(loss)
+            return mx.stack(zbars), maps, sums, _stacked(updates), _stacked(losses)
+
+        _SCANS[key] = mx.compile(scan) if use_compile else scan
+        return _SCANS[key]
