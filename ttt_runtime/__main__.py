@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         run = TTTRun(config, socket_path=args.socket, resume=args.resume)
     except SetupError as exc:
         return _fail(str(exc))
+    if args.exit_with_parent:
+        run.stop_when_stdin_closes()
     return run.serve()
 
 

@@ -195,6 +195,11 @@ def run_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--socket", metavar="PATH", help="Unix socket for monitors")
     parser.add_argument("--config", metavar="FILE.toml", help="settings file")
     parser.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint")
+    parser.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="stop when stdin closes (the process that started the run is gone)",
+    )
     for f in fields(RunConfig):
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, metavar="VALUE")
     return parser

@@ -111,9 +111,12 @@ def spawn_run(
     if socket_path is None:
         socket_path = private_socket_path()
         private_dir = os.path.dirname(socket_path)
+    command = [sys.executable, "-m", "ttt_runtime", "run", "--socket", socket_path]
     popen = subprocess.Popen(
-        [sys.executable, "-m", "ttt_runtime", "run", "--socket", socket_path, *args],
-        stdin=subprocess.DEVNULL,
+        [*command, "--exit-with-parent", *args],
+        # A lifeline: nobody writes to this pipe, but when the monitor dies (even SIGKILLed)
+        # its end closes, the run reads EOF and stops, so no orphaned run keeps training.
+        stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

@@ -14,6 +14,7 @@ import os
 import secrets
 import signal
 import sys
+import threading
 import time
 import traceback
 
@@ -152,6 +153,16 @@ class TTTRun:
             self.server = ChannelServer(socket_path, hello)
         except ChannelError as exc:
             raise SetupError(str(exc)) from None
+
+    def stop_when_stdin_closes(self) -> None:
+        """Stop (as after `stop`) once stdin reaches EOF: the process that started us is gone."""
+
+        def watch() -> None:
+            while sys.stdin.buffer.read(65536):
+                pass
+            self.stopping = True
+
+        threading.Thread(target=watch, name="parent-lifeline", daemon=True).start()
 
     # -- the loop -------------------------------------------------------------------------------
     def serve(self) -> int:

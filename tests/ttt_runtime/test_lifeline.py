@@ -1,0 +1,65 @@
+"""A hosted run does not outlive the process that started it, even when that one is SIGKILLed."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+
+HOST = """
+import sys, time
+from ttt_runtime.launch import spawn_run
+run = spawn_run(["--preset", "tiny"])
+print(run.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_run_stops_when_its_host_is_killed():
+    host = subprocess.Popen([sys.executable, "-c", HOST], stdout=subprocess.PIPE, text=True)
+    try:
+        run_pid = int(host.stdout.readline())
+        run = psutil.Process(run_pid)
+        assert run.is_running()
+        os.kill(host.pid, signal.SIGKILL)
+        host.wait(timeout=10)
+        # The run may still be importing MLX when its lifeline closes: give it that long.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and run.is_running() and run.status() != "zombie":
+            time.sleep(0.2)
+        assert not run.is_running() or run.status() == "zombie", "the run outlived its host"
+    finally:
+        host.kill()
+        host.wait()
+        if "run_pid" in locals() and psutil.pid_exists(run_pid):
+            os.kill(run_pid, signal.SIGKILL)
+
+
+def test_exit_with_parent_stops_the_run_cleanly_when_stdin_closes(tmp_path):
+    run = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ttt_runtime",
+            "run",
+            "--preset",
+            "tiny",
+            "--exit-with-parent",
+            "--socket",
+            str(tmp_path / "run.sock"),
+        ],  # fmt: skip
+        stdin=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "run.sock").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert run.poll() is None, "the run ended before its stdin closed"
+        run.stdin.close()
+        assert run.wait(timeout=60) == 0
+    finally:
+        run.kill()
+        run.wait()
