@@ -158,7 +158,9 @@ class TTTRun:
         """Stop (as after `stop`) once stdin reaches EOF: the process that started us is gone."""
 
         def watch() -> None:
-            while sys.stdin.buffer.read(65536):
+            # os.read on the raw fd: a daemon thread blocked in sys.stdin's buffered reader
+            # holds its lock and aborts the interpreter at exit.
+            while os.read(sys.stdin.fileno(), 65536):
                 pass
             self.stopping = True
 
