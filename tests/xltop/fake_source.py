@@ -2,7 +2,7 @@
 
 Every figure is a formula of the tick number, so two runs draw the same screen. It has the
 Monitor interface XltopApp uses (tick, interval, runtime, post_event, close); after its last
-tick, tick() waits until close() so the screen stays still for the screenshot.
+tick, tick() raises after an interval, so the screen stays still for the screenshot.
 """
 
 from __future__ import annotations
@@ -133,8 +133,10 @@ class FakeMonitor:
 
     def tick(self) -> Snapshot:
         if self._k >= self.ticks:
-            self._closed.wait()
-            raise RuntimeError("fake monitor closed")
+            # Nothing new to show: the app's tick loop logs this and asks again a tick later,
+            # and its thread ends soon after the app does.
+            self._closed.wait(self.interval)
+            raise RuntimeError("no more fake ticks")
         snapshot = fake_snapshot(self._k, state=self.state)
         self._k += 1
         return snapshot
