@@ -113,6 +113,8 @@ def main() -> None:
     if openblas:
         columns.append(("OpenBLAS", openblas, True))
         columns.append(("OpenBLAS, plain scan", openblas, False))
+    if not columns:
+        sys.exit("nothing to run: no optimized BLAS found here, and --no-bundled was given")
     # rounds interleave the configurations, so that a change in the machine's load while the
     # benchmark runs spreads over all columns instead of favouring one
     results = [{"blas": "", "seconds": {kind: [] for kind in LAYERS}} for _ in columns]
