@@ -141,6 +141,9 @@ async def test_c_clears_the_runs_mlx_cache(attached):
     async with app.run_test(size=(120, 40)) as pilot:
         await until(pilot, lambda: run_of(app) and run_of(app).mlx, "MLX memory figures")
         await until(pilot, lambda: run_of(app).mlx.cache > 0, "a non-empty MLX cache")
+        # Paused first: a running step would refill the cache before the next report.
+        await pilot.press("p")
+        await until(pilot, lambda: state(app) == "paused", "the paused state")
         before = run_of(app).mlx.cache
         await pilot.press("c")
         await until(pilot, lambda: "clear_cache: ok" in events(app), "the run's reply")

@@ -7,8 +7,6 @@ from collections import deque
 from rich.text import Text
 from textual.widgets import Static
 
-SHOWN = 2  # newest events on screen; the CSV log keeps the run's own events
-
 
 class EventLine(Static):
     def __init__(self, **kwargs) -> None:
@@ -19,6 +17,6 @@ class EventLine(Static):
         if not events:
             return
         self.events.extend(events)
-        newest = list(self.events)[-SHOWN:]
+        newest = list(self.events)[-max(1, self.size.height) :]  # as many as there are rows
         text = Text("\n").join(Text(f"> {event}") for event in newest)
         self.update(text)

@@ -1,0 +1,97 @@
+"""End to end: the real `xltop` binary in a real terminal (tmux), keys pressed, screen read."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import process_gone, read_rows
+
+XLTOP = Path(sys.executable).parent / "xltop"
+TIMEOUT_S = 120.0  # the run imports MLX on a small shared machine
+
+pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+
+
+class Tmux:
+    """One private tmux server (its own socket) holding one session."""
+
+    def __init__(self, tmp_path: Path):
+        self.socket = f"xltop-test-{tmp_path.name}"
+
+    def __call__(self, *args: str) -> str:
+        out = subprocess.run(["tmux", "-L", self.socket, *args], capture_output=True,
+                             text=True, timeout=30)  # fmt: skip
+        return out.stdout
+
+    def screen(self) -> str:
+        return self("capture-pane", "-p", "-t", "xltop")
+
+    def wait_for(self, what: str, predicate, timeout: float = TIMEOUT_S) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            screen = self.screen()
+            if predicate(screen):
+                return screen
+            assert time.monotonic() < deadline, f"no {what} on screen:\n{screen}"
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def tmux(tmp_path):
+    session = Tmux(tmp_path)
+    yield session
+    session("kill-server")
+
+
+def live_step(screen: str) -> int:
+    match = re.search(r"pid (\d+)\s+step (\d+)", screen)
+    return int(match.group(2)) if match else 0
+
+
+def csv_rows(folder: Path) -> list[dict[str, str]]:
+    """Rows of the CSV log xltop names itself when `l` is pressed (none before it exists)."""
+    logs = list(folder.glob("xltop-*.csv"))
+    return read_rows(logs[0]) if logs else []
+
+
+def test_xltop_in_tmux_pause_clear_log_quit(tmux, tmp_path):
+    exit_file = tmp_path / "exit_code"
+    command = f"env -u LD_PRELOAD {XLTOP} --preset tiny; echo $? > {exit_file}"
+    tmux("new-session", "-d", "-s", "xltop", "-x", "120", "-y", "40", "-c", str(tmp_path),
+         command)  # fmt: skip
+    screen = tmux.wait_for("live step counter", lambda s: live_step(s) > 0)
+    run_pid = int(re.search(r"pid (\d+)\s+step", screen).group(1))
+    assert "MLX cpu" in screen and "running" in screen
+
+    tmux("send-keys", "-t", "xltop", "p")
+    paused = tmux.wait_for("paused run", lambda s: "RUN PAUSED" in s)
+    time.sleep(2.0)
+    assert live_step(tmux.screen()) == live_step(paused)  # the run really stopped
+
+    tmux("send-keys", "-t", "xltop", "c")
+    tmux.wait_for("clear_cache reply", lambda s: "clear_cache: ok" in s)
+
+    tmux("send-keys", "-t", "xltop", "l")
+    tmux.wait_for("CSV logging event", lambda s: "CSV logging to xltop-" in s)
+    tmux("send-keys", "-t", "xltop", "p")  # resume, so the log gets running rows
+    tmux.wait_for("resumed run", lambda s: "RUN PAUSED" not in s and live_step(s) > 0)
+    deadline = time.monotonic() + TIMEOUT_S
+    while len(csv_rows(tmp_path)) < 2:
+        assert time.monotonic() < deadline, "no CSV rows"
+        time.sleep(0.2)
+
+    tmux("send-keys", "-t", "xltop", "q")
+    deadline = time.monotonic() + TIMEOUT_S
+    while not exit_file.exists() or not exit_file.read_text().strip():
+        assert time.monotonic() < deadline, f"xltop did not exit:\n{tmux.screen()}"
+        time.sleep(0.2)
+    assert exit_file.read_text().strip() == "0"
+    assert process_gone(run_pid)  # the hosted run was stopped
+    rows = csv_rows(tmp_path)
+    assert rows and all(r["ts"] for r in rows)  # closed with whole rows
