@@ -17,7 +17,9 @@ from xltop.snapshot import Snapshot
 WINDOW = 120  # ticks kept per series
 MIB = 1024 * 1024
 
-# chart id -> title and its series: (label, function of a Snapshot -> value or None)
+# chart id -> title and its series: (label, function of a Snapshot -> value or None). The inner
+# loss has its own scale (right axis): on the outer loss's axis one of the two would be flat.
+RIGHT_AXIS = {"inner mean"}
 SERIES = {
     "memory": (
         "memory MiB",
@@ -89,6 +91,7 @@ class MetricCharts(Horizontal):
                 points = [(x, y) for x, y in pairs if y is not None]
                 if points:
                     x, y = zip(*points, strict=True)
-                    plt.plot(x, y, label=label, marker="braille")
+                    side = "right" if label in RIGHT_AXIS else "left"
+                    plt.plot(x, y, label=label, marker="braille", yside=side)
             plt.xlim(min(xs[0], -1.0), 0.0)
             plot.refresh()

@@ -1,0 +1,79 @@
+"""`make screenshots`: the real app, hosting the real default run, photographed.
+
+Runs XltopApp headless at 160x45 on a real Monitor and HostedRun (the default preset, as `xltop`
+starts it), lets the charts fill for a while, then saves SVG (and PNG, with rsvg-convert when it
+is installed) of the main screen, the help screen and the kill dialog into screenshots/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from xltop.app import XltopApp
+from xltop.monitor import Monitor
+from xltop.runsources import HostedRun
+from xltop.sources import SystemSource
+from xltop.widgets.kill_dialog import KillDialog
+from xltop.widgets.processes import ProcessTable
+
+OUT = Path(__file__).resolve().parents[1] / "screenshots"
+SIZE = (160, 45)
+
+
+async def until(pilot, predicate, what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"screenshots: timed out waiting for {what}")
+        await pilot.pause(0.1)
+
+
+def save(app: XltopApp, name: str) -> None:
+    svg = OUT / f"{name}.svg"
+    app.save_screenshot(str(svg))
+    if shutil.which("rsvg-convert"):
+        subprocess.run(["rsvg-convert", str(svg), "-o", str(svg.with_suffix(".png"))], check=True)
+    print(f"screenshots: {svg.with_suffix('.*')}")
+
+
+async def photograph(seconds: float) -> None:
+    monitor = Monitor(SystemSource(), HostedRun([]), interval=1.0)
+    app = XltopApp(monitor)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            run = lambda: app.last.run if app.last else None  # noqa: E731
+            await until(pilot, lambda: run() and run().state == "running", "the run", 180)
+            await until(pilot, lambda: run().sampled_step is not None, "per-block figures", 120)
+            started = time.monotonic()
+            await until(pilot, lambda: time.monotonic() - started > seconds, "history", seconds + 5)
+            save(app, "main")
+            await pilot.press("question_mark")
+            await pilot.pause(0.5)
+            save(app, "help")
+            await pilot.press("escape")
+            app.main_screen.query_one(ProcessTable).select_pid(run().pid)
+            await pilot.press("k")
+            await until(pilot, lambda: isinstance(app.screen, KillDialog), "the kill dialog", 30)
+            await pilot.pause(0.5)
+            save(app, "kill_dialog")
+            await pilot.press("n")  # never kill anything for a picture
+    finally:
+        monitor.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=40.0, help="history before the shots")
+    args = parser.parse_args()
+    OUT.mkdir(exist_ok=True)
+    asyncio.run(photograph(args.seconds))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
