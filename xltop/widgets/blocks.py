@@ -15,16 +15,17 @@ from xltop.snapshot import RunInfo
 from xltop.widgets import units
 
 WINDOW = 60  # sampled steps kept per block
+# column key, label, width (fixed: no width recalculation per tick)
 COLUMNS = (
-    ("block", "blk"),
-    ("fwd50", "fwd50ms"),
-    ("fwd95", "fwd95"),
-    ("bwd50", "bwd50ms"),
-    ("bwd95", "bwd95"),
-    ("wnorm", "|W|"),
-    ("unorm", "|dW|"),
-    ("drift", "drift"),
-    ("inner", "inner loss before>after"),
+    ("block", "blk", 3),
+    ("fwd50", "fwd50ms", 7),
+    ("fwd95", "fwd95", 5),
+    ("bwd50", "bwd50ms", 7),
+    ("bwd95", "bwd95", 5),
+    ("wnorm", "|W|", 6),
+    ("unorm", "|dW|", 6),
+    ("drift", "drift", 6),
+    ("inner", "inner loss before>after", 23),
 )
 
 
@@ -44,8 +45,8 @@ class BlocksTable(DataTable):
         self._sampled: int | None = None
 
     def on_mount(self) -> None:
-        for key, label in COLUMNS:
-            self.add_column(label, key=key)
+        for key, label, width in COLUMNS:
+            self.add_column(label, key=key, width=width)
 
     def record(self, run: RunInfo | None) -> None:
         """Add the run's per-block latencies, once per sampled step."""
@@ -95,8 +96,8 @@ class BlocksTable(DataTable):
     def _set_row(self, i: int, cells: dict[str, str]) -> None:
         key = str(i)
         if key not in self.rows:
-            self.add_row(*(cells[k] for k, _ in COLUMNS), key=key)
+            self.add_row(*(cells[k] for k, *_ in COLUMNS), key=key)
             return
         for column, value in cells.items():
             if self.get_cell(key, column) != value:
-                self.update_cell(key, column, value, update_width=True)
+                self.update_cell(key, column, value)

@@ -19,4 +19,4 @@ class EventLine(Static):
         self.events.extend(events)
         newest = list(self.events)[-max(1, self.size.height) :]  # as many as there are rows
         text = Text("\n").join(Text(f"> {event}") for event in newest)
-        self.update(text)
+        self.update(text, layout=False)  # fixed size: no re-layout

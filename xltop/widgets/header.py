@@ -55,7 +55,7 @@ class RunHeader(Static):
         line.append(f" | {host}")
         line.append("\n")
         line.append_text(self._run_line(run))
-        self.update(line)
+        self.update(line, layout=False)  # fixed size: no re-layout
 
     @staticmethod
     def _run_line(run: RunInfo | None) -> Text:

@@ -57,4 +57,4 @@ class MemoryPanel(Static):
             device = "" if mlx.device in ("", mlx.backend) else f" {mlx.device}"
             where = f"{mlx.backend}{device}"
             lines.append(Text(f"MLX ceiling {units.size(ceiling)} ({where})", style="dim"))
-        self.update(Text("\n").join(lines))
+        self.update(Text("\n").join(lines), layout=False)  # fixed size: no re-layout

@@ -12,15 +12,16 @@ from xltop.snapshot import ProcessInfo
 from xltop.widgets import units
 
 RUN_MARK = ">"
-# column key, label, the ProcessInfo field it sorts by, whether largest first
+# column key, label, width (fixed: no width recalculation per tick; None = the rest), the
+# ProcessInfo field it sorts by, whether largest first
 COLUMNS = (
-    ("mark", " ", "is_run", True),
-    ("pid", "pid", "pid", False),
-    ("user", "user", "user", False),
-    ("name", "name", "name", False),
-    ("rss", "RSS", "rss", True),
-    ("cpu", "CPU%", "cpu_percent", True),
-    ("command", "command", "command", False),
+    ("mark", " ", 1, "is_run", True),
+    ("pid", "pid", 7, "pid", False),
+    ("user", "user", 6, "user", False),
+    ("name", "name", 12, "name", False),
+    ("rss", "RSS", 8, "rss", True),
+    ("cpu", "CPU%", 5, "cpu_percent", True),
+    ("command", "command", None, "command", False),
 )
 SORTABLE = [c for c in COLUMNS if c[0] != "mark"]
 
@@ -44,8 +45,8 @@ class ProcessTable(DataTable):
         self.sort_column = "rss"
 
     def on_mount(self) -> None:
-        for key, label, _, _ in COLUMNS:
-            self.add_column(label, key=key)
+        for key, label, width, _, _ in COLUMNS:
+            self.add_column(label, key=key, width=width)
 
     def show(self, processes: tuple[ProcessInfo, ...]) -> None:
         selected = self.selected_pid()
@@ -61,7 +62,7 @@ class ProcessTable(DataTable):
                 old_cells = _cells(old)
                 for column, value in _cells(proc).items():
                     if old_cells[column] != value:
-                        self.update_cell(str(pid), column, value, update_width=True)
+                        self.update_cell(str(pid), column, value)
         self.processes = fresh
         self._sort(selected)
 
@@ -88,8 +89,12 @@ class ProcessTable(DataTable):
         self.sort_by(event.column_key.value)
 
     def _sort(self, keep_pid: int | None) -> None:
-        _, _, field, largest_first = next(c for c in COLUMNS if c[0] == self.sort_column)
+        *_, field, largest_first = next(c for c in COLUMNS if c[0] == self.sort_column)
         processes = self.processes
+        order = sorted(processes, key=lambda pid: getattr(processes[pid], field))
+        order = order[::-1] if largest_first else order
+        if [int(row.key.value) for row in self.ordered_rows] == order:
+            return  # sorting re-renders every row: only when the order changed
         self.sort("pid", key=lambda pid: getattr(processes[pid], field), reverse=largest_first)
         if keep_pid in processes:
             self.select_pid(keep_pid)

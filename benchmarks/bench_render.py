@@ -1,0 +1,109 @@
+"""The TUI's cost: time to render one Snapshot (8 blocks, 30 processes), and the CPU the whole
+xltop UI process uses at a 1 s interval while the default run trains next to it.
+
+    .venv/bin/python benchmarks/bench_render.py [--seconds 30]
+
+Render: XltopApp headless at 160x45 fed by the deterministic fake source (tests/xltop); per
+Snapshot the CPU time of the update (show_snapshot: tables by row key, charts, bars) and of the
+update plus the repaint it causes (layout, every changed widget rendered), medians of N.
+CPU: the real `xltop` binary in tmux (a real terminal), psutil's CPU time of that process over
+the measuring window, as a percentage of one core, beside the run's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+PAINT_WAIT_S = 0.05  # several of Textual's frames
+sys.path.insert(0, str(REPO / "tests" / "xltop"))
+
+from fake_source import N_BLOCKS, N_PROCESSES, FakeMonitor, fake_snapshot  # noqa: E402
+
+from xltop.app import XltopApp  # noqa: E402
+
+
+async def render_times(n: int) -> tuple[list[float], list[float]]:
+    """Per Snapshot: CPU ms of show_snapshot alone, and of it plus the repaint it causes."""
+    app = XltopApp(FakeMonitor(ticks=0), host="bench")
+    updates, totals = [], []
+    async with app.run_test(size=(160, 45)) as pilot:
+        await pilot.pause(0.1)
+        for k in range(n):
+            snapshot = fake_snapshot(k)
+            t0 = time.process_time()
+            app.show_snapshot(snapshot)
+            t1 = time.process_time()
+            # The compositor repaints on its next frame: wait past it. CPU time, not wall time,
+            # so the wait itself does not count, the layout and rendering of every widget does.
+            await pilot.pause(PAINT_WAIT_S)
+            t2 = time.process_time()
+            updates.append((t1 - t0) * 1e3)
+            totals.append((t2 - t0) * 1e3)
+    app.monitor.close()
+    return updates, totals
+
+
+def cpu_share(seconds: float) -> tuple[float, float]:
+    """(xltop UI %, run %) of one core over `seconds`, after the run's first steps."""
+    socket = f"bench-render-{int(time.time())}"
+    tmux = ["tmux", "-L", socket]
+    xltop = Path(sys.executable).parent / "xltop"
+    subprocess.run([*tmux, "new-session", "-d", "-s", "b", "-x", "160", "-y", "45",
+                    f"env -u LD_PRELOAD {xltop} --interval 1"], check=True)  # fmt: skip
+    try:
+        panes = [*tmux, "list-panes", "-F", "#{pane_pid}"]
+        shell = psutil.Process(int(subprocess.run(panes, capture_output=True, text=True).stdout))
+        deadline = time.monotonic() + 180
+        while True:
+            family = [shell, *shell.children(recursive=True)]
+            ui = next((p for p in family if "bin/xltop" in " ".join(p.cmdline())), None)
+            runs = ui.children() if ui else []
+            screen = subprocess.run([*tmux, "capture-pane", "-p"], capture_output=True, text=True)
+            if runs and " step " in screen.stdout and "running" in screen.stdout:
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit("bench_render: the run never started")
+            time.sleep(0.5)
+        run = runs[0]
+        time.sleep(5)  # past the first steps and the UI's first frames
+        ui0, run0, t0 = sum(ui.cpu_times()[:2]), sum(run.cpu_times()[:2]), time.monotonic()
+        time.sleep(seconds)
+        ui1, run1, t1 = sum(ui.cpu_times()[:2]), sum(run.cpu_times()[:2]), time.monotonic()
+        return 100 * (ui1 - ui0) / (t1 - t0), 100 * (run1 - run0) / (t1 - t0)
+    finally:
+        subprocess.run([*tmux, "send-keys", "-t", "b", "q"])
+        time.sleep(5)
+        subprocess.run([*tmux, "kill-server"], capture_output=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="xltop TUI render time and CPU share")
+    parser.add_argument("--renders", type=int, default=60)
+    parser.add_argument("--seconds", type=float, default=30.0, help="CPU measuring window")
+    args = parser.parse_args()
+    updates, totals = asyncio.run(render_times(args.renders))
+    print(f"render one Snapshot ({N_BLOCKS} blocks, {N_PROCESSES} processes, 160x45), CPU ms, "
+          f"median of {args.renders} [p90]:")  # fmt: skip
+    for name, values in (("update", updates), ("update+paint", totals)):
+        p90 = statistics.quantiles(values, n=10)[-1]
+        print(f"  {name:12s} {statistics.median(values):6.1f} ms  [{p90:.1f}]  (target < 20 ms)")
+    if shutil.which("tmux") is None:
+        print("CPU: skipped (tmux is not installed)")
+        return
+    ui, run = cpu_share(args.seconds)
+    print(f"CPU over {args.seconds:g} s at a 1 s interval, % of one core: "
+          f"xltop UI {ui:.1f}% (target < 3%)  |  the run beside it {run:.0f}%")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
