@@ -195,19 +195,36 @@ def quantize(x, bits: int = 8) -> QuantizedTensor:
     scale = (hi - lo) / levels
     lanes = 32 // bits
     n_words = -(-flat.size // lanes)
-    if is_mlx:
+    if _subnormal_step(scale):
+        # float32 cannot hold such a step (or its reciprocal): this rare case runs in float64
+        q = np.rint((np.array(flat, np.float64) - lo) / scale)
+    elif is_mlx:
         q = mx.round((flat - lo) * (1 / scale)) if scale else mx.zeros_like(flat)
-        q = mx.pad(q.astype(mx.uint32), (0, n_words * lanes - flat.size))
     else:
         q = np.rint((flat - lo) * (1 / scale)) if scale else np.zeros_like(flat)
-        q = np.pad(q.astype(np.uint32), (0, n_words * lanes - flat.size))
+    pad = n_words * lanes - flat.size
+    if isinstance(q, mx.array):
+        q = mx.pad(q.astype(mx.uint32), (0, pad))
+    else:
+        q = np.pad(q.astype(np.uint32), (0, pad))
     words = _pack(q.reshape(lanes, n_words), bits)
+    words = mx.array(words) if is_mlx and not isinstance(words, mx.array) else words
     return QuantizedTensor(words, bits, scale, lo, tuple(x.shape), x.dtype)
+
+
+def _subnormal_step(scale: float) -> bool:
+    return 0 < scale < float(np.finfo(np.float32).tiny)
 
 
 def dequantize(q: QuantizedTensor):
     """The float tensor a QuantizedTensor stands for, in its original kind, shape and dtype."""
     size = math.prod(q.shape)
+    if _subnormal_step(q.scale):
+        levels = np.concatenate(_unpack(np.array(q.words), q.bits))[:size].astype(np.float64)
+        values = (levels * q.scale + q.offset).reshape(q.shape)
+        if isinstance(q.words, mx.array):
+            return mx.array(values.astype(np.float32)).astype(q.dtype)
+        return values.astype(q.dtype)
     planes = _unpack(q.words, q.bits)
     if isinstance(q.words, mx.array):
         levels = mx.concatenate(planes)[:size].astype(mx.float32)

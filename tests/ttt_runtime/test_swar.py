@@ -5,7 +5,7 @@ from fractions import Fraction
 import mlx.core as mx
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -249,6 +249,8 @@ finite_floats = st.floats(-1e6, 1e6, allow_nan=False, width=32)
 @pytest.mark.parametrize("bits", [8, 16])
 @settings(max_examples=100, deadline=None)
 @given(x=hnp.arrays(np.float32, hnp.array_shapes(max_dims=3, max_side=9), elements=finite_floats))
+@example(x=np.array([1.1754944e-38, 0.0], np.float32))  # a step below float32's normal range
+@example(x=np.array([3e-42, -1e-44, 0.0], np.float32))
 def test_quantize_error_is_at_most_half_a_step(bits, x):
     q = quantize(x, bits)
     assert q.words.dtype == np.uint32 and q.nbytes == 4 * -(-x.size // (32 // bits))
