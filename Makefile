@@ -32,7 +32,7 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/lint-imports
 
 bench: $(VENV)/.installed-dev
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/run_all.py $(ARGS)
 
 screenshots: $(VENV)/.installed-dev
 	$(BIN)/python scripts/screenshots.py
