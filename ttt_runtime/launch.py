@@ -117,6 +117,9 @@ def spawn_run(
         # A lifeline: nobody writes to this pipe, but when the monitor dies (even SIGKILLed)
         # its end closes, the run reads EOF and stops, so no orphaned run keeps training.
         stdin=subprocess.PIPE,
+        # its own session: a terminal's Ctrl-C reaches xltop alone, which then stops the run
+        # in order (stop command, flush, exit 0) instead of racing it
+        start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
