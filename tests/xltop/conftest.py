@@ -27,6 +27,7 @@ def xltop_process() -> Callable[..., subprocess.Popen]:
             text=True,
             env=xltop_env(),
             cwd=REPO,
+            start_new_session=True,  # a process group of its own, as a terminal gives it
         )
         started.append(proc)
         return proc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import time
@@ -147,14 +148,23 @@ def test_json_with_a_hosted_run_validates():
     assert any(p["is_run"] and p["pid"] == run["pid"] for p in snapshot["processes"])
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signals_close_the_log_and_stop_the_hosted_run(tmp_path, xltop_process, sig):
+def ctrl_c(proc):
+    """What a terminal's Ctrl-C does: SIGINT to the whole foreground process group."""
+    os.killpg(proc.pid, signal.SIGINT)
+
+
+@pytest.mark.parametrize(
+    "send",
+    [lambda p: p.send_signal(signal.SIGINT), lambda p: p.send_signal(signal.SIGTERM), ctrl_c],
+    ids=["SIGINT", "SIGTERM", "ctrl-c"],
+)
+def test_signals_close_the_log_and_stop_the_hosted_run(tmp_path, xltop_process, send):
     path = tmp_path / "run.csv"
     proc = xltop_process("--headless", "--preset", "tiny", "--csv", str(path),
                          "--interval", "0.2")  # fmt: skip
     wait_for_rows(path, 3, proc)
     run_pid = int(read_rows(path)[0]["run_pid"])
-    proc.send_signal(sig)
+    send(proc)
     assert proc.wait(30) == 0
     rows = read_rows(path)
     assert len(rows) >= 3 and path.read_text().endswith("\n")
