@@ -51,6 +51,12 @@ def _state_change_event(before: RunInfo | None, after: RunInfo) -> str | None:
     return None
 
 
+BUNDLED_BLAS_HINT = (
+    "the run uses MLX's bundled BLAS, ~40x slower at GEMM than OpenBLAS: "
+    "install it (apt-get install libopenblas0-pthread) and xltop preloads it"
+)
+
+
 class Monitor:
     def __init__(
         self,
@@ -70,6 +76,7 @@ class Monitor:
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._last_run: RunInfo | None = None
+        self._blas_hinted = False
         # The first tick waits the floor so CPU percentages cover a real stretch of time.
         self._next_due = time.monotonic() + MIN_INTERVAL_S
 
@@ -123,6 +130,9 @@ class Monitor:
         event = _state_change_event(self._last_run, run)
         if event:
             self.post_event(event)
+        if run.blas == "bundled" and not self._blas_hinted:
+            self._blas_hinted = True  # once per monitor: a hint, not a nag
+            self.post_event(BUNDLED_BLAS_HINT)
         self._last_run = run
         return run
 

@@ -52,6 +52,16 @@ def test_json_stream_gives_one_valid_line_per_tick():
     assert times == sorted(times) and times[2] - times[0] >= 0.3
 
 
+def test_a_run_on_the_bundled_blas_gets_one_hint_to_install_openblas():
+    result = run_xltop("--json-stream", "--preset", "tiny", "--no-blas-preload",
+                       "--count", "3", "--interval", "0.2")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    snapshots = [json.loads(line) for line in result.stdout.splitlines()]
+    assert {s["run"]["blas"] for s in snapshots} == {"bundled"}
+    events = [e for s in snapshots for e in s["events"]]
+    assert sum("libopenblas0-pthread" in e for e in events) == 1
+
+
 def test_headless_duration_stops_on_time():
     result = run_xltop("--headless", "--no-run", "--duration", "1", "--interval", "0.2")
     assert result.returncode == 0, result.stderr
