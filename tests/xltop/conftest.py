@@ -5,8 +5,10 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 
+import psutil
 import pytest
 from xltop_helpers import REPO, process_gone, read_rows, wait_for_socket, xltop_env
 
@@ -53,3 +55,27 @@ def tiny_run(spawned_run):
         return wait_for_socket(spawned_run(*args))
 
     return start
+
+
+@pytest.fixture
+def children() -> Callable[..., subprocess.Popen]:
+    """Factory: real child processes, returned once exec has finished; killed at teardown."""
+    started: list[subprocess.Popen] = []
+
+    def start(*argv: str, **popen_kwargs) -> subprocess.Popen:
+        proc = subprocess.Popen(argv, **popen_kwargs)
+        started.append(proc)
+        # Popen returns as the child's exec begins: its name can be the new one while its command
+        # line is still empty for a moment. Tests that read the command wait for it here.
+        deadline = time.monotonic() + 10
+        while not psutil.Process(proc.pid).cmdline() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if proc.stdout:
+            proc.stdout.close()

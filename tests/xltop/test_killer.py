@@ -23,25 +23,6 @@ IGNORES_SIGTERM = (
 )
 
 
-@pytest.fixture
-def child():
-    """Factory: a child process of this test, always ended at teardown."""
-    started: list[subprocess.Popen] = []
-
-    def start(*argv: str, **kw) -> subprocess.Popen:
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, **kw)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
-
-
 def test_refuses_init_and_itself():
     assert "init" in killer.refusal(1)
     assert "xltop itself" in killer.refusal(os.getpid())
@@ -49,8 +30,8 @@ def test_refuses_init_and_itself():
     assert isinstance(killer.lock_target(os.getpid()), str)
 
 
-def test_sigterm_ends_a_child_and_reports_it(child):
-    proc = child("sleep", "60")
+def test_sigterm_ends_a_child_and_reports_it(children):
+    proc = children("sleep", "60")
     target = killer.lock_target(proc.pid)
     assert isinstance(target, killer.KillTarget), target
     assert target.name == "sleep" and "sleep 60" in target.command
@@ -61,8 +42,8 @@ def test_sigterm_ends_a_child_and_reports_it(child):
     assert not psutil.pid_exists(proc.pid)
 
 
-def test_sigkill_follows_when_sigterm_is_ignored(child):
-    proc = child(sys.executable, "-c", IGNORES_SIGTERM)
+def test_sigkill_follows_when_sigterm_is_ignored(children):
+    proc = children(sys.executable, "-c", IGNORES_SIGTERM, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
     target = killer.lock_target(proc.pid)
     result = killer.kill(target, grace=0.5)
@@ -72,8 +53,8 @@ def test_sigkill_follows_when_sigterm_is_ignored(child):
     assert not psutil.pid_exists(proc.pid)
 
 
-def test_a_process_that_is_gone_is_reported_not_ignored(child):
-    proc = child("sleep", "60")
+def test_a_process_that_is_gone_is_reported_not_ignored(children):
+    proc = children("sleep", "60")
     target = killer.lock_target(proc.pid)
     proc.kill()
     proc.wait()
@@ -83,8 +64,8 @@ def test_a_process_that_is_gone_is_reported_not_ignored(child):
     assert "gone" in killer.lock_target(proc.pid)
 
 
-def test_a_reused_pid_is_not_killed(child):
-    proc = child("sleep", "60")
+def test_a_reused_pid_is_not_killed(children):
+    proc = children("sleep", "60")
     target = killer.lock_target(proc.pid)
     # The same pid as seen at another start time: what a reused pid looks like.
     stale = killer.KillTarget(**{**target.__dict__, "started": target.started - 100.0})
@@ -106,10 +87,10 @@ def _lock_target_as_nobody(pid: int) -> str:
     return out.stdout
 
 
-def test_processes_of_other_users_are_refused(child):
+def test_processes_of_other_users_are_refused(children):
     if os.geteuid() == 0:
         # As root, ask from an unprivileged child about a process of ours (root's).
-        proc = child("sleep", "60")
+        proc = children("sleep", "60")
         assert "another user" in _lock_target_as_nobody(proc.pid)
         assert proc.poll() is None
         return

@@ -14,22 +14,6 @@ from xltop_helpers import process_gone
 from xltop.sources import SystemSource
 
 
-@pytest.fixture
-def child():
-    """Factory: a real child Python process running `code`, killed at teardown."""
-    procs = []
-
-    def start(code: str) -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-c", code])
-        procs.append(proc)
-        return proc
-
-    yield start
-    for proc in procs:
-        proc.kill()
-        proc.wait()
-
-
 def test_system_figures_are_sane():
     system, processes = SystemSource(top_n=10).sample()
     assert system.total > 0 and system.available > 0 and system.used > 0
@@ -51,8 +35,8 @@ def test_own_process_is_described():
     assert not me.is_run
 
 
-def test_run_process_is_listed_even_outside_the_top(child):
-    sleeper = child("import time; time.sleep(60)")
+def test_run_process_is_listed_even_outside_the_top(children):
+    sleeper = children(sys.executable, "-c", "import time; time.sleep(60)")
     source = SystemSource(run_pid_getter=lambda: sleeper.pid, top_n=1)
     _, processes = source.sample()
     assert len(processes) == 2
@@ -60,8 +44,8 @@ def test_run_process_is_listed_even_outside_the_top(child):
     assert run.pid == sleeper.pid and run.rss > 0
 
 
-def test_busy_process_shows_cpu(child):
-    busy = child("while True: pass")
+def test_busy_process_shows_cpu(children):
+    busy = children(sys.executable, "-c", "while True: pass")
     source = SystemSource(run_pid_getter=lambda: busy.pid, top_n=1)
     cpu = 0.0
     deadline = time.monotonic() + 20
@@ -164,8 +148,8 @@ def test_attached_run_sees_the_run_stop(tiny_run):
         run.close()
 
 
-def test_commands_are_one_line(child):
-    script = child("import time\ntime.sleep(60)")
+def test_commands_are_one_line(children):
+    script = children(sys.executable, "-c", "import time\ntime.sleep(60)")
     source = SystemSource(run_pid_getter=lambda: script.pid, top_n=1)
     _, processes = source.sample()
     command = next(p.command for p in processes if p.pid == script.pid)
