@@ -37,6 +37,9 @@ async def until(pilot, predicate, what: str, timeout: float) -> None:
 def save(app: XltopApp, name: str) -> None:
     svg = OUT / f"{name}.svg"
     app.save_screenshot(str(svg))
+    # Rich writes spaces as &#160; but rsvg-convert still drops them at the start of a text run
+    # ("xltop 0.1.0|  running|"): preserve tells it to keep every one.
+    svg.write_text(svg.read_text().replace("<svg ", '<svg xml:space="preserve" ', 1))
     if shutil.which("rsvg-convert"):
         subprocess.run(["rsvg-convert", str(svg), "-o", str(svg.with_suffix(".png"))], check=True)
     print(f"screenshots: {svg.with_suffix('.*')}")

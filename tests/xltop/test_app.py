@@ -10,19 +10,21 @@ import asyncio
 import functools
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import process_gone, read_rows
+from fake_source import FakeMonitor, fake_snapshot
+from textual.geometry import Region
 
 from xltop.app import XltopApp
 from xltop.commands import COMMANDS
 from xltop.monitor import Monitor
 from xltop.runsources import AttachedRun, HostedRun
 from xltop.sources import SystemSource
+from xltop.widgets.blocks import BlocksTable
 from xltop.widgets.events import EventLine
 from xltop.widgets.help_screen import HelpScreen
 from xltop.widgets.kill_dialog import KillDialog
@@ -96,23 +98,6 @@ def attached(tiny_run, monitors, tmp_path):
         return XltopApp(monitor, **app_kwargs), run
 
     return make
-
-
-@pytest.fixture
-def children():
-    """Factory: child processes for the kill tests; ended at teardown whatever happened."""
-    started: list[subprocess.Popen] = []
-
-    def start(*argv: str) -> subprocess.Popen:
-        proc = subprocess.Popen(argv)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
 
 
 @pilot_test
@@ -342,3 +327,30 @@ async def test_resizing_never_crashes(attached):
             shown = app.snapshots_shown
             await until(pilot, lambda s=shown: app.snapshots_shown > s, "a tick at a new size")
         assert app.is_running
+
+
+def drawn(widget) -> str:
+    """The text a widget paints now, through the same render path as the screen's."""
+    return "\n".join(strip.text for strip in widget.render_lines(Region(0, 0, *widget.size)))
+
+
+@pilot_test
+async def test_tables_redraw_exactly_the_cells_a_tick_changed():
+    # RowTable keeps every unchanged row's cached render across ticks: what it paints must still
+    # follow each update_cell, and only the changed rows may differ.
+    app = XltopApp(FakeMonitor(ticks=0), host="testhost")
+    async with app.run_test(size=(160, 45)) as pilot:
+        blocks, processes = (app.main_screen.query_one(t) for t in (BlocksTable, ProcessTable))
+        for k in (0, 1):  # the first tick's paint settles the column widths
+            app.show_snapshot(fake_snapshot(k))
+            await pilot.pause(0.1)  # painted: the render caches hold tick k
+        before = drawn(blocks), drawn(processes)
+        block0 = 2  # its line: under the border and the header
+        assert "903 MiB" in before[1] and " 0.001 " in before[0].splitlines()[block0]
+        app.show_snapshot(fake_snapshot(5))
+        await pilot.pause(0.1)
+        after = drawn(blocks), drawn(processes)
+        assert "915 MiB" in after[1] and "903 MiB" not in after[1]  # the run's RSS
+        assert " 0.005 " in after[0].splitlines()[block0]  # block 0's drift
+        lines = zip(before[1].splitlines(), after[1].splitlines(), strict=True)
+        assert sum(a != b for a, b in lines) == 1  # only the run's row: no other process changed

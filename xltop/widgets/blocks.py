@@ -9,10 +9,9 @@ from __future__ import annotations
 import math
 from collections import deque
 
-from textual.widgets import DataTable
-
 from xltop.snapshot import RunInfo
 from xltop.widgets import units
+from xltop.widgets.row_table import RowTable
 
 WINDOW = 60  # sampled steps kept per block
 # column key, label, width (fixed: no width recalculation per tick)
@@ -37,7 +36,7 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
 
 
-class BlocksTable(DataTable):
+class BlocksTable(RowTable):
     def __init__(self, **kwargs) -> None:
         super().__init__(cursor_type="none", zebra_stripes=True, **kwargs)
         self.fwd: list[deque[float]] = []

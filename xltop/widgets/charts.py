@@ -1,15 +1,24 @@
 """Charts over a sliding window: memory (RSS, MLX active, MLX cache), tokens/s, losses.
 
 History is recorded on every Snapshot, drawn only when the display is not frozen; the x axis is
-seconds before the newest Snapshot.
+seconds before the newest Snapshot. Drawing was most of a tick's paint, so a chart gets at most one
+point per column, and goes from plotext's character matrix to Textual strips directly: plotext's
+own path writes an ANSI string that Rich parses straight back into styles, twice the work.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from collections import deque
 
+from plotext._utility import colors_to_ansi
+from rich.segment import Segment
+from rich.style import Style
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Horizontal
+from textual.strip import Strip
 from textual_plotext import PlotextPlot
 
 from xltop.snapshot import Snapshot
@@ -49,21 +58,76 @@ def _mean_inner_loss(snapshot: Snapshot) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+@functools.cache
+def _style(foreground, style, background) -> Style:
+    """A plotext cell's colours as a Rich style, read from the ANSI code plotext would write."""
+    text = Text.from_ansi(colors_to_ansi(foreground, style, background) + " ")
+    return text.spans[0].style if text.spans else Style.null()
+
+
+class Chart(PlotextPlot):
+    """A PlotextPlot drawn through Textual's line API, built once per data change or resize."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.version = 0  # bumped by `redraw`: the data changed
+        self._strips: list[Strip] = []
+        self._built_for: tuple | None = None
+
+    def redraw(self) -> None:
+        self.version += 1
+        self.refresh()
+
+    def render_line(self, y: int) -> Strip:
+        key = (self.version, self.size, self.app.theme)
+        if key != self._built_for:
+            self._strips, self._built_for = self._build(), key
+        return self._strips[y] if y < len(self._strips) else Strip.blank(self.size.width)
+
+    def _build(self) -> list[Strip]:
+        width, height = self.size
+        if not width or not height:
+            return []
+        plot = self.plt
+        # PlotextPlot.render's sizing and theme, then plotext's build() less its ANSI canvas
+        # (private plotext calls, as textual-plotext itself makes).
+        plot.plotsize(width, height)
+        plot._set_size(width, height)
+        plot.theme(self._get_plotext_theme_name(self.app.theme))
+        plot._set_sizes()
+        plot._build_matrix()
+        matrix = plot.monitor.matrix
+        strips = []
+        for row in reversed(matrix.Rows):  # plotext's row 0 is the bottom line
+            colours = list(
+                zip(matrix.fullground[row], matrix.style[row], matrix.background[row], strict=True)
+            )
+            segments, start = [], 0
+            for col in range(1, len(colours) + 1):  # one segment per run of same-coloured cells
+                if col == len(colours) or colours[col] != colours[start]:
+                    text = "".join(matrix.marker[row][start:col])
+                    segments.append(Segment(text, _style(*colours[start])))
+                    start = col
+            strips.append(Strip(segments).adjust_cell_length(width))
+        return strips
+
+
 class MetricCharts(Horizontal):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.times: deque[float] = deque(maxlen=WINDOW)
+        self.recorded = 0  # Snapshots recorded so far: the number of the newest one
         self.values = {
             label: deque(maxlen=WINDOW) for _, series in SERIES.values() for label, _ in series
         }
 
     def compose(self) -> ComposeResult:
         for i, chart_id in enumerate(SERIES):
-            yield PlotextPlot(id=f"chart-{chart_id}", classes="chart shown" if i == 0 else "chart")
+            yield Chart(id=f"chart-{chart_id}", classes="chart shown" if i == 0 else "chart")
 
     def show_next(self) -> str:
         """Move the `shown` class (the one chart visible on narrow screens) to the next chart."""
-        plots = list(self.query(PlotextPlot))
+        plots = list(self.query(Chart))
         current = next(i for i, plot in enumerate(plots) if plot.has_class("shown"))
         plots[current].remove_class("shown")
         following = plots[(current + 1) % len(plots)]
@@ -72,6 +136,7 @@ class MetricCharts(Horizontal):
 
     def record(self, snapshot: Snapshot) -> None:
         self.times.append(snapshot.time)
+        self.recorded += 1
         for _, series in SERIES.values():
             for label, read in series:
                 self.values[label].append(read(snapshot))
@@ -81,17 +146,22 @@ class MetricCharts(Horizontal):
             return
         newest = self.times[-1]
         xs = [t - newest for t in self.times]
+        first = self.recorded - len(xs)  # the number of the oldest Snapshot in the window
         for chart_id, (title, series) in SERIES.items():
-            plot = self.query_one(f"#chart-{chart_id}", PlotextPlot)
+            plot = self.query_one(f"#chart-{chart_id}", Chart)
+            # At most a point per column; which ones hangs on the Snapshot's number, not its place
+            # in the window, so the kept points stay put as the window slides.
+            step = math.ceil(len(xs) / (plot.size.width or WINDOW))
+            kept = [i for i in range(len(xs)) if (first + i) % step == 0 or i == len(xs) - 1]
             plt = plot.plt
             plt.clear_data()
             plt.title(title)
             for label, _ in series:
-                pairs = zip(xs, self.values[label], strict=True)
-                points = [(x, y) for x, y in pairs if y is not None]
+                values = self.values[label]
+                points = [(xs[i], values[i]) for i in kept if values[i] is not None]
                 if points:
                     x, y = zip(*points, strict=True)
                     side = "right" if label in RIGHT_AXIS else "left"
                     plt.plot(x, y, label=label, marker="braille", yside=side)
             plt.xlim(min(xs[0], -1.0), 0.0)
-            plot.refresh()
+            plot.redraw()

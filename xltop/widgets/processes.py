@@ -6,10 +6,9 @@ one that goes is removed. The cursor stays on the same process when the rows re-
 
 from __future__ import annotations
 
-from textual.widgets import DataTable
-
 from xltop.snapshot import ProcessInfo
 from xltop.widgets import units
+from xltop.widgets.row_table import RowTable
 
 RUN_MARK = ">"
 # column key, label, width (fixed: no width recalculation per tick; None = the rest), the
@@ -38,7 +37,7 @@ def _cells(p: ProcessInfo) -> dict[str, object]:
     )
 
 
-class ProcessTable(DataTable):
+class ProcessTable(RowTable):
     def __init__(self, **kwargs) -> None:
         super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
         self.processes: dict[int, ProcessInfo] = {}
@@ -85,7 +84,7 @@ class ProcessTable(DataTable):
             self.sort_column = column
             self._sort(self.selected_pid())
 
-    def on_data_table_header_selected(self, event: DataTable.HeaderSelected) -> None:
+    def on_data_table_header_selected(self, event: RowTable.HeaderSelected) -> None:
         self.sort_by(event.column_key.value)
 
     def _sort(self, keep_pid: int | None) -> None:

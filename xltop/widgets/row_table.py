@@ -1,0 +1,94 @@
+"""RowTable: a DataTable whose cell updates re-render only the rows they change, cheaply.
+
+DataTable.update_cell bumps a counter that is part of every one of its render cache keys, so one
+changed cell re-renders every cell of the table on the next frame: two thirds of a tick's paint.
+Here an update marks its row, and the next paint drops only that row's cached renders. A one-line
+cell is drawn as one Segment: Rich's pipeline (markup parsing, Padding, Styled, line splitting)
+cost ~0.2 ms a cell, and it showed a command's "[...]" as markup. This leans on DataTable's
+private caches (textual 8.2); tests/xltop/test_app.py checks what it draws.
+"""
+
+from __future__ import annotations
+
+from rich.cells import set_cell_size
+from rich.segment import Segment
+from rich.style import Style
+from textual._types import SegmentLines
+from textual.geometry import Region
+from textual.strip import Strip
+from textual.widgets import DataTable
+from textual.widgets.data_table import CellDoesNotExist, CellType, ColumnKey, RowKey
+
+
+class RowTable(DataTable):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._changed_rows: set[RowKey] = set()
+
+    def update_cell(
+        self,
+        row_key: RowKey | str,
+        column_key: ColumnKey | str,
+        value: CellType,
+        *,
+        update_width: bool = False,
+    ) -> None:
+        if update_width:  # a width change re-renders everything anyway
+            super().update_cell(row_key, column_key, value, update_width=True)
+            return
+        row = RowKey(row_key) if isinstance(row_key, str) else row_key
+        column = ColumnKey(column_key) if isinstance(column_key, str) else column_key
+        if row not in self._row_locations or column not in self._column_locations:
+            raise CellDoesNotExist(f"No cell exists for row_key={row!r}, column_key={column!r}.")
+        self._data[row][column] = value
+        self._changed_rows.add(row)
+        self.refresh_row(self._row_locations.get(row))
+
+    def render_lines(self, crop: Region) -> list[Strip]:
+        if self._changed_rows:
+            self._forget(self._changed_rows)
+            self._changed_rows = set()
+        return super().render_lines(crop)
+
+    def _forget(self, rows: set[RowKey]) -> None:
+        """Drop the cached renders of `rows`; every other row's stay valid."""
+        indices = {self._row_locations.get(row) for row in rows}
+        for cache, stale in (
+            (self._cell_render_cache, lambda key: key[0] in rows),  # (row key, column key, ...)
+            (self._row_render_cache, lambda key: key[0] in rows),  # (row key, line, ...)
+            (self._row_renderable_cache, lambda key: key[1] in indices),  # (count, row index)
+        ):
+            for key in [key for key in cache.keys() if stale(key)]:  # noqa: SIM118 (no __iter__)
+                cache.discard(key)
+        self._line_cache.clear()  # keyed by screen line: cheap to rebuild from the row caches
+
+    def _render_cell(
+        self,
+        row_index: int,
+        column_index: int,
+        base_style: Style,
+        width: int,
+        cursor: bool = False,
+        hover: bool = False,
+    ) -> SegmentLines:
+        row_key = self._row_locations.get_key(row_index)
+        column_key = self._column_locations.get_key(column_index)
+        value = self._data[row_key].get(column_key) if row_index >= 0 <= column_index else None
+        simple = isinstance(value, (str, int)) and self.rows[row_key].height == 1
+        if not simple or self.fixed_rows or self.fixed_columns:
+            return super()._render_cell(row_index, column_index, base_style, width, cursor, hover)
+        # The same key as DataTable's, so its invalidations (sort, resize, focus) apply here too.
+        key = (row_key, column_key, base_style, cursor, hover,
+               self._show_hover_cursor, self._update_count, self._pseudo_class_state)  # fmt: skip
+        lines = self._cell_render_cache.get(key)
+        if lines is None:
+            component_style, post_style = self._get_styles_to_render_cell(
+                False, False, False, hover, cursor, self.show_cursor, self._show_hover_cursor,
+                self.cursor_foreground_priority == "css", self.cursor_background_priority == "css",
+            )  # fmt: skip
+            meta = Style.from_meta({"row": row_index, "column": column_index})
+            pad = " " * self.cell_padding
+            text = set_cell_size(str(value), width - 2 * len(pad))
+            lines = [[Segment(pad + text + pad, base_style + meta + component_style + post_style)]]
+            self._cell_render_cache[key] = lines
+        return lines
