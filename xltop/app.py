@@ -102,7 +102,9 @@ class XltopApp(App[None]):
                 return
 
     def show_snapshot(self, snapshot: Snapshot) -> None:
-        if not self.main_screen.is_attached:  # a tick that lands while the app shuts down
+        # A tick that lands while the app shuts down: Textual clears `is_running` before it
+        # removes any widget (the screen itself can still look attached while its children go).
+        if not self.is_running:
             return
         self.last = snapshot
         self.snapshots_shown += 1
@@ -133,6 +135,8 @@ class XltopApp(App[None]):
 
     def say(self, text: str, error: bool = False) -> None:
         """An event of the app's own (a command and its reply) on the events line."""
+        if not self.is_running:  # a reply that lands while the app shuts down (see show_snapshot)
+            return
         self.main_screen.query_one(EventLine).add(text)
         if error:
             self.notify(text, severity="error")
