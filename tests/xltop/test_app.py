@@ -177,16 +177,22 @@ async def test_l_starts_and_stops_csv_logging(attached, tmp_path):
         assert rows[-1]["run_state"] == "running" and int(rows[-1]["step"]) > 0
 
 
+async def open_kill_dialog(pilot, app: XltopApp, pid: int, key: str) -> ProcessTable:
+    """Select `pid` in the process table once it is listed, press `key`, wait for the dialog."""
+    table = app.main_screen.query_one(ProcessTable)
+    await until(pilot, lambda: pid in table.processes, f"pid {pid} in the table")
+    table.select_pid(pid)
+    await pilot.press(key)
+    await until(pilot, lambda: isinstance(app.screen, KillDialog), "the kill dialog")
+    return table
+
+
 @pilot_test
 async def test_k_kills_a_child_process_after_confirmation(monitors, children):
     victim = children("sleep", "300")
     app = XltopApp(monitors(top_n=ALL_PROCESSES))
     async with app.run_test(size=(120, 40)) as pilot:
-        table = app.main_screen.query_one(ProcessTable)
-        await until(pilot, lambda: victim.pid in table.processes, "the child in the table")
-        table.select_pid(victim.pid)
-        await pilot.press("k")
-        await until(pilot, lambda: isinstance(app.screen, KillDialog), "the kill dialog")
+        await open_kill_dialog(pilot, app, victim.pid, "k")
         assert app.screen.target.pid == victim.pid and "sleep 300" in app.screen.target.command
         await pilot.press("y")
         await until(pilot, lambda: process_gone(victim.pid), "the child to end")
@@ -198,11 +204,7 @@ async def test_f9_opens_the_same_dialog_and_cancel_spares_the_process(monitors, 
     victim = children("sleep", "300")
     app = XltopApp(monitors(top_n=ALL_PROCESSES))
     async with app.run_test(size=(120, 40)) as pilot:
-        table = app.main_screen.query_one(ProcessTable)
-        await until(pilot, lambda: victim.pid in table.processes, "the child in the table")
-        table.select_pid(victim.pid)
-        await pilot.press("f9")
-        await until(pilot, lambda: isinstance(app.screen, KillDialog), "the kill dialog")
+        table = await open_kill_dialog(pilot, app, victim.pid, "f9")
         # The dialog is locked on its process even if the selection moves underneath.
         table.move_cursor(row=0)
         await pilot.press("n")
