@@ -247,8 +247,10 @@ class ChannelServer:
             if uid is not None and uid != os.getuid():
                 conn.close()  # another user: refused before a byte is read
                 continue
-            peer = _Connection(conn, self._on_line, self._forget, greeting=encode(self.hello))
+            # Counted among the peers before the hello can go out: a monitor that has been
+            # greeted then receives everything published after (publish takes the same lock).
             with self._lock:
+                peer = _Connection(conn, self._on_line, self._forget, greeting=encode(self.hello))
                 self._peers.add(peer)
 
     def _forget(self, peer: _Connection) -> None:

@@ -229,3 +229,14 @@ def test_a_request_without_reply_times_out(server, clients):
     with pytest.raises(ChannelError, match="no reply"):
         client.request("pause", timeout=0.3)
     assert time.monotonic() - start < 3
+
+
+def test_a_monitor_once_greeted_receives_everything_published_after(server, clients):
+    # The greeting must not go out before the server counts the monitor among its peers: a
+    # message published in between would be lost to it (seen once as a missing error report).
+    for i in range(100):
+        client = clients(server.path)
+        server.publish({"type": "error", "exc_type": "E", "message": str(i), "traceback": ""})
+        wait_until(lambda c=client: c.last_error is not None, timeout=2)
+        assert client.last_error["message"] == str(i)
+        client.close()
