@@ -2,18 +2,25 @@
 
 Runs XltopApp headless at 160x45 on a real Monitor and HostedRun (the default preset, as `xltop`
 starts it), lets the charts fill for a while, then saves SVG (and PNG, with rsvg-convert when it
-is installed) of the main screen, the help screen and the kill dialog into screenshots/.
+is installed) of the main screen, the help screen and the kill dialog into screenshots/. The
+process table keeps to this session's own processes (the script and the run it hosts), the run
+is started as `.venv/bin/python -m ttt_runtime ...` from the checkout rather than by its absolute
+path, and the header names the host "localhost": the pictures show xltop, not the machine they
+were taken on.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import psutil
 
 from xltop.app import XltopApp
 from xltop.monitor import Monitor
@@ -22,8 +29,18 @@ from xltop.sources import SystemSource
 from xltop.widgets.kill_dialog import KillDialog
 from xltop.widgets.processes import ProcessTable
 
-OUT = Path(__file__).resolve().parents[1] / "screenshots"
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "screenshots"
 SIZE = (160, 45)
+
+
+class SessionSource(SystemSource):
+    """The machine's figures, but only this script's process tree in the process table."""
+
+    def sample(self):
+        system, processes = super().sample()
+        session = {os.getpid(), *(p.pid for p in psutil.Process().children(recursive=True))}
+        return system, tuple(p for p in processes if p.pid in session)
 
 
 async def until(pilot, predicate, what: str, timeout: float) -> None:
@@ -46,8 +63,8 @@ def save(app: XltopApp, name: str) -> None:
 
 
 async def photograph(seconds: float) -> None:
-    monitor = Monitor(SystemSource(), HostedRun([]), interval=1.0)
-    app = XltopApp(monitor)
+    monitor = Monitor(SessionSource(), HostedRun([]), interval=1.0)
+    app = XltopApp(monitor, host="localhost")
     try:
         async with app.run_test(size=SIZE) as pilot:
             run = lambda: app.last.run if app.last else None  # noqa: E731
@@ -75,6 +92,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=40.0, help="history before the shots")
     args = parser.parse_args()
     OUT.mkdir(exist_ok=True)
+    # The hosted run is started with this interpreter's path: relative to the checkout, so that
+    # its command line (process table, kill dialog) does not show where the checkout lives.
+    os.chdir(REPO)
+    sys.executable = os.path.relpath(sys.executable)
     asyncio.run(photograph(args.seconds))
 
 
