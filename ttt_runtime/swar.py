@@ -219,19 +219,16 @@ def _subnormal_step(scale: float) -> bool:
 def dequantize(q: QuantizedTensor):
     """The float tensor a QuantizedTensor stands for, in its original kind, shape and dtype."""
     size = math.prod(q.shape)
-    if _subnormal_step(q.scale):
-        levels = np.concatenate(_unpack(np.array(q.words), q.bits))[:size].astype(np.float64)
-        values = (levels * q.scale + q.offset).reshape(q.shape)
-        if isinstance(q.words, mx.array):
-            return mx.array(values.astype(np.float32)).astype(q.dtype)
-        return values.astype(q.dtype)
-    planes = _unpack(q.words, q.bits)
-    if isinstance(q.words, mx.array):
-        levels = mx.concatenate(planes)[:size].astype(mx.float32)
+    subnormal = _subnormal_step(q.scale)  # such a step is only exact in float64 (see quantize)
+    if isinstance(q.words, mx.array) and not subnormal:
+        levels = mx.concatenate(_unpack(q.words, q.bits))[:size].astype(mx.float32)
         return (levels * q.scale + q.offset).reshape(q.shape).astype(q.dtype)
-    dtype = np.float64 if q.dtype == np.float64 else np.float32
-    levels = np.concatenate(planes)[:size].astype(dtype)
-    return (levels * q.scale + q.offset).reshape(q.shape).astype(q.dtype, copy=False)
+    dtype = np.float64 if subnormal or q.dtype == np.float64 else np.float32
+    levels = np.concatenate(_unpack(np.asarray(q.words), q.bits))[:size].astype(dtype)
+    values = (levels * q.scale + q.offset).reshape(q.shape)
+    if isinstance(q.words, mx.array):
+        return mx.array(values.astype(np.float32)).astype(q.dtype)
+    return values.astype(q.dtype, copy=False)
 
 
 class QuantizedMomentum:
