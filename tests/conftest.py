@@ -1,6 +1,11 @@
-"""Fixtures shared by every test directory: a real TTT run in a real child process."""
+"""Fixtures shared by every test directory: a real TTT run in a real child process, and a
+forked child that is another user."""
 
 from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
 
 import pytest
 
@@ -25,3 +30,45 @@ def spawned_run():
     yield start
     for run in runs:
         run.stop(timeout=10.0)
+
+
+NOBODY = 65534
+
+
+@pytest.fixture
+def as_nobody() -> Callable[[Callable[[], str]], str]:
+    """Factory: `as_nobody(fn)` runs `fn()` in a forked child that has become uid/gid nobody and
+    returns the string it returned. The child runs the code already loaded in this process, so it
+    needs no access to the checkout, which may sit in a folder only its owner can enter (root's
+    home). Skips unless root, as only root can become another user."""
+
+    def run(fn: Callable[[], str]) -> str:
+        if os.geteuid() != 0:
+            pytest.skip("needs root, to become another user")
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: leaves by os._exit only, never back into pytest
+            status, message = 1, ""
+            try:
+                os.close(read_end)
+                signal.signal(signal.SIGALRM, signal.SIG_DFL)
+                signal.alarm(60)  # a hung child dies and the parent reports it
+                os.setgroups([])
+                os.setresgid(NOBODY, NOBODY, NOBODY)
+                os.setresuid(NOBODY, NOBODY, NOBODY)
+                message = fn()
+                status = 0
+            except BaseException as exc:
+                message = f"{type(exc).__name__}: {exc}"
+            try:
+                os.write(write_end, message.encode())
+            finally:
+                os._exit(status)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            message = pipe.read().decode()
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, f"the child as nobody failed: {message}"
+        return message
+
+    return run
