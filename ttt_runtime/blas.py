@@ -26,16 +26,15 @@ _KNOWN = (
     ("openblas", "openblas"),
     ("libmkl", "mkl"),
     ("blis", "blis"),
-    ("Accelerate.framework", "accelerate"),
     ("mlx_cpu.libs/libblas", "bundled"),
 )
 # NumPy's private OpenBLAS exports prefixed symbols only (scipy_cblas_*): MLX never calls it
 _PRIVATE = ("numpy.libs", "scipy_openblas")
 
 
-def find_optimized_blas() -> str | None:
+def find_optimized_blas(system: str = sys.platform) -> str | None:
     """Path of a system OpenBLAS to LD_PRELOAD, or None (not Linux, or none installed)."""
-    if not sys.platform.startswith("linux"):
+    if not system.startswith("linux"):
         return None
     arch = platform.machine()
     for pattern in _CANDIDATES:
@@ -45,13 +44,14 @@ def find_optimized_blas() -> str | None:
     return None
 
 
-def loaded_blas(maps_path: str = "/proc/self/maps") -> str:
+def loaded_blas(maps_path: str = "/proc/self/maps", system: str = sys.platform) -> str:
     """The BLAS this process has mapped ('openblas', 'bundled', ...), from /proc/self/maps.
 
     A preloaded library comes first in symbol resolution, so an optimized one found beside
-    MLX's bundled one is the one in use. 'accelerate' on macOS (no /proc), else 'unknown'.
+    MLX's bundled one is the one in use. 'accelerate' on macOS, where MLX always links Apple's
+    Accelerate and there is no /proc to read; 'unknown' if nothing known is mapped.
     """
-    if sys.platform == "darwin":
+    if system == "darwin":
         return "accelerate"
     try:
         with open(maps_path) as handle:

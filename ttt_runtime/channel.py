@@ -35,11 +35,16 @@ class ChannelError(Exception):
     """The channel cannot be opened or used; the message says which socket and why."""
 
 
+# Linux names a Unix-socket peer's uid (SO_PEERCRED); macOS's socket module has no such option,
+# and there the socket's mode 0600 (in a 0700 folder by default) is what keeps others out.
+PEERCRED_OPTION: int | None = getattr(socket, "SO_PEERCRED", None)
+
+
 def peer_uid(sock: socket.socket) -> int | None:
     """The uid of the process at the other end, or None where the OS does not say."""
-    if not hasattr(socket, "SO_PEERCRED"):
+    if PEERCRED_OPTION is None:
         return None
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    creds = sock.getsockopt(socket.SOL_SOCKET, PEERCRED_OPTION, struct.calcsize("3i"))
     return struct.unpack("3i", creds)[1]
 
 

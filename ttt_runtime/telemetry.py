@@ -160,12 +160,23 @@ def _physical_memory() -> int:
 
 
 def device_info() -> dict:
-    """The run's device: backend, name, memory size and (Metal) recommended working set."""
-    info = mx.device_info()
-    if mx.default_device().type == mx.DeviceType.cpu:
-        backend = "cpu"
-    else:
-        backend = "cuda" if mx.cuda.is_available() else "gpu"
+    """The run's device as MLX describes it in this process (see `describe_device`)."""
+    backend = backend_name(mx.default_device(), mx.cuda.is_available())
+    return describe_device(mx.device_info(), backend)
+
+
+def backend_name(device: mx.Device, cuda_available: bool) -> str:
+    """'cpu', 'cuda', or 'gpu' for Metal (MLX's GPU is one or the other)."""
+    if device.type == mx.DeviceType.cpu:
+        return "cpu"
+    return "cuda" if cuda_available else "gpu"
+
+
+def describe_device(info: dict, backend: str) -> dict:
+    """Backend, name, memory size and (Metal) recommended working set, from `mx.device_info()`.
+
+    Metal reports the memory size and the working set; MLX's CPU backend only names the device,
+    so the memory size is the machine's there and the working set None."""
     return {
         "backend": backend,
         "device": str(info.get("device_name", "")),

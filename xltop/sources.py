@@ -117,10 +117,15 @@ def _fetch_details(pid: int, started: float, name: str) -> _Details:
 class SystemSource:
     """Machine memory/CPU and the top processes by RSS (plus the run's process, always)."""
 
-    def __init__(self, run_pid_getter: Callable[[], int | None] | None = None, top_n: int = 30):
+    def __init__(
+        self,
+        run_pid_getter: Callable[[], int | None] | None = None,
+        top_n: int = 30,
+        system: str = sys.platform,  # the OS whose process reader to use
+    ):
         self.run_pid_getter = run_pid_getter
         self.top_n = top_n
-        self._reader = _ProcfsReader() if sys.platform.startswith("linux") else _PsutilReader()
+        self._reader = _ProcfsReader() if system.startswith("linux") else _PsutilReader()
         self._details: dict[int, _Details] = {}
         # CPU percentages are deltas: prime the counters so the first sample means something.
         psutil.cpu_percent(None)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
 import time
 
+import psutil
 import pytest
 from xltop_helpers import process_gone
 
@@ -74,6 +76,50 @@ def test_vanishing_processes_are_skipped_not_raised():
     finally:
         stop.set()
         thread.join()
+
+
+HOLDS_MEMORY = (
+    "import time\n"
+    "data = b'x' * ({mib} << 20)\n"  # written, so resident
+    "print('ready', flush=True)\n"
+    "time.sleep(60)\n"
+)
+
+
+def test_the_psutil_reader_used_off_linux_agrees_with_proc(children, tmp_path):
+    """macOS reads processes with psutil: forced here, it must see what the /proc reader sees."""
+    holders = {
+        mib: children(sys.executable, "-c", HOLDS_MEMORY.format(mib=mib), stdout=subprocess.PIPE)
+        for mib in (32, 96)
+    }
+    for holder in holders.values():
+        assert holder.stdout.readline().strip() == b"ready"
+    busy = children(sys.executable, "-c", "while True: pass")
+    long_named = tmp_path / "xltop-long-named-sleeper"
+    long_named.symlink_to(shutil.which("sleep"))
+    sleeper = children(str(long_named), "60")
+    ours = [*holders.values(), busy, sleeper]
+
+    alive_before = set(psutil.pids())
+    sources = [SystemSource(top_n=100_000, system=system) for system in ("linux", "darwin")]
+    time.sleep(2.0)  # one CPU window, sampled by both readers back to back
+    by_proc, by_psutil = ({p.pid: p for p in source.sample()[1]} for source in sources)
+    alive_throughout = alive_before & set(psutil.pids())
+    assert alive_throughout <= by_proc.keys() and alive_throughout <= by_psutil.keys()
+
+    for proc in ours:
+        linux, other = by_proc[proc.pid], by_psutil[proc.pid]
+        assert (other.user, other.command) == (linux.user, linux.command)
+        assert other.name.startswith(linux.name)
+        assert abs(other.rss - linux.rss) <= max(linux.rss // 50, 1 << 20)
+        assert abs(other.cpu_percent - linux.cpu_percent) <= 25.0
+    for mib, holder in holders.items():
+        assert by_proc[holder.pid].rss > mib << 20
+    assert by_proc[busy.pid].cpu_percent >= 5.0 and by_psutil[busy.pid].cpu_percent >= 5.0
+    assert by_proc[sleeper.pid].cpu_percent == by_psutil[sleeper.pid].cpu_percent == 0.0
+    # /proc keeps the kernel's 15-byte name; psutil completes a cut name from the command line.
+    assert by_proc[sleeper.pid].name == "xltop-long-name"
+    assert by_psutil[sleeper.pid].name == "xltop-long-named-sleeper"
 
 
 # -- the run as a source (real runs, tiny preset) -----------------------------------------------
