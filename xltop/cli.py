@@ -236,10 +236,12 @@ class _Sinks:
                 self.csv = CsvLog.open(self.args.csv, snapshot)
             self.csv.write(snapshot)
         except CsvLogError as exc:
-            # Disk full or similar: stop logging, say so, keep monitoring.
+            # Disk full or similar: stop logging, say so once, keep monitoring. Headless mode
+            # prints events to stderr too: posting there as well would say it twice.
             self.csv_wanted, self.csv = False, None
             _say(f"{exc}; monitoring goes on")
-            self.monitor.post_event(str(exc))
+            if self.mode != "headless":
+                self.monitor.post_event(str(exc))
 
     def close(self) -> None:
         if self.csv is not None:

@@ -1,8 +1,10 @@
 """The CSV sink: one schema, one row per Snapshot, every column named with its unit.
 
 The block and layer columns are fixed for the file by the first Snapshot (one column per block
-and per layer). Each row goes out in one write and is flushed, so a killed monitor loses at
-most the row it was writing and the file still parses.
+and per layer). Each row goes straight to the file (no buffer) and a write that fails or falls
+short, as on a full disk, is cut back to the last whole row: the file holds whole rows only. A
+monitor killed mid-write can still leave half a row; reopening the file drops it. A file that
+does not begin with xltop's header is never modified.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import csv
 import io
 import os
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 from xltop.snapshot import Snapshot
@@ -104,6 +107,10 @@ def _csv_line(values: list[Any]) -> str:
     return buffer.getvalue()
 
 
+# Every xltop header begins with these; the block and layer columns after them vary by run.
+HEADER_START = _csv_line([*BASE_COLUMNS, ""]).rstrip("\n").encode()
+
+
 def check_writable(path: str | os.PathLike) -> None:
     """Fail early, before a run starts, if `path` can never be a CSV log."""
     path = Path(path)
@@ -112,9 +119,61 @@ def check_writable(path: str | os.PathLike) -> None:
     folder = path.parent
     if not folder.is_dir():
         raise CsvLogError(f"cannot log to {path}: folder {folder} does not exist")
-    target = path if path.exists() else folder
-    if not os.access(target, os.W_OK):
-        raise CsvLogError(f"cannot log to {path}: permission denied")
+    if not path.exists():
+        if not os.access(folder, os.W_OK):
+            raise CsvLogError(f"cannot log to {path}: permission denied")
+        return
+    # The run's block and layer columns are not known yet: only the base columns are checked.
+    os.close(_open_log(path, os.O_RDWR, HEADER_START))
+
+
+def _open_log(path: Path, flags: int, header: bytes) -> int:
+    """A descriptor on `path`, a regular file that is empty or begins with `header`.
+
+    Anything else is refused untouched: a FIFO would block the open and a device would swallow
+    the rows (O_NONBLOCK keeps a FIFO from blocking until it is refused); a file not begun by
+    our header is not ours to append to. A file holding only part of our header (xltop killed
+    while writing its first row) is refused too: that much does not prove the file is ours.
+    """
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise CsvLogError(f"cannot log to {path}: {exc.strerror}") from None
+    try:
+        if not S_ISREG(os.fstat(fd).st_mode):
+            raise CsvLogError(f"cannot log to {path}: not a regular file")
+        start = os.pread(fd, len(header) + (1 << 16), 0)
+        if start and not start.startswith(header):
+            raise CsvLogError(_refusal(path, start, header))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _refusal(path: Path, start: bytes, header: bytes) -> str:
+    if not start.startswith(HEADER_START):
+        return (
+            f"{path} is not an xltop CSV log (its first line is not xltop's header); "
+            "refusing to touch it: log to a new file"
+        )
+    theirs, ours = (line.split(b"\n", 1)[0].count(b",") + 1 for line in (start, header))
+    return (
+        f"{path} already holds an xltop CSV with other columns ({theirs} vs {ours}); "
+        "refusing to mix schemas: log to a new file"
+    )
+
+
+def _whole_rows_end(fd: int, header_size: int) -> int:
+    """Where the last whole row (or the header) of the log at `fd` ends: after its last newline."""
+    end = os.fstat(fd).st_size
+    while end > header_size:
+        start = max(end - (1 << 16), header_size)
+        newline = os.pread(fd, end - start, start).rfind(b"\n")
+        if newline >= 0:
+            return start + newline + 1
+        end = start
+    return header_size
 
 
 class CsvLog:
@@ -122,62 +181,53 @@ class CsvLog:
         self.path = Path(path)
         self.n_blocks, self.n_layers = layout(columns_from)
         self.columns = csv_columns(self.n_blocks, self.n_layers)
-        header = _csv_line(self.columns)
+        header = _csv_line(self.columns).encode()
         check_writable(self.path)
+        self._fd = _open_log(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, header)
         try:
-            existing = self._existing_header()
-            if existing is not None and existing != header.rstrip("\n"):
-                raise CsvLogError(
-                    f"{self.path} already holds a CSV with other columns "
-                    f"({existing.count(',') + 1} vs {len(self.columns)}); refusing to mix "
-                    "schemas: log to a new file"
-                )
-            self._file = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115
+            # The header goes out with the first row, so an empty file means nothing was logged.
+            size = os.fstat(self._fd).st_size
+            self._pending = header if size == 0 else b""
+            # Ours (the header is exactly this run's): drop a torn last row a killed monitor left.
+            self._end = 0 if size == 0 else _whole_rows_end(self._fd, len(header))
+            if self._end < size:
+                os.ftruncate(self._fd, self._end)
         except OSError as exc:
+            self._abandon()
             raise CsvLogError(f"cannot log to {self.path}: {exc.strerror}") from None
-        # The header goes out with the first row, so an empty file means nothing was logged.
-        self._pending = "" if existing is not None else header
 
     @classmethod
     def open(cls, path: str | os.PathLike, first_snapshot: Snapshot) -> CsvLog:
         return cls(path, columns_from=first_snapshot)
 
-    def _existing_header(self) -> str | None:
-        """The header of a non-empty file we append to, after dropping a torn last row."""
-        if not self.path.is_file() or self.path.stat().st_size == 0:
-            return None
-        with open(self.path, "r+b") as f:
-            data = f.read()
-            if not data.endswith(b"\n"):  # a monitor killed mid-row left half a line: drop it
-                data = data[: data.rfind(b"\n") + 1]
-                f.truncate(len(data))
-        if not data:
-            return None
-        return data[: data.find(b"\n")].decode("utf-8", errors="replace").rstrip("\r")
-
     @property
     def closed(self) -> bool:
-        return self._file.closed
+        return self._fd < 0
 
     def write(self, snapshot: Snapshot) -> None:
-        """Append one row and flush; on a write error close the file and raise CsvLogError."""
+        """Append one row; on a write error cut the file back to its last whole row, close it and
+        raise CsvLogError."""
         row = snapshot_to_row(snapshot, self.n_blocks, self.n_layers)
-        line = self._pending + _csv_line([row[c] for c in self.columns])
+        line = self._pending + _csv_line([row[c] for c in self.columns]).encode()
+        written = 0
         try:
-            self._file.write(line)
-            self._file.flush()
+            while written < len(line):  # a short write (the disk filled) is retried to learn why
+                written += os.write(self._fd, line[written:])
         except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._end)
             self._abandon()
             raise CsvLogError(
                 f"CSV logging to {self.path} stopped: {exc.strerror or exc}"
             ) from None
-        self._pending = ""
+        self._end = os.lseek(self._fd, 0, os.SEEK_CUR)
+        self._pending = b""
 
     def _abandon(self) -> None:
-        # A failed flush is retried by close() and fails again: there is nothing left to save.
-        with contextlib.suppress(OSError):
-            self._file.close()
+        fd, self._fd = self._fd, -1
+        with contextlib.suppress(OSError):  # nothing is buffered: a failing close loses nothing
+            os.close(fd)
 
     def close(self) -> None:
-        if not self._file.closed:
+        if not self.closed:
             self._abandon()

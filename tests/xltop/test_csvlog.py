@@ -1,12 +1,20 @@
-"""The CSV sink: schema, append rules, torn rows, full disks, signals."""
+"""The CSV sink: schema, append rules, torn rows, full disks, files not ours, signals."""
 
 from __future__ import annotations
 
+import csv
+import io
+import os
+import resource
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
-from xltop_helpers import read_rows, run_xltop, wait_for_rows
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from xltop_helpers import REPO, read_rows, run_xltop, wait_for_rows, xltop_env
 
 from xltop.csvlog import CsvLog, CsvLogError, csv_columns, snapshot_to_row
 from xltop.monitor import Monitor
@@ -117,19 +125,45 @@ def test_unusable_paths_fail_clearly(tmp_path, machine_snapshot, where):
         CsvLog.open(path, machine_snapshot)
 
 
-def test_full_disk_stops_the_log_with_a_clear_error(machine_snapshot):
-    log = CsvLog.open("/dev/full", machine_snapshot)  # every write: ENOSPC
-    with pytest.raises(CsvLogError, match="stopped"):
-        log.write(machine_snapshot)
-    assert log.closed
+def run_xltop_with_file_limit(limit: int, *args: str) -> subprocess.CompletedProcess:
+    """`python -m xltop ARGS` whose files cannot grow past `limit` bytes, as on a disk that
+    fills: a write that crosses it is cut short, the next fails with EFBIG (Python ignores
+    SIGXFSZ)."""
+    return subprocess.run(
+        [sys.executable, "-m", "xltop", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+        env=xltop_env(),
+        cwd=REPO,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+    )
 
 
-def test_full_disk_keeps_the_headless_monitor_going():
-    result = run_xltop("--headless", "--no-run", "--csv", "/dev/full", "--count", "3",
-                       "--interval", "0.2")  # fmt: skip
+def test_a_full_disk_leaves_whole_rows_only_and_says_so_once(tmp_path):
+    path = tmp_path / "log.csv"
+    limit = 500  # the header and a few rows of about 60 bytes: the limit falls inside a row
+    result = run_xltop_with_file_limit(limit, "--headless", "--no-run", "--csv", str(path),
+                                       "--count", "8", "--interval", "0.2")  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "stopped" in result.stderr and "monitoring goes on" in result.stderr
-    assert sum("mem " in line for line in result.stderr.splitlines()) == 3
+    said = [line for line in result.stderr.splitlines() if "CSV logging to" in line]
+    assert len(said) == 1 and "stopped: File too large; monitoring goes on" in said[0], said
+    assert sum("mem " in line for line in result.stderr.splitlines()) == 8  # monitoring went on
+    data = path.read_bytes()
+    assert 0 < len(data) < limit and data.endswith(b"\n")
+    header, *rows = list(csv.reader(io.StringIO(data.decode())))
+    assert header == csv_columns(0, 0) and rows
+    assert all(len(row) == len(header) and float(row[0]) > 0 for row in rows)
+
+
+def test_a_failed_first_row_leaves_an_empty_file_to_log_to_later(tmp_path):
+    path = tmp_path / "log.csv"
+    result = run_xltop_with_file_limit(100, "--headless", "--no-run", "--csv", str(path),
+                                       "--count", "2", "--interval", "0.2")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("CSV logging to") == 1
+    assert path.read_bytes() == b""  # the header was cut back with its row
 
 
 def test_snapshot_to_row_leaves_run_columns_empty_without_a_run(machine_snapshot):
@@ -151,3 +185,131 @@ def test_signals_leave_a_parseable_file(tmp_path, xltop_process, sig):
     assert len(rows) >= 3
     assert all(float(r["total_mib"]) > 0 and float(r["ts"]) > 0 for r in rows)
     assert path.read_text().endswith("\n")
+
+
+def header_of(n_blocks: int, n_layers: int) -> bytes:
+    return (",".join(csv_columns(n_blocks, n_layers)) + "\n").encode()
+
+
+OLD_MTIME_NS = 1_000_000_000 * 10**9  # set on a file first, so that any write would show
+
+FOREIGN_FILES = {
+    "one line, no newline": b"my notes",
+    "a CSV with a torn last line": b"name,value\nalpha,1\nbeta,2",
+    "binary junk": bytes(range(256)) * 8,
+    "only a newline": b"\n",
+    # Half of our header (xltop killed while writing its first row) does not prove the file is
+    # ours: refused like any other, the user deletes it.
+    "a partial xltop header": header_of(0, 0)[:40],
+    "an xltop header of another run, torn row": header_of(2, 2) + b"1795400782.9,0.2,24",
+}
+
+
+def foreign_file(tmp_path, content: bytes):
+    path = tmp_path / "notes.csv"
+    path.write_bytes(content)
+    os.utime(path, ns=(OLD_MTIME_NS, OLD_MTIME_NS))
+    return path
+
+
+def assert_untouched(path, content: bytes) -> None:
+    assert path.read_bytes() == content
+    assert path.stat().st_mtime_ns == OLD_MTIME_NS
+
+
+@pytest.mark.parametrize("content", FOREIGN_FILES.values(), ids=FOREIGN_FILES.keys())
+def test_a_file_that_is_not_ours_is_never_modified(tmp_path, machine_snapshot, content):
+    path = foreign_file(tmp_path, content)
+    with pytest.raises(CsvLogError, match=f"{path}.*log to a new file"):
+        CsvLog.open(path, machine_snapshot)
+    assert_untouched(path, content)
+
+
+@pytest.mark.parametrize("content", [b"my notes", b"name,value\nalpha,1\nbeta,2"])
+def test_the_cli_refuses_a_file_that_is_not_ours_before_starting(tmp_path, content):
+    path = foreign_file(tmp_path, content)
+    result = run_xltop("--no-run", "--headless", "--count", "3", "--csv", str(path))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "not an xltop CSV log" in result.stderr
+    assert_untouched(path, content)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink to a fifo", "character device"])
+def test_a_path_that_is_not_a_regular_file_is_refused_at_once(tmp_path, kind):
+    path = tmp_path / "log.csv"
+    if kind == "character device":
+        path = "/dev/null"  # would swallow every row
+    else:
+        os.mkfifo(tmp_path / "fifo")  # opening it to write would wait for a reader forever
+        if kind == "fifo":
+            path = tmp_path / "fifo"
+        else:
+            path.symlink_to(tmp_path / "fifo")
+    result = run_xltop("--no-run", "--json", "--csv", str(path), timeout=60)
+    assert result.returncode == 2
+    assert result.stderr == f"xltop: cannot log to {path}: not a regular file\n"
+
+
+def test_a_symlink_to_our_log_is_followed(tmp_path, machine_snapshot):
+    target = tmp_path / "log.csv"
+    link = tmp_path / "current.csv"
+    link.symlink_to(target)
+    for _ in range(2):
+        log = CsvLog.open(link, machine_snapshot)
+        log.write(machine_snapshot)
+        log.close()
+    assert link.is_symlink() and len(read_rows(target)) == 2
+
+
+# -- the reopen path, fuzzed ------------------------------------------------------------------
+
+N_COLUMNS = len(csv_columns(0, 0))  # machine_snapshot has no run
+cells = st.one_of(
+    st.just(""),
+    st.floats(allow_nan=False).map(repr),
+    st.text(st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",))),
+)
+whole_rows = st.lists(st.lists(cells, min_size=N_COLUMNS, max_size=N_COLUMNS), max_size=5).map(
+    lambda rows: "".join(csv_line(row) for row in rows).encode()
+)
+torn_tails = st.binary(max_size=80).filter(lambda tail: b"\n" not in tail)
+ours = st.tuples(whole_rows, torn_tails).map(lambda parts: (header_of(0, 0) + parts[0], parts[1]))
+foreign = st.one_of(
+    st.binary(min_size=1),
+    st.text(min_size=1).map(str.encode),
+    st.sampled_from(list(FOREIGN_FILES.values())),
+    st.integers(1, len(header_of(0, 0)) - 1).map(lambda n: header_of(0, 0)[:n]),
+).filter(lambda content: not content.startswith(header_of(0, 0)))
+
+
+def csv_line(row: list[str]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(row)
+    return buffer.getvalue()
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(file=st.one_of(ours, foreign.map(lambda content: (None, content))), n_new=st.integers(0, 3))
+def test_reopening_keeps_whole_rows_and_never_touches_a_foreign_file(
+    tmp_path, machine_snapshot, file, n_new
+):
+    whole, rest = file  # ours: (header and whole rows, a torn tail); foreign: (None, content)
+    path = foreign_file(tmp_path, (whole or b"") + rest)
+    if whole is None:
+        with pytest.raises(CsvLogError):
+            CsvLog.open(path, machine_snapshot)
+        assert_untouched(path, rest)
+        return
+    log = CsvLog.open(path, machine_snapshot)
+    for _ in range(n_new):
+        log.write(machine_snapshot)
+    log.close()
+    data = path.read_bytes()
+    assert data.startswith(whole) and data.endswith(b"\n")  # only the torn tail went
+    header, *rows = list(csv.reader(io.StringIO(data.decode(), newline="")))
+    assert header == csv_columns(0, 0)
+    assert all(len(row) == N_COLUMNS for row in rows)
+    added = list(csv.reader(io.StringIO(data[len(whole) :].decode(), newline="")))
+    assert len(added) == n_new and all(float(row[0]) > 0 for row in added)
