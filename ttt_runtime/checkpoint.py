@@ -2,12 +2,14 @@
 config/step/stream position in its metadata.
 
 Written to a temporary file in the target's directory, flushed to disk, then renamed over the
-target, so a reader sees the old file or the new one, never half of one. A SHA-256 over every
-tensor, kept in the metadata, turns a truncated or corrupted file into a clear error instead of
-a silent load of wrong weights.
+target, so a reader sees the old file or the new one, never half of one; a write that fails
+(full disk, no permission) removes the temporary file and leaves the target as it was. A
+SHA-256 over every metadata field and every tensor, kept in the metadata, turns a truncated,
+corrupted or edited file into a clear error instead of a silent load of wrong weights or a
+wrong step.
 
-The header alone (no MLX) is read by `config.checkpoint_config`, so that `--resume` is checked
-before a run starts and the run starts from the checkpoint's config.
+The header alone (no MLX) is read and its fields checked by `config.checkpoint_config`, so that
+`--resume` is checked before a run starts and the run starts from the checkpoint's config.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-FORMAT = "xltop-ttt-checkpoint/1"
+from ttt_runtime.config import CHECKPOINT_FORMAT, ConfigError, checkpoint_metadata
 
 
 class CheckpointError(ValueError):
@@ -45,8 +47,9 @@ class Checkpoint:
         return {k[cut:]: v for k, v in self.arrays.items() if k.startswith(prefix + ".")}
 
 
-def _digest(arrays: dict[str, Any]) -> str:
-    digest = hashlib.sha256()
+def _digest(arrays: dict[str, Any], fields: dict[str, str]) -> str:
+    """Over every metadata field but the digest itself, then every tensor."""
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
     for name in sorted(arrays):
         value = np.asarray(arrays[name])
         digest.update(f"{name}:{value.dtype}:{value.shape};".encode())
@@ -55,40 +58,55 @@ def _digest(arrays: dict[str, Any]) -> str:
 
 
 def save(path: str, checkpoint: Checkpoint) -> str:
-    """Write atomically; returns the absolute path."""
+    """Write atomically; returns the absolute path. CheckpointError, in one line naming the
+    path and the reason, if it cannot be written; the target is then untouched."""
     path = os.path.abspath(path)
-    folder = os.path.dirname(path)
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as exc:
-        raise CheckpointError(f"cannot create {folder}: {exc.strerror}") from None
+    if os.path.exists(path) and not os.path.isfile(path):  # never rename over a device or FIFO
+        raise CheckpointError(f"cannot write checkpoint {path}: not a regular file")
     mx.eval(list(checkpoint.arrays.values()))
-    metadata = {
-        "format": FORMAT,
+    fields = {
+        "format": CHECKPOINT_FORMAT,
         "config": json.dumps(checkpoint.config),
         "step": str(checkpoint.step),
         "tokens": str(checkpoint.tokens),
         "stream_position": str(checkpoint.stream_position),
         "conversation": str(checkpoint.conversation),
         "cache_offsets": json.dumps(checkpoint.cache_offsets),
-        "sha256": _digest(checkpoint.arrays),
     }
-    temp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp.safetensors")
+    metadata = {**fields, "sha256": _digest(checkpoint.arrays, fields)}
     try:
-        mx.save_safetensors(temp, checkpoint.arrays, metadata=metadata)
-        with open(temp, "rb+") as handle:
+        _write_atomically(path, checkpoint.arrays, metadata)
+    except (OSError, RuntimeError, ValueError) as exc:
+        # MLX raises RuntimeError for its own I/O; os raises ValueError for a path it cannot
+        # encode (a NUL byte, a lone surrogate)
+        reason = getattr(exc, "strerror", None) or exc
+        where = getattr(exc, "filename", None)
+        if where and where != path:  # e.g. the temporary file, which the folder refused
+            reason = f"{reason} ({where})"
+        raise CheckpointError(f"cannot write checkpoint {path}: {reason}") from None
+    return path
+
+
+def _write_atomically(path: str, arrays: dict[str, Any], metadata: dict[str, str]) -> None:
+    folder = os.path.dirname(path)
+    temp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp.safetensors")
+    os.makedirs(folder, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temp)  # left by a killed process that had our pid
+    try:
+        with open(temp, "xb") as handle:  # exclusive: never through a link or into a FIFO
+            mx.save_safetensors(handle, arrays, metadata=metadata)
+            handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)
-        directory = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-    except OSError as exc:
+    finally:
         with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc}") from None
-    return path
+            os.unlink(temp)  # still there only if the write or the rename failed
+    directory = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def load(path: str) -> Checkpoint:
@@ -101,19 +119,13 @@ def load(path: str) -> Checkpoint:
         raise CheckpointError(
             f"checkpoint {path} is truncated or not a safetensors file ({exc})"
         ) from None
-    if metadata.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path} is not an xltop TTT checkpoint")
-    if _digest(arrays) != metadata.get("sha256"):
-        raise CheckpointError(f"checkpoint {path} is corrupted: its tensors fail the checksum")
     try:
-        return Checkpoint(
-            arrays=arrays,
-            config=json.loads(metadata["config"]),
-            step=int(metadata["step"]),
-            tokens=int(metadata["tokens"]),
-            stream_position=int(metadata["stream_position"]),
-            conversation=int(metadata["conversation"]),
-            cache_offsets=[int(o) for o in json.loads(metadata["cache_offsets"])],
+        values = checkpoint_metadata(path, metadata)
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+    fields = {name: text for name, text in metadata.items() if name != "sha256"}
+    if _digest(arrays, fields) != metadata.get("sha256"):
+        raise CheckpointError(
+            f"checkpoint {path} is corrupted: its metadata or tensors fail the checksum"
         )
-    except (KeyError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint {path} has bad metadata ({exc})") from None
+    return Checkpoint(arrays=arrays, **values)

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import struct
 import sys
 from dataclasses import dataclass, fields
@@ -75,7 +76,8 @@ class RunConfig:
         table.pop("preset", None)
         return base.with_overrides(**table)
 
-    def with_overrides(self, **values: Any) -> RunConfig:
+    # self positional-only: a setting named "self" (in a file) is unknown, not a TypeError
+    def with_overrides(self, /, **values: Any) -> RunConfig:
         known = {f.name for f in fields(self)}
         for name in values:
             if name not in known:
@@ -229,17 +231,63 @@ def parse_run_args(argv: list[str]) -> tuple[argparse.Namespace, RunConfig]:
     return args, config_from_args(args, base)
 
 
+CHECKPOINT_FORMAT = "xltop-ttt-checkpoint/2"
+CHECKPOINT_COUNTS = ("step", "tokens", "stream_position", "conversation")
+
+
 def checkpoint_config(path: str) -> dict[str, Any]:
-    """The run config in a checkpoint's header (safetensors: u64 length, JSON), without MLX.
-    The full check of the file (ttt_runtime.checkpoint.load) happens when the run starts."""
+    """The run config in a checkpoint's header (safetensors: u64 length, JSON), without MLX,
+    after every metadata field is checked (checkpoint_metadata). The checksum over tensors and
+    metadata is verified when the run loads the file (ttt_runtime.checkpoint.load), before
+    its first step: checking it here would read every tensor twice."""
     try:
         with open(path, "rb") as handle:
             (length,) = struct.unpack("<Q", handle.read(8))
             header = json.loads(handle.read(min(length, 1 << 26)))
-        return json.loads(header["__metadata__"]["config"])
+        metadata = header["__metadata__"]
     except FileNotFoundError:
         raise ConfigError(f"checkpoint {path}: no such file") from None
     except OSError as exc:
         raise ConfigError(f"checkpoint {path}: {exc.strerror}") from None
-    except (struct.error, ValueError, KeyError, TypeError):
+    except (struct.error, ValueError, KeyError, TypeError, RecursionError):
         raise ConfigError(f"checkpoint {path} is truncated or not a checkpoint") from None
+    return checkpoint_metadata(path, metadata)["config"]
+
+
+def checkpoint_metadata(path: str, metadata: Any) -> dict[str, Any]:
+    """A checkpoint's metadata (safetensors keeps strings) as values: `config` a dict that
+    RunConfig accepts, the CHECKPOINT_COUNTS non-negative integers, `cache_offsets` a list of
+    them. ConfigError with one line naming the file and the field for anything else."""
+    found = metadata.get("format") if isinstance(metadata, dict) else None
+    if found != CHECKPOINT_FORMAT:
+        if isinstance(found, str) and found.startswith("xltop-ttt-checkpoint/"):
+            raise ConfigError(f"checkpoint {path} has format {found}; this version reads only "
+                              f"{CHECKPOINT_FORMAT}")  # fmt: skip
+        raise ConfigError(f"checkpoint {path} is not an xltop TTT checkpoint")
+    config = _metadata_json(path, metadata, "config")
+    if not isinstance(config, dict):
+        raise ConfigError(f"checkpoint {path}: config must be a JSON object")
+    try:
+        RunConfig().with_overrides(**config)
+    except ConfigError as exc:
+        raise ConfigError(f"checkpoint {path}: config {exc}") from None
+    counts = {}
+    for name in CHECKPOINT_COUNTS:
+        text = metadata.get(name)
+        # up to 20 digits: any count fits in 64 bits, and int() of thousands of digits raises
+        if not (isinstance(text, str) and re.fullmatch("[0-9]{1,20}", text)):
+            raise ConfigError(f"checkpoint {path}: {name}={text!r:.40}: must be an integer >= 0")
+        counts[name] = int(text)
+    offsets = _metadata_json(path, metadata, "cache_offsets")
+    if not (isinstance(offsets, list) and all(
+        isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets
+    )):  # fmt: skip
+        raise ConfigError(f"checkpoint {path}: cache_offsets must be a list of integers >= 0")
+    return {"config": config, **counts, "cache_offsets": offsets}
+
+
+def _metadata_json(path: str, metadata: dict[str, Any], name: str) -> Any:
+    try:
+        return json.loads(metadata[name])
+    except (KeyError, TypeError, ValueError, RecursionError):
+        raise ConfigError(f"checkpoint {path}: {name} is missing or not JSON") from None

@@ -217,3 +217,17 @@ def test_a_run_that_dies_at_start_is_a_clear_error(tmp_path):
     assert result.returncode == 1
     assert "empty.txt" in result.stderr and "Traceback" not in result.stderr
     assert result.stdout == ""
+
+
+def test_a_resume_checkpoint_with_bad_metadata_exits_2_before_starting(tmp_path):
+    from ttt_runtime.config import CHECKPOINT_FORMAT
+
+    # a crafted header: xltop reads only the header (no MLX) before it starts a run
+    header = json.dumps({"__metadata__": {"format": CHECKPOINT_FORMAT, "config": "[1]"}})
+    path = tmp_path / "crafted.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header.encode())
+    result = run_xltop("--once", "--resume", str(path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0] and "config" in lines[0]
+    assert result.stdout == ""
