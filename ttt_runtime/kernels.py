@@ -2,7 +2,8 @@
 
 The sources are data: the wheel carries them as `ttt_runtime/_kernels/`, a checkout has them in
 the top-level `kernels/`. On a backend without custom kernels (MLX's CPU backend) the loaders
-return None and callers use the same maths in plain MLX ops.
+return None. Nothing calls them: the layers use plain MLX ops on every backend, and no GPU has
+run these kernels yet (kernels/README.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A byte-level language model of TTT blocks (TTT_SPEC.md, "Block and model")."""
+"""A byte-level language model of TTT blocks (docs/ttt-maths.md, "The model around the layers")."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from typing import Any
 COMMANDS = ("pause", "resume", "clear_cache", "reset", "save", "stop", "hello")
 
 # One telemetry message per step. Sizes are bytes, times milliseconds, losses bits per byte
-# (outer) or the spec's inner loss. Per-block and per-layer fields come from the last step on
+# (outer) or the inner loss (docs/ttt-maths.md). Per-block and per-layer fields: the last step on
 # the sampling schedule; "sampled_step" says which step that was.
 TELEMETRY_FIELDS = {
     "t": "unix time of the report (s)",

@@ -6,7 +6,7 @@ fusion across blocks, hence the sampling schedule. In train mode the backward pa
 block by block with `mx.vjp`; each block's vjp re-runs its forward, so its backward time is the
 vjp's time minus the block's measured forward time.
 
-Fast-weight figures per TTT layer (TTT_SPEC.md, last section), over all of a layer's fast-weight
+Fast-weight figures per TTT layer (docs/ttt-maths.md), over all of a layer's fast-weight
 tensors and heads, averaged over the batch rows: `w_norm` = ||W||, `update_norm` = ||W_after -
 W_before|| over the step, `drift` = ||W - W_0|| with W_0 the fast weights at the start of the
 conversation (train mode: every step is a fresh conversation, so drift = update_norm).

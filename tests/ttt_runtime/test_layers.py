@@ -1,4 +1,4 @@
-"""The TTT layers against a float64 NumPy transcription of TTT_SPEC.md, and their own invariants."""
+"""The TTT layers against a float64 NumPy transcription of docs/ttt-maths.md, and own invariants."""
 
 from __future__ import annotations
 

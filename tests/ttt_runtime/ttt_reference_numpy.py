@@ -1,8 +1,8 @@
-"""TTT_SPEC.md written out literally in NumPy float64: the numbers the MLX layers must match.
+"""docs/ttt-maths.md written out literally in NumPy float64: the numbers the MLX layers must match.
 
-Loops over batch, heads and tokens instead of vectorising, so that every line reads like the spec.
-Both forms are here: `form="dual"` (spec step 6) and `form="primal"` (per-token weights, the
-spec's streaming section); the tests check them against each other and the MLX layers.
+Loops over batch, heads and tokens instead of vectorising, so that every line reads like the maths.
+Both forms are here: `form="dual"` (mini-batch formulas) and `form="primal"` (each token its own
+weights, as in streaming); the tests check them against each other and the MLX layers.
 """
 
 from __future__ import annotations

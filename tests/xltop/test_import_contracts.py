@@ -1,4 +1,4 @@
-"""The import arrows of DESIGN.md are enforced by lint-imports, and the contracts really bite."""
+"""The import arrows of docs/architecture.md are enforced by lint-imports, and contracts bite."""
 
 from __future__ import annotations
 

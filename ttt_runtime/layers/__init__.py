@@ -1,4 +1,4 @@
-"""TTT-Linear and TTT-MLP layers on MLX, exactly as shared/TTT_SPEC.md."""
+"""TTT-Linear and TTT-MLP layers on MLX, exactly as docs/ttt-maths.md."""
 
 from ttt_runtime.layers.cache import TTTCache
 from ttt_runtime.layers.config import TTTLayerConfig

@@ -21,7 +21,7 @@ def require_positive(name: str, value: object) -> None:
 
 @dataclass(frozen=True)
 class TTTLayerConfig:
-    """Sizes and inner-loop settings of a TTT-Linear or TTT-MLP layer (see TTT_SPEC.md).
+    """Sizes and inner-loop settings of a TTT-Linear or TTT-MLP layer (see docs/ttt-maths.md).
 
     `compile` only chooses how the mini-batch scan runs (mx.compile or plain ops), never the maths.
     """
