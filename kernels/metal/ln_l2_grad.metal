@@ -1,5 +1,5 @@
 // Body of an mx.fast.metal_kernel: one thread per row of Z (rows of length N; the row's head is
-// (row / ROWS_PER_HEAD) % NH). G = d/dZ 0.5 * ||gamma * xhat + beta - T||^2  (TTT_SPEC.md).
+// (row / ROWS_PER_HEAD) % NH). G = d/dZ 0.5 * ||gamma * xhat + beta - T||^2  (docs/ttt-maths.md).
 uint row = thread_position_in_grid.x;
 if (row >= ROWS) {
     return;
