@@ -3,18 +3,29 @@ streams telemetry to any monitor that attaches (`xltop --attach PATH`).
 
 Exit codes: 0 after `stop` (or SIGTERM), 2 with a one-line message for a bad configuration,
 1 after sending an "error" message when the run raises.
+
+Without --socket the run listens in a private folder it makes; that folder, or the socket's
+folder given with --remove-socket-dir, is removed at every exit the process lives through.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 
 from ttt_runtime.config import ConfigError, parse_run_args
+from ttt_runtime.console import say
+from ttt_runtime.launch import private_socket_path, remove_private_socket
 
 
 def _fail(message: str) -> int:
-    print(f"ttt-run: error: {message}", file=sys.stderr)
+    say(f"ttt-run: error: {message}")
     return 2
+
+
+def _stop_during_setup(_signum, _frame) -> None:
+    # until the loop takes SIGTERM over (stop after the step), stop at once, cleaning up
+    raise SystemExit(0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,13 +36,26 @@ def main(argv: list[str] | None = None) -> int:
         args, config = parse_run_args(argv)
     except ConfigError as exc:
         return _fail(str(exc))
+    signal.signal(signal.SIGTERM, _stop_during_setup)
+    socket_path, private = args.socket, args.remove_socket_dir
+    if socket_path is None:
+        socket_path, private = private_socket_path(), True
+    try:
+        return _run(args, config, socket_path)
+    finally:
+        if private:
+            remove_private_socket(socket_path)
 
+
+def _run(args, config, socket_path: str) -> int:
     from ttt_runtime.run import SetupError, TTTRun  # MLX only from here on
 
     try:
-        run = TTTRun(config, socket_path=args.socket, resume=args.resume)
+        run = TTTRun(config, socket_path=socket_path, resume=args.resume)
     except SetupError as exc:
         return _fail(str(exc))
+    if args.socket is None:
+        say(f"ttt-run: listening on {socket_path} (xltop --attach {socket_path})")
     if args.exit_with_parent:
         run.stop_when_stdin_closes()
     return run.serve()

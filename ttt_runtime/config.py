@@ -202,6 +202,11 @@ def run_arg_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stop when stdin closes (the process that started the run is gone)",
     )
+    parser.add_argument(
+        "--remove-socket-dir",
+        action="store_true",
+        help="remove the socket's folder when the run exits (it was made for this run)",
+    )
     for f in fields(RunConfig):
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, metavar="VALUE")
     return parser

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,8 +23,19 @@ _TAIL_LINES = 200
 
 
 def private_socket_path() -> str:
-    """A socket path inside a fresh directory only this user can enter (mode 0700)."""
+    """A socket path inside a fresh directory only this user can enter (mode 0700). Whoever
+    asks for one removes it with `remove_private_socket`; a run told `--remove-socket-dir`
+    does so itself when it exits."""
     return os.path.join(tempfile.mkdtemp(prefix="ttt-run-"), "run.sock")
+
+
+def remove_private_socket(socket_path: str) -> None:
+    """Remove the socket (a dead run's may be left) and its folder, unless something else was
+    put there."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(socket_path)
+    with contextlib.suppress(OSError):
+        os.rmdir(os.path.dirname(socket_path))
 
 
 def check_run_args(argv: list[str]) -> str | None:
@@ -53,10 +63,10 @@ def run_environment(preload_blas: bool) -> dict[str, str]:
 class RunProcess:
     """A spawned run: its pid, socket, exit code and the tail of its stderr."""
 
-    def __init__(self, popen: subprocess.Popen, socket_path: str, private_dir: str | None):
+    def __init__(self, popen: subprocess.Popen, socket_path: str, private: bool):
         self.popen = popen
         self.socket_path = socket_path
-        self._private_dir = private_dir
+        self._private = private  # its folder was made for it: removed once it has exited
         self._tail: deque[str] = deque(maxlen=_TAIL_LINES)
         self._reader = threading.Thread(target=self._read_stderr, daemon=True)
         self._reader.start()
@@ -94,8 +104,8 @@ class RunProcess:
                     self.popen.kill()
                     self.popen.wait()
         self._reader.join(2.0)
-        if self._private_dir:
-            shutil.rmtree(self._private_dir, ignore_errors=True)
+        if self._private:  # the run removes it as it exits, unless it was killed
+            remove_private_socket(self.socket_path)
         return self.popen.returncode
 
     def _read_stderr(self) -> None:
@@ -106,12 +116,14 @@ class RunProcess:
 def spawn_run(
     args: list[str], socket_path: str | None = None, preload_blas: bool = True
 ) -> RunProcess:
-    """Start `python -m ttt_runtime run --socket PATH ARGS` (a fresh interpreter)."""
-    private_dir = None
-    if socket_path is None:
+    """Start `python -m ttt_runtime run --socket PATH ARGS` (a fresh interpreter); without a
+    `socket_path`, in a private folder the run removes as it exits (even if we are killed)."""
+    private = socket_path is None
+    if private:
         socket_path = private_socket_path()
-        private_dir = os.path.dirname(socket_path)
     command = [sys.executable, "-m", "ttt_runtime", "run", "--socket", socket_path]
+    if private:
+        command.append("--remove-socket-dir")
     popen = subprocess.Popen(
         [*command, "--exit-with-parent", *args],
         # A lifeline: nobody writes to this pipe, but when the monitor dies (even SIGKILLed)
@@ -126,4 +138,4 @@ def spawn_run(
         errors="replace",
         env=run_environment(preload_blas),
     )
-    return RunProcess(popen, socket_path, private_dir)
+    return RunProcess(popen, socket_path, private)

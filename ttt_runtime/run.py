@@ -8,7 +8,6 @@ one thread. A step in progress always finishes: `stop` (or SIGTERM) exits after 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import secrets
@@ -26,7 +25,7 @@ from ttt_runtime import checkpoint as ckpt
 from ttt_runtime.blas import loaded_blas
 from ttt_runtime.channel import ChannelError, ChannelServer
 from ttt_runtime.config import ConfigError, RunConfig
-from ttt_runtime.launch import private_socket_path
+from ttt_runtime.console import say
 from ttt_runtime.model import TTTModel
 from ttt_runtime.steps import (
     LN2,
@@ -56,9 +55,7 @@ class SetupError(ValueError):
 
 
 class TTTRun:
-    def __init__(
-        self, config: RunConfig, socket_path: str | None = None, resume: str | None = None
-    ):
+    def __init__(self, config: RunConfig, socket_path: str, resume: str | None = None):
         try:
             restored = ckpt.load(resume) if resume else None
             self.config = config
@@ -134,13 +131,7 @@ class TTTRun:
                     accumulators[name].add(np.array(w))
                 self.exact.append(accumulators)
 
-    def _open_channel(self, socket_path: str | None) -> None:
-        self._private_dir = None
-        if socket_path is None:
-            socket_path = private_socket_path()
-            self._private_dir = os.path.dirname(socket_path)
-            print(f"ttt-run: listening on {socket_path} (xltop --attach {socket_path})",
-                  file=sys.stderr)  # fmt: skip
+    def _open_channel(self, socket_path: str) -> None:
         hello = {
             "pid": os.getpid(),
             "run_id": self.run_id,
@@ -188,7 +179,7 @@ class TTTRun:
                     break
         except Exception as exc:
             text = traceback.format_exc()
-            print(text, file=sys.stderr, end="")
+            say(text.rstrip("\n"))
             self.server.publish({"type": "error", "exc_type": type(exc).__name__,
                                  "message": str(exc), "traceback": text})  # fmt: skip
             self.close()
@@ -198,11 +189,8 @@ class TTTRun:
         return 0
 
     def close(self) -> None:
-        """Close the channel (and remove the private socket directory made for it)."""
+        """Close the channel (its socket file is removed; its folder is the caller's)."""
         self.server.close()
-        if self._private_dir:
-            with contextlib.suppress(OSError):
-                os.rmdir(self._private_dir)
 
     def is_sampled(self, step: int) -> bool:
         every = self.config.sample_every
@@ -368,6 +356,5 @@ class TTTRun:
 
     def _print_progress(self) -> None:
         last = self.last
-        print(f"ttt-run: step {self.step}  loss {last['loss_bpb']:.3f} bpb  "
-              f"{last['tokens_per_s']:.0f} tok/s  {last['step_ms']:.0f} ms/step",
-              file=sys.stderr)  # fmt: skip
+        say(f"ttt-run: step {self.step}  loss {last['loss_bpb']:.3f} bpb  "
+            f"{last['tokens_per_s']:.0f} tok/s  {last['step_ms']:.0f} ms/step")  # fmt: skip

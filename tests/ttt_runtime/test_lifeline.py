@@ -1,5 +1,6 @@
 """A hosted run does not outlive the process that started it, even when that one is SIGKILLed."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -63,3 +64,31 @@ def test_exit_with_parent_stops_the_run_cleanly_when_stdin_closes(tmp_path):
     finally:
         run.kill()
         run.wait()
+
+
+def test_a_run_whose_xltop_is_killed_leaves_no_private_folder_behind(private_tmpdir):
+    tmpdir = private_tmpdir  # of xltop and its run: only their folders land here
+    xltop = subprocess.Popen(
+        [sys.executable, "-m", "xltop", "--headless", "--quiet", "--preset", "tiny"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=dict(os.environ, TMPDIR=str(tmpdir)), start_new_session=True,
+    )  # fmt: skip
+    runs: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not (runs and list(tmpdir.glob("ttt-run-*/run.sock"))):
+            assert xltop.poll() is None and time.monotonic() < deadline, "no run started"
+            runs = psutil.Process(xltop.pid).children()
+            time.sleep(0.1)
+        assert len(runs) == 1
+        os.kill(xltop.pid, signal.SIGKILL)
+        xltop.wait(10)
+        _, alive = psutil.wait_procs(runs, timeout=60)  # its lifeline closed: it stops
+        assert not alive, "the run outlived xltop"
+        assert list(tmpdir.glob("ttt-run-*")) == []
+    finally:
+        xltop.kill()
+        xltop.wait()
+        for run in runs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                run.kill()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
@@ -17,6 +18,7 @@ from test_checkpoint import change_a_digit, crafted, unwritable_targets
 from ttt_runtime.blas import find_optimized_blas
 from ttt_runtime.channel import ChannelClient, ChannelError
 from ttt_runtime.protocol import TELEMETRY_FIELDS, decode
+from ttt_runtime.run import PROGRESS_S
 
 READY_S = 90.0  # importing MLX and compiling on a loaded 2-core machine
 pytestmark = pytest.mark.slow
@@ -281,6 +283,101 @@ def test_socket_is_private(spawned_run, clients):
     clients(run)
     assert stat.S_IMODE(os.stat(run.socket_path).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(os.path.dirname(run.socket_path)).st_mode) == 0o700
+
+
+@pytest.fixture
+def own_folder_run(private_tmpdir):
+    """Factory: `ttt-run --preset tiny ARGS` without --socket, so that it makes its own private
+    folder, in the test's private TMPDIR -> (process, TMPDIR). Its stderr is a pipe nobody
+    reads (the caller may close it). Killed at teardown if still alive."""
+    started: list[subprocess.Popen] = []
+
+    def start(*args: str, stdin=subprocess.DEVNULL):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ttt_runtime", "run", "--preset", "tiny", *args],
+            stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env=dict(os.environ, TMPDIR=str(private_tmpdir)),
+        )  # fmt: skip
+        started.append(proc)
+        return proc, private_tmpdir
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if proc.stdin:
+            proc.stdin.close()
+        proc.stderr.close()
+
+
+def own_socket(proc, tmpdir) -> str:
+    """The socket in the run's own private folder, once it answers."""
+
+    def answering():
+        assert proc.poll() is None, f"the run exited {proc.returncode}"
+        for path in map(str, tmpdir.glob("ttt-run-*/run.sock")):
+            with contextlib.suppress(ChannelError):
+                ChannelClient.connect(path, timeout=5.0).close()
+                return path
+        return None
+
+    return wait_until(answering, READY_S, "the run's socket")
+
+
+def test_a_closed_stderr_never_ends_the_run(own_folder_run):
+    proc, tmpdir = own_folder_run()
+    proc.stderr.close()  # as when the monitor reading it was SIGKILLed
+    path = own_socket(proc, tmpdir)  # its "listening on" line went to the broken pipe
+    time.sleep(3 * PROGRESS_S)  # no monitor attached: progress lines go there too
+    assert proc.poll() is None, f"the run exited {proc.returncode}"
+    client = ChannelClient.connect(path)
+    try:
+        step = report(client)["step"]
+        report(client, lambda m: m["step"] > step + 3)
+        assert client.request("stop")["ok"]
+    finally:
+        client.close()
+    assert proc.wait(30) == 0
+    assert list(tmpdir.glob("ttt-run-*")) == []
+
+
+@pytest.mark.parametrize("how", ["sigterm", "lifeline", "error", "setup"])
+def test_every_exit_removes_the_private_folder_the_run_made(own_folder_run, tmp_path, how):
+    data = tmp_path / "data"
+    data.mkdir()
+    args, stdin = [], subprocess.DEVNULL
+    if how == "lifeline":
+        args, stdin = ["--exit-with-parent"], subprocess.PIPE
+    elif how == "error":
+        for i in range(12):  # more files than the stream keeps in memory
+            (data / f"{i:02}.txt").write_text(f"file {i} " * 40)
+        args = ["--data", str(data)]
+    elif how == "setup":
+        args = ["--data", str(data)]  # an empty folder: nothing to train on
+    proc, tmpdir = own_folder_run(*args, stdin=stdin)
+    if how == "setup":
+        assert proc.wait(READY_S) == 2
+    elif how == "sigterm":
+        # as early as can be: the folder exists, the run may still be setting up
+        wait_until(
+            lambda: proc.poll() is None and list(tmpdir.glob("ttt-run-*")), READY_S, "folder"
+        )
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(READY_S) == 0
+    else:
+        client = ChannelClient.connect(own_socket(proc, tmpdir))
+        try:
+            report(client, lambda m: m["step"] >= 1)
+            if how == "lifeline":
+                proc.stdin.close()  # the process that started the run is gone
+            else:
+                for file in data.iterdir():
+                    file.unlink()  # the data vanishes under the running stream
+            assert proc.wait(60) == (0 if how == "lifeline" else 1)
+        finally:
+            client.close()
+    assert list(tmpdir.glob("ttt-run-*")) == []
 
 
 def test_a_run_that_raises_sends_its_error_and_exits_nonzero(spawned_run, clients, tmp_path):
