@@ -38,6 +38,8 @@ TELEMETRY_FIELDS = {
     "tokens_per_s": "throughput over the last step",
     "step_ms": "wall time of the last step",
     "loss_bpb": "outer loss of the last step, bits per byte",
+    "warmup_ms": "wall time of this process's first step, which compiles (null before it); "
+    "that step's step_ms and tokens_per_s are null, and it is never the sampled step",
     "inner_lr": "mean inner learning rate (eta) over the last sampled step",
     "conversation": "conversation id; bumped by reset",
     "sampled_step": "step whose per-block/per-layer figures are reported (null before one)",

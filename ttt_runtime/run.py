@@ -8,6 +8,7 @@ one thread. A step in progress always finishes: `stop` (or SIGTERM) exits after 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import secrets
@@ -81,6 +82,8 @@ class TTTRun:
         self.exact = None  # adapt mode with exact_accumulate: per layer, name -> accumulator
         self.report = {"sampled_step": None, "blocks": [], "layers": [], "inner_lr": None}
         self.last = {"tokens_per_s": None, "step_ms": None, "loss_bpb": None}
+        self.warmup_ms = None  # the first step of this process: compile times, reported apart
+        self.warm_from = None  # the step after it, the first one sampled
         self.device = device_info()  # fixed for the process; memory is re-read per report
         self.blas = loaded_blas()
         self._setup_model(restored, resume)
@@ -193,8 +196,12 @@ class TTTRun:
         self.server.close()
 
     def is_sampled(self, step: int) -> bool:
+        """The first step after the warm-up (figures from the start), then every
+        `sample_every` steps; never the warm-up step, whose times are compile times."""
         every = self.config.sample_every
-        return every > 0 and (step == 1 or step % every == 0)
+        if every <= 0 or self.warm_from is None:
+            return False
+        return step == self.warm_from or step % every == 0
 
     def run_step(self) -> None:
         inputs, targets = (mx.array(a) for a in next(self.stream))
@@ -218,16 +225,27 @@ class TTTRun:
             mx.eval(loss, cache_arrays(self.caches))
             if self.exact is not None:
                 self._accumulate_exact()
+        warming_up = self.warm_from is None
+        if warming_up and self.config.sample_every > 0:
+            self._warm_sampled_path(inputs, targets)
         elapsed = time.perf_counter() - start
         self.step = step
         self.tokens += inputs.size
-        self.last = {
-            "tokens_per_s": inputs.size / elapsed,
-            "step_ms": elapsed * 1e3,
-            "loss_bpb": loss.item() / LN2,
-        }
+        self.last = {"tokens_per_s": None, "step_ms": None, "loss_bpb": loss.item() / LN2}
+        if warming_up:  # its times are compile times: one figure of its own
+            self.warmup_ms, self.warm_from = elapsed * 1e3, step + 1
+        else:
+            self.last.update(tokens_per_s=inputs.size / elapsed, step_ms=elapsed * 1e3)
         if sample is not None:
             self._record_sample(sample)
+
+    def _warm_sampled_path(self, inputs: mx.array, targets: mx.array) -> None:
+        """Run the sampled path once on a throwaway (its gradients, or copies of the caches as
+        the next step will find them), so that its compiling is done before it is timed."""
+        if self.config.mode == "train":
+            mx.eval(sampled_train_grads(self.model, inputs, targets).grads)
+        else:
+            sampled_adapt_step(self.model, [copy.copy(c) for c in self.caches], inputs, targets)
 
     def _record_sample(self, sample: Sample) -> None:
         # train: every step is a fresh conversation, so its start is the drift's origin
@@ -344,6 +362,7 @@ class TTTRun:
             "step": self.step,
             "tokens": self.tokens,
             **self.last,
+            "warmup_ms": self.warmup_ms,
             "conversation": self.conversation,
             **self.report,
             "mlx": {**self.device, **memory_counters()},
@@ -356,5 +375,8 @@ class TTTRun:
 
     def _print_progress(self) -> None:
         last = self.last
-        say(f"ttt-run: step {self.step}  loss {last['loss_bpb']:.3f} bpb  "
-            f"{last['tokens_per_s']:.0f} tok/s  {last['step_ms']:.0f} ms/step")  # fmt: skip
+        if last["step_ms"] is None:
+            speed = f"warm-up (compile) {self.warmup_ms:.0f} ms"
+        else:
+            speed = f"{last['tokens_per_s']:.0f} tok/s  {last['step_ms']:.0f} ms/step"
+        say(f"ttt-run: step {self.step}  loss {last['loss_bpb']:.3f} bpb  {speed}")

@@ -3,8 +3,8 @@
 A sampled step is a real step (same maths, same update) run block by block with an evaluation
 at every block boundary, so that each block's time can be read off the clock; that costs the
 fusion across blocks, hence the sampling schedule. In train mode the backward pass is chained
-block by block with `mx.vjp`; each block's vjp re-runs its forward, so its backward time is the
-vjp's time minus the block's measured forward time.
+block by block with `mx.vjp`; each block's vjp re-runs its forward, which is evaluated first, so
+that the clock then reads the backward alone (the cotangents' evaluation).
 
 Fast-weight figures per TTT layer (docs/ttt-maths.md), over all of a layer's fast-weight
 tensors and heads, averaged over the batch rows: `w_norm` = ||W||, `update_norm` = ||W_after -
@@ -67,7 +67,8 @@ def timed_forward(model: TTTModel, inputs: mx.array, caches: list[TTTCache]):
 
 
 def _grad_of(module, inputs: list[mx.array], fn, cotangent: mx.array):
-    """vjp of `fn(module with params, *inputs)` -> (param grads as a tree, input grads)."""
+    """vjp of `fn(module with params, *inputs)` -> (outputs, param grads as a tree, input
+    grads), unevaluated."""
     flat = tree_flatten(module.trainable_parameters())
     names = [name for name, _ in flat]
     n = len(flat)
@@ -76,9 +77,9 @@ def _grad_of(module, inputs: list[mx.array], fn, cotangent: mx.array):
         module.update(tree_unflatten(list(zip(names, arrays[:n], strict=True))))
         return [fn(*arrays[n:])]
 
-    _, grads = mx.vjp(call, [a for _, a in flat] + inputs, [cotangent])
+    outputs, grads = mx.vjp(call, [a for _, a in flat] + inputs, [cotangent])
     module.update(tree_unflatten(flat))  # the real parameters back, not the traced ones
-    return tree_unflatten(list(zip(names, grads[:n], strict=True))), grads[n:]
+    return outputs, tree_unflatten(list(zip(names, grads[:n], strict=True))), grads[n:]
 
 
 @dataclass
@@ -122,14 +123,15 @@ def sampled_train_grads(model: TTTModel, inputs: mx.array, targets: mx.array) ->
     block_grads, bwd_ms = [None] * len(model.blocks), [0.0] * len(model.blocks)
     for i in reversed(range(len(model.blocks))):
         block = model.blocks[i]
-        start = time.perf_counter()
-        block_grads[i], (cotangent,) = _grad_of(
+        outputs, block_grads[i], (cotangent,) = _grad_of(
             block, [hidden[i]], lambda h, b=block: b(h, cache=b.ttt.make_cache(batch)), cotangent
         )
+        mx.eval(outputs)  # the forward again, kept for the backward: not backward time
+        start = time.perf_counter()
         mx.eval(block_grads[i], cotangent)
-        bwd_ms[i] = max(0.0, _ms_since(start) - fwd_ms[i])
+        bwd_ms[i] = _ms_since(start)
     grads["blocks"] = block_grads
-    grads["embed"], _ = _grad_of(model.embed, [], lambda: model.embed(inputs), cotangent)
+    _, grads["embed"], _ = _grad_of(model.embed, [], lambda: model.embed(inputs), cotangent)
     return Sample(loss, caches, before, stats, fwd_ms, bwd_ms, grads)
 
 

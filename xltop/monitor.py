@@ -77,6 +77,7 @@ class Monitor:
         self._closed = threading.Event()
         self._last_run: RunInfo | None = None
         self._blas_hinted = False
+        self._warmup_told_for: int | None = None  # the run pid whose warm-up was posted
         # The first tick waits the floor so CPU percentages cover a real stretch of time.
         self._next_due = time.monotonic() + MIN_INTERVAL_S
 
@@ -130,6 +131,9 @@ class Monitor:
         event = _state_change_event(self._last_run, run)
         if event:
             self.post_event(event)
+        if run.warmup_ms is not None and run.pid != self._warmup_told_for:
+            self._warmup_told_for = run.pid  # once per run process (a restart warms up again)
+            self.post_event(f"run's first step (compile/warm-up) took {run.warmup_ms:.0f} ms")
         if run.blas == "bundled" and not self._blas_hinted:
             self._blas_hinted = True  # once per monitor: a hint, not a nag
             self.post_event(BUNDLED_BLAS_HINT)

@@ -62,6 +62,7 @@ def run_info_from_telemetry(message: dict[str, Any]) -> RunInfo:
         tokens_per_s=message.get("tokens_per_s"),
         step_ms=message.get("step_ms"),
         loss_bpb=message.get("loss_bpb"),
+        warmup_ms=message.get("warmup_ms"),
         inner_lr=message.get("inner_lr"),
         conversation=int(message.get("conversation") or 0),
         sampled_step=message.get("sampled_step"),

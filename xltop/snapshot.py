@@ -72,6 +72,7 @@ class RunInfo:
     tokens_per_s: float | None = None
     step_ms: float | None = None
     loss_bpb: float | None = None
+    warmup_ms: float | None = None  # the run's first step, which compiles: kept out of step_ms
     inner_lr: float | None = None
     conversation: int = 0
     sampled_step: int | None = None

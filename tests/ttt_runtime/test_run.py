@@ -10,14 +10,16 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 
+import psutil
 import pytest
 from test_checkpoint import change_a_digit, crafted, unwritable_targets
 
 from ttt_runtime.blas import find_optimized_blas
 from ttt_runtime.channel import ChannelClient, ChannelError
-from ttt_runtime.protocol import TELEMETRY_FIELDS, decode
+from ttt_runtime.protocol import TELEMETRY_FIELDS, decode, encode
 from ttt_runtime.run import PROGRESS_S
 
 READY_S = 90.0  # importing MLX and compiling on a loaded 2-core machine
@@ -79,9 +81,10 @@ def test_steps_advance_with_every_telemetry_field(spawned_run, clients):
     assert set(TELEMETRY_FIELDS) <= set(message)
     assert message["mode"] == "train" and message["preset"] == "tiny"
     assert message["tokens"] == message["step"] * 32  # tiny: seq_len 32, batch 1
-    assert message["sampled_step"] == 1 or message["sampled_step"] % 5 == 0
+    assert message["sampled_step"] == 2 or message["sampled_step"] % 5 == 0  # 1: the warm-up
     assert len(message["blocks"]) == 2 and len(message["layers"]) == 2
-    assert all(b["fwd_ms"] > 0 and b["bwd_ms"] is not None for b in message["blocks"])
+    assert all(b["fwd_ms"] > 0 and b["bwd_ms"] > 0 for b in message["blocks"])
+    assert message["warmup_ms"] > 0
     for layer in message["layers"]:
         assert layer["w_norm"] > 0 and layer["inner_loss_before"] is not None
         assert layer["exact_drift"] is None
@@ -90,6 +93,95 @@ def test_steps_advance_with_every_telemetry_field(spawned_run, clients):
     assert message["blas"] == ("openblas" if find_optimized_blas() else "bundled")
     later = report(second, lambda m: m["step"] > message["step"] + 5)
     assert later["tokens"] > message["tokens"]
+
+
+def messages_until(raw: socket.socket, enough) -> list[dict]:
+    """Every message read from a raw connection to a run, until `enough(messages)`."""
+    messages, buffer = [], b""
+    while not enough(messages):
+        data = raw.recv(65536)
+        assert data, "the run closed the connection"
+        buffer += data
+        *lines, buffer = buffer.split(b"\n")
+        messages += map(decode, filter(None, lines))
+    return messages
+
+
+def every_report(run, clients, until) -> list[dict]:
+    """Every telemetry message of a run started paused, from its first step on, until one
+    satisfies `until`."""
+    clients(run)  # waits until the run listens
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    raw.settimeout(READY_S)
+    raw.connect(run.socket_path)
+    raw.sendall(encode({"cmd": "resume", "id": 1}))
+    try:
+        messages = messages_until(raw, lambda ms: ms and ms[-1].get("step") and until(ms[-1]))
+    finally:
+        raw.close()
+    return [m for m in messages if m["type"] == "telemetry" and m["step"] >= 1]
+
+
+def test_the_warm_up_is_one_figure_and_stays_out_of_the_step_and_block_times(spawned_run, clients):
+    # the issue's case: the mlp preset's sampled adapt path compiles for seconds in block 0
+    run = spawned_run("--preset", "mlp", "--mode", "adapt", "--start-paused", "true")
+    reports = every_report(run, clients, lambda m: m["sampled_step"] is not None)
+    warm_up, sampled = reports[0], reports[-1]
+    assert warm_up["step"] == 1 and warm_up["warmup_ms"] > 0
+    assert warm_up["step_ms"] is None and warm_up["tokens_per_s"] is None
+    assert {m["warmup_ms"] for m in reports} == {warm_up["warmup_ms"]}  # one figure, kept
+    assert sampled["sampled_step"] == 2  # the first step after the warm-up
+    assert sampled["warmup_ms"] > sampled["step_ms"] > 0
+    fwd = [b["fwd_ms"] for b in sampled["blocks"]]
+    assert max(fwd) < 4 * min(fwd), fwd  # same work per block: none carries a compile
+
+
+def test_every_block_of_a_sampled_train_step_reports_forward_and_backward_time(
+    spawned_run, clients
+):
+    run = spawned_run("--layer-type", "mlp", "--sample-every", "1", "--start-paused", "true")
+    reports = every_report(run, clients, lambda m: m["step"] >= 30)
+    sampled = [m for m in reports if m["sampled_step"] == m["step"]]
+    assert len(sampled) >= 20
+    for message in sampled:
+        blocks = message["blocks"]
+        assert all(b["fwd_ms"] > 0 and b["bwd_ms"] > 0 for b in blocks), message["step"]
+
+
+@pytest.mark.parametrize(
+    "overrides", [{"mode": "train"}, {"mode": "adapt", "exact_accumulate": True}]
+)
+def test_the_warm_up_changes_no_update(tmp_path, overrides):
+    """The warm-up step updates exactly as in a run that never samples: the sampled path is
+    warmed on a throwaway."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from ttt_runtime.config import RunConfig
+    from ttt_runtime.run import TTTRun
+    from ttt_runtime.steps import cache_arrays
+
+    def updated(run) -> list:
+        if run.config.mode == "train":
+            return tree_flatten([run.model.parameters(), run.optimizer.state])
+        return list(enumerate(cache_arrays(run.caches)))
+
+    config = RunConfig.from_preset("tiny").with_overrides(**overrides)
+    runs = [
+        TTTRun(config.with_overrides(sample_every=every), str(tmp_path / f"{every}.sock"))
+        for every in (1, 0)
+    ]
+    try:
+        for run in runs:
+            run.run_step()
+            assert run.warmup_ms > 0
+        sampling, plain = (updated(run) for run in runs)
+        assert len(sampling) == len(plain) > 0
+        for (name, a), (_, b) in zip(sampling, plain, strict=True):
+            assert mx.array_equal(a, b).item(), name
+    finally:
+        for run in runs:
+            run.close()
 
 
 def test_without_preload_the_bundled_blas_is_reported(spawned_run, clients):
@@ -446,3 +538,72 @@ def test_a_checkpoint_with_bad_metadata_is_refused_in_one_line(tmp_path, field, 
     assert result.returncode == 2 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and path in lines[0] and field in lines[0]
+
+
+@pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="Linux: another process's limits")
+def test_running_out_of_descriptors_never_locks_monitors_out(spawned_run, clients):
+    run = spawned_run()
+    client = clients(run)
+    report(client, lambda m: m["step"] >= 1)
+    assert client.request("pause")["ok"]  # no step opens a data file while descriptors run out
+    limits = resource.prlimit(run.pid, resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir(f"/proc/{run.pid}/fd"))
+    resource.prlimit(run.pid, resource.RLIMIT_NOFILE, (in_use + 8, limits[1]))
+    storm = []
+    for _ in range(40):  # more than the 8 spare descriptors and the accept backlog
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(0.5)
+        storm.append(sock)
+        with contextlib.suppress(OSError):  # the backlog is full: nobody can accept
+            sock.connect(run.socket_path)
+    time.sleep(1.0)  # the run's accept fails with EMFILE, again and again
+    for sock in storm:
+        sock.close()
+    assert run.poll() is None
+    late = clients(run)  # with the low limit still in force
+    assert late.request("resume")["ok"]
+    step = report(late)["step"]
+    report(late, lambda m: m["step"] > step + 3)
+    assert late.request("stop")["ok"]
+    assert run.wait(30) == 0
+
+
+def test_a_flood_of_commands_neither_stops_the_steps_nor_grows_the_run(spawned_run, clients):
+    run = spawned_run()
+    watcher = clients(run)
+    report(watcher, lambda m: m["step"] >= 1)
+    flood = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    flood.connect(run.socket_path)
+    replies = []
+
+    def send() -> None:
+        batch = b"".join(b'{"cmd":"resume","id":%d}\n' % i for i in range(1000))
+        with contextlib.suppress(OSError):  # until the test shuts the socket
+            while True:
+                flood.sendall(batch)
+
+    def read() -> None:  # a flooding client that reads its replies, as in the issue
+        with contextlib.suppress(OSError):
+            while data := flood.recv(1 << 16):
+                replies.append(data.count(b'"type":"reply"'))
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (send, read)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_until(lambda: sum(replies) > 1000, 60, "the first thousand replies")
+        rss = psutil.Process(run.pid).memory_info().rss
+        step = watcher.latest()["step"]
+        time.sleep(8)
+        grown = psutil.Process(run.pid).memory_info().rss - rss
+        stepped = watcher.latest()["step"] - step
+    finally:
+        flood.shutdown(socket.SHUT_RDWR)
+        flood.close()
+        for thread in threads:
+            thread.join(10)
+    assert stepped >= 50, f"only {stepped} steps in 8 s of flood"
+    assert grown < 20 << 20, f"the run grew by {grown >> 20} MiB in 8 s of flood"
+    assert sum(replies) > 5000  # the flood was served, not refused
+    assert watcher.request("stop")["ok"]
+    assert run.wait(30) == 0

@@ -62,6 +62,16 @@ def test_a_run_on_the_bundled_blas_gets_one_hint_to_install_openblas():
     assert sum("libopenblas0-pthread" in e for e in events) == 1
 
 
+def test_the_runs_warm_up_is_one_event():
+    result = run_xltop("--json-stream", "--preset", "tiny", "--count", "3", "--interval", "0.2")
+    assert result.returncode == 0, result.stderr
+    snapshots = [json.loads(line) for line in result.stdout.splitlines()]
+    warmup_ms = snapshots[0]["run"]["warmup_ms"]
+    assert warmup_ms > 0 and {s["run"]["warmup_ms"] for s in snapshots} == {warmup_ms}
+    events = [e for s in snapshots for e in s["events"] if "warm-up" in e]
+    assert events == [f"run's first step (compile/warm-up) took {warmup_ms:.0f} ms"]
+
+
 def test_headless_duration_stops_on_time():
     result = run_xltop("--headless", "--no-run", "--duration", "1", "--interval", "0.2")
     assert result.returncode == 0, result.stderr
