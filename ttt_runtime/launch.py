@@ -8,18 +8,23 @@ imports this module.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections import deque
+from collections.abc import Callable
 
 from ttt_runtime.blas import find_optimized_blas
 from ttt_runtime.channel import ChannelClient, ChannelError
 from ttt_runtime.config import ConfigError, parse_run_args
 
 _TAIL_LINES = 200
+SLOW_STOP_S = 1.0  # a stop that takes longer says what it waits for
 
 
 def private_socket_path() -> str:
@@ -84,29 +89,52 @@ class RunProcess:
     def stderr_tail(self) -> str:
         return "".join(self._tail)
 
-    def stop(self, timeout: float = 10.0) -> int:
-        """Ask the run to stop (it finishes its step and exits 0); terminate, then kill, if it
-        does not exit within `timeout`. Returns the exit code; always reaps the process."""
+    def stop(self, timeout: float = 10.0, on_wait: Callable[[str], None] | None = None) -> int:
+        """Ask the run to stop (it finishes its step and exits 0) and kill it if it has not
+        exited `timeout` seconds later. If that takes over SLOW_STOP_S, `on_wait(sentence)`
+        hears once what it waits for. Returns the exit code; always reaps the process."""
         if self.popen.poll() is None:
-            with contextlib.suppress(ChannelError, OSError):
-                client = ChannelClient.connect(self.socket_path, timeout=min(2.0, timeout))
-                try:
-                    client.request("stop", timeout=timeout)
-                finally:
-                    client.close()
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.terminate()
-                try:
-                    self.popen.wait(5.0)
-                except subprocess.TimeoutExpired:
+            start = time.monotonic()
+            deadline, slow = start + timeout, min(start + SLOW_STOP_S, start + timeout)
+            # A SIGSTOPped run acts on nothing, not even SIGTERM: continued, it finishes its
+            # step and exits cleanly like any other (SIGCONT does nothing to a running one).
+            self.popen.send_signal(signal.SIGCONT)
+            client = self._ask_to_stop(slow, timeout)
+            try:  # the channel stays open until the run exits: the command may still be queued
+                if not self._exited_by(slow) and on_wait:
+                    left = math.ceil(deadline - time.monotonic())
+                    on_wait(f"stopping the run (pid {self.pid}): waiting up to {left} s for it "
+                            "to finish its step and exit, then killing it")  # fmt: skip
+                if not self._exited_by(deadline):
                     self.popen.kill()
                     self.popen.wait()
+            finally:
+                if client is not None:
+                    client.close()
         self._reader.join(2.0)
         if self._private:  # the run removes it as it exits, unless it was killed
             remove_private_socket(self.socket_path)
         return self.popen.returncode
+
+    def _ask_to_stop(self, reply_by: float, timeout: float) -> ChannelClient | None:
+        """Send the stop command (the run obeys it between steps; its reply is awaited until
+        `reply_by` at most) and return the open channel, or SIGTERM (which the run takes the
+        same way) if it has none within `timeout` (e.g. while it imports MLX)."""
+        try:
+            client = ChannelClient.connect(self.socket_path, timeout=min(2.0, timeout))
+        except (ChannelError, OSError):
+            self.popen.terminate()
+            return None
+        with contextlib.suppress(ChannelError, OSError):
+            client.request("stop", timeout=max(0.0, reply_by - time.monotonic()))
+        return client
+
+    def _exited_by(self, deadline: float) -> bool:
+        try:
+            self.popen.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            return False
+        return True
 
     def _read_stderr(self) -> None:
         for line in self.popen.stderr:

@@ -318,7 +318,8 @@ class XltopApp(App[None]):
 
         def stop() -> None:
             self._close_csv()
-            self.monitor.close()
+            # a run that is slow to stop (a long step) says what the quit waits for
+            self.monitor.close(on_wait=lambda text: self.call_from_thread(self.say, text))
             self.call_from_thread(self.exit)
 
         self.run_worker(stop, thread=True, name="quit", group="quit")

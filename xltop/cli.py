@@ -315,5 +315,5 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(Exception):
             if sinks is not None:
                 sinks.close()
-        monitor.close()
+        monitor.close(on_wait=_say)
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from xltop.snapshot import ProcessInfo, RunInfo, Snapshot, SystemInfo
@@ -29,16 +30,25 @@ class RuntimeSource(Protocol):
     @property
     def pid(self) -> int | None: ...
 
+    @property
+    def report_age_s(self) -> float | None: ...
+
     def sample(self) -> RunInfo: ...
 
     def send(self, cmd: str, **fields: Any) -> dict[str, Any]: ...
 
-    def close(self) -> None: ...
+    def close(self, on_wait: Callable[[str], None] | None = None) -> None: ...
 
 
-def _state_change_event(before: RunInfo | None, after: RunInfo) -> str | None:
+def _state_change_event(
+    before: RunInfo | None, after: RunInfo, report_age_s: float | None
+) -> str | None:
     if before is not None and before.state == after.state:
         return None
+    if after.state == "stalled":
+        return f"run stalled: no report for {report_age_s or 0:.0f} s (pid {after.pid})"
+    if before is not None and before.state == "stalled" and after.state != "dead":
+        return f"run {after.state} again"
     if after.state == "dead":
         code = "unknown" if after.exit_code is None else after.exit_code
         error = f": {after.last_error}" if after.last_error else ""
@@ -128,7 +138,7 @@ class Monitor:
         own = next((p for p in processes if p.pid == run.pid and run.state != "dead"), None)
         if own is not None:
             run = dataclasses.replace(run, rss=own.rss, cpu_percent=own.cpu_percent)
-        event = _state_change_event(self._last_run, run)
+        event = _state_change_event(self._last_run, run, self.runtime.report_age_s)
         if event:
             self.post_event(event)
         if run.warmup_ms is not None and run.pid != self._warmup_told_for:
@@ -140,8 +150,9 @@ class Monitor:
         self._last_run = run
         return run
 
-    def close(self) -> None:
-        """Wake a waiting tick and stop the run if this monitor hosts it."""
+    def close(self, on_wait: Callable[[str], None] | None = None) -> None:
+        """Wake a waiting tick and stop the run if this monitor hosts it; `on_wait(sentence)`
+        hears what the stop waits for, if it takes more than a second."""
         self._closed.set()
         if self.runtime is not None:
-            self.runtime.close()
+            self.runtime.close(on_wait)

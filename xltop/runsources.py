@@ -2,7 +2,8 @@
 
 Both read the run's telemetry over its channel (ttt_runtime.channel, which never imports MLX)
 and turn the newest message into a RunInfo. `sample()` never blocks and never raises: a run
-that is gone is a RunInfo with state "dead", its exit code and its last error.
+that is gone is a RunInfo with state "dead", its exit code and its last error; one whose reports
+have stopped (SIGSTOPped, or stuck in a step) is "stalled" until they resume.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import contextlib
 import dataclasses
 import threading
 import time
+from collections import deque
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ttt_runtime.channel import ChannelClient, ChannelError
@@ -19,6 +22,16 @@ from xltop.snapshot import BlockStats, LayerStats, MlxMemory, RunInfo
 SEND_TIMEOUT_S = 5.0
 STOP_TIMEOUT_S = 10.0
 NOT_RUNNING = {"ok": False, "error": "run is not running"}
+
+# A run reports once per step, and once a second while paused (ttt_runtime.run's
+# PAUSED_REPORT_S). It is stalled when xltop has read no new report for
+# max(STALL_MIN_S, STALL_STEPS x its slowest step among the last STALL_WINDOW reports): never
+# sooner than a few missed reports of a paused run or of fast steps on a loaded machine, and a
+# run whose steps take seconds gets a few of its own steps. Before any step is timed, its
+# warm-up (compile) step stands for the step time. Before its first report a run is "starting".
+STALL_MIN_S = 5.0
+STALL_STEPS = 3
+STALL_WINDOW = 32  # more than `sample_every` (20) steps: a slower sampled step is among them
 
 
 class RunSourceError(Exception):
@@ -48,6 +61,11 @@ def _mlx_memory(mlx: dict[str, Any] | None) -> MlxMemory | None:
 
 
 _LAYER_FIELDS = [f.name for f in dataclasses.fields(LayerStats)]
+
+
+def stall_after_s(recent_step_ms: Iterable[float]) -> float:
+    """Seconds without a new report after which a run is stalled (see STALL_MIN_S)."""
+    return max(STALL_MIN_S, STALL_STEPS * max(recent_step_ms, default=0.0) / 1e3)
 
 
 def run_info_from_telemetry(message: dict[str, Any]) -> RunInfo:
@@ -90,7 +108,18 @@ class _ChannelRun:
     _client: ChannelClient | None = None
 
     def __init__(self) -> None:
-        self._last: RunInfo | None = None
+        self._forget_reports()
+
+    def _forget_reports(self) -> None:
+        self._last: RunInfo | None = None  # the newest good report
+        self._last_message: dict[str, Any] | None = None
+        self._report_at: float | None = None  # monotonic time the newest report was first read
+        self._step_ms: deque[float] = deque(maxlen=STALL_WINDOW)
+
+    @property
+    def report_age_s(self) -> float | None:
+        """Seconds since xltop first read the run's newest report; None before its first."""
+        return None if self._report_at is None else time.monotonic() - self._report_at
 
     @property
     def pid(self) -> int | None:
@@ -122,14 +151,18 @@ class _ChannelRun:
     def _live_info(self) -> RunInfo:
         client = self._client
         message = client.latest() if client is not None else None
-        if message is None:
-            return self._last or self._hello_info("starting")
-        if message is not getattr(self, "_last_message", None):
-            self._last_message = message
-            # A malformed report is skipped: the last good one stands.
+        if message is not None and message is not self._last_message:
+            self._last_message, self._report_at = message, time.monotonic()
+            # A malformed report is skipped (the last good one stands), but the run is alive.
             with contextlib.suppress(TypeError, ValueError, AttributeError):
                 self._last = self._with_layout(run_info_from_telemetry(message))
-        return self._last or self._hello_info("starting")
+                self._step_ms.append(float(self._last.step_ms or self._last.warmup_ms or 0.0))
+        if self._last is None:
+            return self._hello_info("starting")
+        if self.report_age_s > stall_after_s(self._step_ms):
+            # The last figures stand, but not the last step's throughput: no step completes.
+            return dataclasses.replace(self._last, state="stalled", tokens_per_s=None, step_ms=None)
+        return self._last
 
     def _dead_info(self, exit_code: int | None, fallback_error: str | None) -> RunInfo:
         base = self._last or self._hello_info("dead")
@@ -147,7 +180,7 @@ class _ChannelRun:
         deadline = time.monotonic() + timeout
         while True:
             info = self.sample()
-            if info.state in ("running", "paused"):
+            if info.state in ("running", "paused", "stalled"):  # it has reported
                 return True
             if info.state == "dead" or time.monotonic() >= deadline:
                 return False
@@ -188,7 +221,8 @@ class AttachedRun(_ChannelRun):
     def restart(self) -> None:
         raise RunSourceError("an attached run is restarted where it was started, not from xltop")
 
-    def close(self) -> None:
+    def close(self, on_wait: Callable[[str], None] | None = None) -> None:
+        """Detach; the run goes on (so there is never anything to wait for)."""
         self._client.close()
 
 
@@ -210,7 +244,8 @@ class HostedRun(_ChannelRun):
             self._proc = spawn_run(self.run_args, preload_blas=self.preload_blas)
         except (OSError, ValueError) as exc:
             raise RunSourceError(f"cannot start the run: {exc}") from None
-        self._client, self._last = None, None
+        self._client = None
+        self._forget_reports()
         threading.Thread(target=self._connect, args=(self._proc,), daemon=True).start()
 
     def _connect(self, proc: Any) -> None:
@@ -244,13 +279,14 @@ class HostedRun(_ChannelRun):
         self._stop()
         self._start()
 
-    def _stop(self) -> None:
+    def _stop(self, on_wait: Callable[[str], None] | None = None) -> None:
         with self._lock:
             client, self._client = self._client, None
         if client is not None:
             client.close()
-        self._proc.stop(STOP_TIMEOUT_S)
+        self._proc.stop(STOP_TIMEOUT_S, on_wait=on_wait)
 
-    def close(self) -> None:
+    def close(self, on_wait: Callable[[str], None] | None = None) -> None:
+        """Stop the run; `on_wait(sentence)` hears what it waits for if that takes a while."""
         self._closing = True
-        self._stop()
+        self._stop(on_wait)

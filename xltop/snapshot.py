@@ -59,7 +59,10 @@ class MlxMemory:
 class RunInfo:
     """The hosted or attached TTT run, as its telemetry and psutil describe it."""
 
-    state: str  # "starting" | "running" | "paused" | "dead"
+    # "starting" (no report yet) | "running" | "paused" | "stalled" (alive, but no new report for
+    # max(5 s, 3 x its slowest recent step), see xltop.runsources.STALL_MIN_S; tokens_per_s and
+    # step_ms are then None) | "dead"
+    state: str
     pid: int | None = None
     mode: str = ""
     preset: str = ""

@@ -141,5 +141,5 @@ class FakeMonitor:
         self._k += 1
         return snapshot
 
-    def close(self) -> None:
+    def close(self, on_wait: Any = None) -> None:
         self._closed.set()

@@ -7,6 +7,7 @@ The app runs headless in-process (App.run_test) on a real Monitor: real psutil s
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import os
 import signal
@@ -269,6 +270,23 @@ async def test_big_r_restarts_a_dead_run_and_q_stops_it_cleanly(monitors, tmp_pa
     assert second.poll() == 0  # stopped cleanly by the stop command, not killed
     rows = read_rows(csv_path)  # closed with whole rows
     assert rows and {r["run_state"] for r in rows} >= {"running", "dead"}
+
+
+@pilot_test
+async def test_a_stalled_run_is_marked_in_its_own_colour_with_no_throughput():
+    app = XltopApp(FakeMonitor(ticks=0), host="testhost")
+    async with app.run_test(size=(120, 40)) as pilot:
+        snapshot = fake_snapshot(3, state="stalled")
+        # What a run source reports for a stalled run: no throughput, no step time.
+        run = dataclasses.replace(snapshot.run, tokens_per_s=None, step_ms=None)
+        app.show_snapshot(dataclasses.replace(snapshot, run=run))
+        await pilot.pause(0.1)
+        header = app.main_screen.query_one("#header").content
+        text = str(header)
+        assert "RUN STALLED (no report)" in text and " - tok/s  - ms/step" in text
+        assert f"step {run.step} " in text  # the last reported figures stand
+        styles = {str(s.style) for s in header.spans if "STALLED" in text[s.start : s.end]}
+        assert styles == {"bold magenta"}  # not running's green, paused's yellow, dead's red
 
 
 @pilot_test

@@ -1,11 +1,22 @@
-"""The Monitor with the real SystemSource (no run)."""
+"""The Monitor with the real SystemSource, without a run and with a real hosted one."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import re
+import signal
 import threading
 import time
+from pathlib import Path
 
+import jsonschema
+from xltop_helpers import process_gone, read_rows, wait_for_rows
+
+from xltop.jsonout import snapshot_to_line
 from xltop.monitor import MIN_INTERVAL_S, Monitor
+from xltop.runsources import STALL_MIN_S, HostedRun
 from xltop.sources import SystemSource
 
 
@@ -57,3 +68,81 @@ def test_a_late_first_tick_does_not_cause_a_burst():
     time.sleep(1.5)  # e.g. waiting for a run's first step
     first, second = monitor.tick(), monitor.tick()
     assert second.time - first.time >= 0.4
+
+
+def continue_pid(pid: int) -> None:
+    """Undo a test's SIGSTOP, if the process still exists."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGCONT)
+
+
+def tick_until_event(monitor: Monitor, prefix: str, timeout: float):
+    """Tick until an event begins with `prefix`; (that event, its Snapshot)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        snapshot = monitor.tick()
+        event = next((e for e in snapshot.events if e.startswith(prefix)), None)
+        if event is not None:
+            return event, snapshot
+    raise AssertionError(f"no event {prefix!r} within {timeout} s")
+
+
+def test_a_stopped_run_is_posted_stalled_then_running_again():
+    monitor = Monitor(SystemSource(top_n=5), HostedRun(["--preset", "tiny"]), interval=0.2)
+    try:
+        assert monitor.runtime.wait_ready(120)
+        _, snapshot = tick_until_event(monitor, "run running (pid", 60)
+        pid = snapshot.run.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            event, snapshot = tick_until_event(monitor, "run stalled", STALL_MIN_S + 30)
+        finally:
+            continue_pid(pid)
+        match = re.fullmatch(rf"run stalled: no report for (\d+) s \(pid {pid}\)", event)
+        assert match and int(match[1]) >= STALL_MIN_S, event
+        assert snapshot.run.state == "stalled" and snapshot.run.tokens_per_s is None
+        schema = json.loads((Path(__file__).parent / "snapshot_schema.json").read_text())
+        jsonschema.validate(json.loads(snapshot_to_line(snapshot)), schema)  # --json's schema
+        _, snapshot = tick_until_event(monitor, "run running again", 30)
+        assert snapshot.run.state == "running"
+    finally:
+        monitor.close()
+
+
+def test_headless_logs_a_stopped_run_as_stalled_and_quits_it_within_seconds(
+    tmp_path, xltop_process
+):
+    path = tmp_path / "run.csv"
+    proc = xltop_process("--headless", "--preset", "tiny", "--csv", str(path),
+                         "--interval", "0.2")  # fmt: skip
+    wait_for_rows(path, 3, proc)
+    run_pid = int(read_rows(path)[0]["run_pid"])
+    try:
+        os.kill(run_pid, signal.SIGSTOP)
+        stalled = wait_for_row(path, lambda r: r["run_state"] == "stalled", STALL_MIN_S + 30)
+        assert stalled["event"].startswith("run stalled: no report for")
+        assert stalled["tokens_per_s"] == ""  # no step completes: no throughput
+        os.kill(run_pid, signal.SIGCONT)
+        wait_for_row(path, lambda r: "run running again" in r["event"], 30)
+        os.kill(run_pid, signal.SIGSTOP)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        # Stopped, the run acted on nothing: xltop took ~18 s and killed it.
+        assert time.monotonic() - start < 8
+        assert process_gone(run_pid)
+    finally:
+        continue_pid(run_pid)
+    _, stderr = proc.communicate()
+    assert "xltop: run stalled: no report for" in stderr
+
+
+def wait_for_row(path, predicate, timeout: float) -> dict[str, str]:
+    """The first row of the CSV at `path` that `predicate` accepts, once there is one."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = next((r for r in read_rows(path)[:-1] if predicate(r)), None)
+        if row is not None:
+            return row
+        time.sleep(0.1)
+    raise AssertionError(f"no such row in {path} after {timeout} s")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -13,6 +14,7 @@ import psutil
 import pytest
 from xltop_helpers import process_gone
 
+from xltop.snapshot import RunInfo
 from xltop.sources import SystemSource
 
 
@@ -200,3 +202,85 @@ def test_commands_are_one_line(children):
     _, processes = source.sample()
     command = next(p.command for p in processes if p.pid == script.pid)
     assert "\n" not in command and "time.sleep(60)" in command
+
+
+def wait_for_state(run, state: str, timeout: float) -> RunInfo:
+    """Sample `run` until its state is `state`; the RunInfo, or fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while (info := run.sample()).state != state:
+        assert time.monotonic() < deadline, f"still {info.state}, not {state}, after {timeout} s"
+        time.sleep(0.05)
+    return info
+
+
+def test_a_stopped_run_is_stalled_after_the_bound_and_running_again_once_continued(hosted):
+    from xltop.runsources import STALL_MIN_S
+
+    run = hosted()
+    assert run.wait_ready(120)
+    deadline = time.monotonic() + 60
+    while run.sample().step_ms is None:  # a timed step: the bound then knows the step time
+        assert time.monotonic() < deadline, "no timed step"
+        time.sleep(0.05)
+    os.kill(run.pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        # A tiny run's steps take milliseconds: the bound is the floor, never less.
+        while time.monotonic() - stopped_at < STALL_MIN_S - 1:
+            assert run.sample().state == "running"
+            time.sleep(0.1)
+        stalled = wait_for_state(run, "stalled", 30)
+        assert STALL_MIN_S - 1 < time.monotonic() - stopped_at < STALL_MIN_S + 10
+        assert run.report_age_s >= STALL_MIN_S
+        # A stalled run's figures stand, but no throughput: no step completes.
+        assert stalled.tokens_per_s is None and stalled.step_ms is None
+        assert stalled.step > 0 and stalled.pid == run.pid
+    finally:
+        os.kill(run.pid, signal.SIGCONT)
+    resumed = wait_for_state(run, "running", 30)
+    assert resumed.tokens_per_s is not None and run.report_age_s < STALL_MIN_S
+
+
+def test_the_stall_bound_scales_with_the_runs_slowest_recent_step():
+    from xltop.runsources import STALL_MIN_S, STALL_STEPS, stall_after_s
+
+    assert stall_after_s([]) == STALL_MIN_S  # nothing timed yet: the floor
+    assert stall_after_s([100.0, 140.0]) == STALL_MIN_S  # fast steps: the floor
+    # A run of 4 s steps gets STALL_STEPS of its slowest step: a slow step is not a stall.
+    assert stall_after_s([3000.0, 4000.0, 3500.0]) == STALL_STEPS * 4.0
+
+
+def test_stopping_a_sigstopped_run_continues_it_and_it_exits_cleanly(tiny_run):
+    run = tiny_run()
+    os.kill(run.pid, signal.SIGSTOP)
+    said: list[str] = []
+    start = time.monotonic()
+    exit_code = run.stop(10.0, on_wait=said.append)
+    # Stopped, it could act on nothing (not even SIGTERM): it took 17 s and a SIGKILL.
+    assert time.monotonic() - start < 5
+    assert exit_code == 0 and process_gone(run.pid)
+    assert said == []  # under a second: nothing to wait for
+
+
+def test_a_run_that_never_exits_is_killed_at_the_timeout_saying_what_it_waits_for(
+    children, tmp_path
+):
+    from ttt_runtime.launch import RunProcess
+
+    # A process that ignores SIGTERM and has no channel: like a run stuck in a step.
+    stuck = children(
+        sys.executable, "-c",
+        "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready')\n"
+        "time.sleep(120)",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert stuck.stdout.readline() == "ready\n"
+    process = RunProcess(stuck, str(tmp_path / "no.sock"), private=False)
+    said: list[str] = []
+    start = time.monotonic()
+    assert process.stop(3.0, on_wait=said.append) == -signal.SIGKILL
+    assert 3 <= time.monotonic() - start < 6
+    assert said == [
+        f"stopping the run (pid {stuck.pid}): waiting up to 2 s for it to finish its step "
+        "and exit, then killing it"
+    ]

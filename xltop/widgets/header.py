@@ -8,7 +8,12 @@ from textual.widgets import Static
 from xltop.snapshot import RunInfo, Snapshot
 from xltop.widgets import units
 
-_STATE_STYLE = {"running": "bold green", "paused": "bold yellow", "dead": "bold red"}
+_STATE_STYLE = {
+    "running": "bold green",
+    "paused": "bold yellow",
+    "stalled": "bold magenta",  # alive but silent: neither paused's yellow nor dead's red
+    "dead": "bold red",
+}
 
 
 def _state_text(run: RunInfo | None) -> Text:
@@ -19,6 +24,8 @@ def _state_text(run: RunInfo | None) -> Text:
         return Text(f"DEAD exit {code} (R restarts)", style=_STATE_STYLE["dead"])
     if run.state == "paused":
         return Text("RUN PAUSED (p resumes)", style=_STATE_STYLE["paused"])
+    if run.state == "stalled":  # the events line says for how long and the pid
+        return Text("RUN STALLED (no report)", style=_STATE_STYLE["stalled"])
     if run.state == "starting":
         return Text("starting", style="bold")
     return Text(run.state, style=_STATE_STYLE.get(run.state, "bold"))
