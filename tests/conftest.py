@@ -72,3 +72,32 @@ def as_nobody() -> Callable[[Callable[[], str]], str]:
         return message
 
     return run
+
+
+@pytest.fixture
+def unusable_run_inputs(tmp_path) -> list[tuple[list[str], str]]:
+    """Run flags that xltop and ttt-run alike must refuse before a run starts, each with words
+    its one-line message must hold: out-of-range numbers, a FIFO (opening it would block),
+    /dev/zero (reading it never ends), an oversized or non-UTF-8 settings file, a folder with
+    nothing to stream, one of binary files only, and a device as data."""
+    fifo, empty, binary = tmp_path / "fifo", tmp_path / "empty", tmp_path / "binary"
+    os.mkfifo(fifo)
+    empty.mkdir()
+    binary.mkdir()
+    (binary / "image.bin").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR")
+    big, latin1 = tmp_path / "big.toml", tmp_path / "latin1.toml"
+    big.write_text("# a comment line\n" * 70_000)  # 1.2 MB
+    latin1.write_bytes("data = 'caf\xe9'\n".encode("latin-1"))
+    return [
+        (["--seed", str(2**64)], "seed=18446744073709551616: must be an integer from 0 to"),
+        (["--seed", "nan"], "seed='nan': must be an integer"),
+        (["--config", "/dev/zero"], "config /dev/zero is a character device, not a regular"),
+        (["--config", str(fifo)], f"config {fifo} is a FIFO"),
+        (["--config", str(big)], f"config {big} is over 1 MiB"),
+        (["--config", str(latin1)], f"config {latin1}: not valid TOML"),
+        (["--resume", str(fifo)], f"checkpoint {fifo} is a FIFO"),
+        (["--resume", str(empty)], f"checkpoint {empty} is a folder"),
+        (["--data", str(empty)], f"data path {empty} holds no non-empty text files"),
+        (["--data", str(binary)], f"data path {binary} holds no non-empty text files"),
+        (["--data", "/dev/urandom"], "data path /dev/urandom is neither a file nor a folder"),
+    ]

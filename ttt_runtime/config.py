@@ -12,11 +12,15 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import re
+import stat
 import struct
 import sys
 from dataclasses import dataclass, fields
 from typing import Any
+
+from ttt_runtime.stream import StreamError, check_data
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -29,6 +33,59 @@ LAYER_TYPES = ("linear", "mlp")
 
 class ConfigError(ValueError):
     """A bad configuration value; the message is one line naming the field."""
+
+
+CONFIG_MAX_BYTES = 1 << 20  # a settings file is a few lines; /dev/zero would never end
+_INT_MAX = 2**31 - 1  # MLX shapes are 32-bit; no count needs more
+# (smallest, largest) value of each integer field
+_INT_RANGES = {
+    "num_blocks": (1, _INT_MAX),
+    "hidden_size": (2, _INT_MAX),
+    "num_heads": (1, _INT_MAX),
+    "mini_batch_size": (1, _INT_MAX),
+    "intermediate_size": (1, _INT_MAX),
+    "seq_len": (1, _INT_MAX),
+    "batch_size": (1, _INT_MAX),
+    "seed": (0, 2**32 - 1),  # a larger seed was a TypeError inside mx.random.seed
+    "sample_every": (0, _INT_MAX),
+    "max_steps": (0, _INT_MAX),
+}
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def check_regular_file(path: str, label: str) -> None:
+    """ConfigError unless `path` is a regular file (or a link to one), found by stat without
+    opening it: opening a FIFO blocks until someone writes, and a device may never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ConfigError(f"{label} {path}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"{label} {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        kind = next((name for is_kind, name in _FILE_KINDS if is_kind(mode)), "special")
+        raise ConfigError(f"{label} {path} is {kind}, not a regular file")
+
+
+def _read_settings_file(path: str) -> bytes:
+    check_regular_file(path, "config")
+    try:
+        # O_NONBLOCK: a FIFO put in the file's place since the check cannot block either
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+            data = f.read(CONFIG_MAX_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"config {path}: {exc.strerror}") from None
+    if len(data) > CONFIG_MAX_BYTES:
+        raise ConfigError(
+            f"config {path} is over {CONFIG_MAX_BYTES >> 20} MiB: not a settings file"
+        )
+    return data
 
 
 @dataclass(frozen=True)
@@ -65,12 +122,11 @@ class RunConfig:
     @classmethod
     def from_toml(cls, path: str, preset: str | None = None) -> RunConfig:
         """The file's preset (or `preset`, which wins) overlaid with the file's other keys."""
+        data = _read_settings_file(path)
         try:
-            with open(path, "rb") as handle:
-                table = tomllib.load(handle)
-        except OSError as exc:
-            raise ConfigError(f"config {path}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
+            table = tomllib.loads(data.decode())
+        # TOMLDecodeError, not UTF-8, an integer over int()'s digit limit, or nested too deep
+        except (ValueError, RecursionError) as exc:
             raise ConfigError(f"config {path}: not valid TOML ({exc})") from None
         base = cls.from_preset(preset or str(table.pop("preset", "default")))
         table.pop("preset", None)
@@ -86,17 +142,16 @@ class RunConfig:
 
     def validate(self) -> RunConfig:
         for f in fields(self):
-            _check_type(f.name, getattr(self, f.name), f.type)
+            value = getattr(self, f.name)
+            _check_type(f.name, value, f.type)
+            if f.type == "int":
+                low, high = _INT_RANGES[f.name]  # every integer field has its range
+                if not low <= value <= high:
+                    raise ConfigError(
+                        f"{f.name}={value!r}: must be an integer from {low} to {high}"
+                    )
         _choice("mode", self.mode, MODES)
         _choice("layer_type", self.layer_type, LAYER_TYPES)
-        for name in ("num_blocks", "num_heads", "mini_batch_size", "intermediate_size"):
-            _at_least(name, getattr(self, name), 1)
-        for name in ("seq_len", "batch_size"):
-            _at_least(name, getattr(self, name), 1)
-        _at_least("sample_every", self.sample_every, 0)
-        _at_least("hidden_size", self.hidden_size, 2)
-        _at_least("max_steps", self.max_steps, 0)
-        _at_least("seed", self.seed, 0)
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"num_heads={self.num_heads}: must divide hidden_size={self.hidden_size}"
@@ -110,7 +165,7 @@ class RunConfig:
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name}={value!r}: must be a positive finite number")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ConfigError(f"weight_decay={self.weight_decay!r}: must be >= 0")
+            raise ConfigError(f"weight_decay={self.weight_decay!r}: must be a finite number >= 0")
         if self.exact_accumulate and self.mode != "adapt":
             raise ConfigError("exact_accumulate=true: only in mode 'adapt' (fast weights persist)")
         return self
@@ -159,11 +214,6 @@ def _check_type(name: str, value: Any, annotation: str) -> None:
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{name}={value!r}: must be one of {', '.join(allowed)}")
-
-
-def _at_least(name: str, value: int, minimum: int) -> None:
-    if value < minimum:
-        raise ConfigError(f"{name}={value!r}: must be an integer >= {minimum}")
 
 
 # -- command line --------------------------------------------------------------------------------
@@ -232,8 +282,16 @@ def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = Non
 def parse_run_args(argv: list[str]) -> tuple[argparse.Namespace, RunConfig]:
     """Parse `ttt-run run` flags; ConfigError (one line) for anything wrong."""
     args = run_arg_parser().parse_args(argv)
+    if args.resume:
+        check_regular_file(args.resume, "checkpoint")
     base = checkpoint_config(args.resume) if args.resume else None
-    return args, config_from_args(args, base)
+    config = config_from_args(args, base)
+    if config.data is not None:
+        try:
+            check_data(config.data)  # before MLX is imported or anything is built
+        except StreamError as exc:
+            raise ConfigError(str(exc)) from None
+    return args, config
 
 
 CHECKPOINT_FORMAT = "xltop-ttt-checkpoint/2"

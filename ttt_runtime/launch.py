@@ -44,13 +44,12 @@ def remove_private_socket(socket_path: str) -> None:
 
 
 def check_run_args(argv: list[str]) -> str | None:
-    """The one-line error `ttt-run run ARGV` would exit with before training, or None."""
+    """The one-line error `ttt-run run ARGV` would exit with before training (its values,
+    settings file, checkpoint header and data path), or None."""
     try:
-        args, config = parse_run_args(argv)
+        parse_run_args(argv)
     except ConfigError as exc:
         return str(exc)
-    if config.data is not None and not os.path.exists(config.data):
-        return f"--data {config.data}: no such file or directory"
     return None
 
 

@@ -8,10 +8,12 @@ any .txt/.rst beside them. The files are read as one long concatenation that wra
 from __future__ import annotations
 
 import bisect
+import itertools
 import os
 import sys
 import sysconfig
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ _SNIFF_BYTES = 8192
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", ".git"}
 _DEFAULT_SUFFIXES = (".py", ".txt", ".rst")
 _OPEN_FILES = 8  # files kept in memory: consecutive chunks mostly fall in the same file
+CHECK_FILES = 1000  # check_data sniffs at most this many files (8 MiB) before a run starts
 
 
 class StreamError(ValueError):
@@ -39,18 +42,67 @@ def _is_text(path: Path) -> bool:
     return True
 
 
-def _walk(root: Path, suffixes: tuple[str, ...] | None) -> list[Path]:
-    found = []
+def _walk(root: Path, suffixes: tuple[str, ...] | None) -> Iterator[Path]:
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith("."))
         for name in sorted(files):
             if suffixes is None or name.endswith(suffixes):
-                found.append(Path(folder) / name)
-    return found
+                yield Path(folder) / name
 
 
 def default_corpus_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
+
+
+class _Source:
+    """What a stream of `path` reads: the files it considers, in order, found lazily, and
+    which of them are text (size > 0, and the first 8 KiB look like UTF-8)."""
+
+    def __init__(self, path: str | None):
+        if path is None:
+            self.root = default_corpus_root()
+            self.candidates = _walk(self.root, _DEFAULT_SUFFIXES)
+            self.where = f"the Python standard library at {self.root}"
+            return
+        self.root = Path(path).expanduser()
+        self.where = f"data path {path}"
+        if not self.root.exists():
+            raise StreamError(f"{self.where} does not exist")
+        if self.root.is_file():
+            self.candidates = iter([self.root])
+        elif self.root.is_dir():
+            self.candidates = _walk(self.root, None)
+        else:  # a device such as /dev/urandom, a FIFO, a socket
+            raise StreamError(f"{self.where} is neither a file nor a folder")
+
+    def text_files(self, candidates: Iterable[Path]) -> Iterator[tuple[Path, int]]:
+        """(file, size) for each text file among `candidates`."""
+        for file in candidates:
+            try:
+                size = file.stat().st_size
+                text = size > 0 and _is_text(file)
+            except OSError as err:
+                if self.root.is_file():
+                    raise StreamError(f"{self.where} is unreadable: {err.strerror}") from None
+                continue  # one unreadable file in a folder is skipped, like a binary one
+            if text:
+                yield file, size
+
+    def nothing_to_stream(self) -> StreamError:
+        if self.root.is_file():
+            reason = "is empty" if self.root.stat().st_size == 0 else "is not a text file"
+            return StreamError(f"{self.where} {reason}")
+        return StreamError(f"{self.where} holds no non-empty text files")
+
+
+def check_data(path: str, max_files: int = CHECK_FILES) -> None:
+    """Raise the StreamError that `ByteStream(path)` would for a path with nothing to stream,
+    sniffing at most `max_files` files (8 KiB each): the first text file ends the search, and a
+    folder whose first `max_files` files are not text is left to the stream to judge."""
+    source = _Source(path)
+    first = list(itertools.islice(source.candidates, max_files + 1))
+    if len(first) <= max_files and next(source.text_files(first), None) is None:
+        raise source.nothing_to_stream()
 
 
 class ByteStream:
@@ -76,39 +128,11 @@ class ByteStream:
         self._cache: OrderedDict[int, bytes] = OrderedDict()
 
     def _collect(self, path: str | None) -> tuple[list[Path], list[int]]:
-        if path is None:
-            root = default_corpus_root()
-            candidates = _walk(root, _DEFAULT_SUFFIXES)
-            where = f"the Python standard library at {root}"
-        else:
-            root = Path(path).expanduser()
-            if not root.exists():
-                raise StreamError(f"data path {path} does not exist")
-            if root.is_file():
-                candidates = [root]
-            elif root.is_dir():
-                candidates = _walk(root, None)
-            else:
-                raise StreamError(f"data path {path} is neither a file nor a folder")
-            where = f"data path {path}"
-        files, sizes = [], []
-        for file in candidates:
-            try:
-                size = file.stat().st_size
-                text = size > 0 and _is_text(file)
-            except OSError as err:
-                if root.is_file():
-                    raise StreamError(f"data path {path} is unreadable: {err.strerror}") from None
-                continue  # one unreadable file in a folder is skipped, like a binary one
-            if text:
-                files.append(file)
-                sizes.append(size)
-        if not files:
-            if root.is_file():
-                reason = "is empty" if root.stat().st_size == 0 else "is not a text file"
-                raise StreamError(f"{where} {reason}")
-            raise StreamError(f"{where} holds no non-empty text files")
-        return files, sizes
+        source = _Source(path)
+        found = list(source.text_files(source.candidates))
+        if not found:
+            raise source.nothing_to_stream()
+        return [file for file, _ in found], [size for _, size in found]
 
     def describe(self) -> str:
         source = (

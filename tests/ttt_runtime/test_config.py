@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -53,6 +54,12 @@ def test_precedence_preset_then_toml_then_flags(tmp_path):
         (["--preset", "huge"], "preset"),
         (["--exact-accumulate", "true"], "exact_accumulate"),
         (["--max-steps", "-2"], "max_steps"),
+        (["--max-steps", "inf"], "max_steps"),
+        (["--sample-every", "nan"], "sample_every"),
+        (["--seed", str(2**32)], "seed"),
+        (["--num-blocks", str(2**31)], "num_blocks"),
+        (["--ttt-base-lr", "inf"], "ttt_base_lr"),
+        (["--weight-decay", "nan"], "weight_decay"),
     ],
 )
 def test_bad_values_name_the_field(argv, field):
@@ -72,21 +79,51 @@ def test_toml_errors_name_the_key_or_the_file(tmp_path):
     bad.write_text("seq_len = \n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         RunConfig.from_toml(str(bad))
-    with pytest.raises(ConfigError, match="No such file"):
+    with pytest.raises(ConfigError, match="missing.toml: no such file"):
         RunConfig.from_toml(str(tmp_path / "missing.toml"))
+
+
+def test_integer_ranges_include_their_ends():
+    assert RunConfig(seed=2**32 - 1).validate().seed == 2**32 - 1
+    assert RunConfig(max_steps=2**31 - 1).validate().max_steps == 2**31 - 1
+    with pytest.raises(ConfigError, match=r"^seed=-1: must be an integer from 0 to 4294967295$"):
+        RunConfig(seed=-1).validate()
+
+
+def test_non_finite_numbers_say_finite():
+    with pytest.raises(ConfigError, match=r"^weight_decay=inf: must be a finite number >= 0$"):
+        RunConfig(weight_decay=math.inf).validate()
+
+
+def test_toml_that_is_too_deep_or_too_long_is_a_config_error(tmp_path):
+    deep = tmp_path / "deep.toml"
+    deep.write_text("seq_len = " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        RunConfig.from_toml(str(deep))
+    deep.write_text("seed = " + "9" * 5000 + "\n")  # beyond int()'s digit limit
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        RunConfig.from_toml(str(deep))
 
 
 def test_check_run_args_catches_missing_paths(tmp_path):
     assert check_run_args(["--preset", "tiny"]) is None
     assert "no such file" in check_run_args(["--resume", str(tmp_path / "nope.safetensors")])
-    assert "--data" in check_run_args(["--data", str(tmp_path / "nope")])
+    nope = tmp_path / "nope"
+    assert check_run_args(["--data", str(nope)]) == f"data path {nope} does not exist"
     assert check_run_args(["--bogus"]).startswith("unrecognized arguments")
 
 
-def test_config_modules_do_not_import_mlx():
-    code = (
-        "import sys, ttt_runtime.config, ttt_runtime.channel, ttt_runtime.launch;"
-        "print('mlx' in sys.modules)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+def test_ttt_run_refuses_bad_input_before_it_starts(unusable_run_inputs, tmp_path):
+    socket = tmp_path / "s"  # never made: the run must not start
+    for args, needle in unusable_run_inputs + [
+        (["--max-steps", "inf"], "max_steps='inf': must be an integer"),
+        (["--lr", "inf"], "lr=inf: must be a positive finite number"),
+        (["--weight-decay", "nan"], "weight_decay=nan: must be a finite number >= 0"),
+    ]:
+        command = [sys.executable, "-m", "ttt_runtime", "run", "--preset", "tiny", *args]
+        result = subprocess.run([*command, "--socket", str(socket)], capture_output=True,
+                                text=True, timeout=30, stdin=subprocess.DEVNULL)  # fmt: skip
+        assert result.returncode == 2, result
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.stderr
+        assert not socket.exists()

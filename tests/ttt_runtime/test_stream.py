@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import sysconfig
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from ttt_runtime.stream import ByteStream, StreamError
+from ttt_runtime.stream import ByteStream, StreamError, check_data
 
 
 def take(stream, n):
@@ -79,15 +80,40 @@ def test_default_is_the_running_pythons_standard_library():
         (lambda d: (d / "e.txt").write_bytes(b"") and None or d / "e.txt", "is empty"),
         (lambda d: (d / "x.bin").write_bytes(b"\0\1\2") and None or d / "x.bin", "not a text"),
         (lambda d: (d / "sub").mkdir() or d / "sub", "no non-empty text files"),
+        (lambda d: Path("/dev/urandom"), "neither a file nor a folder"),
     ],
-    ids=["missing", "empty-file", "binary-file", "empty-folder"],
+    ids=["missing", "empty-file", "binary-file", "empty-folder", "device"],
 )
-def test_bad_paths_raise_one_line_errors_naming_the_path(tmp_path, make, message):
+@pytest.mark.parametrize(
+    "open_data", [lambda p: ByteStream(p, seq_len=4), check_data], ids=["stream", "check"]
+)
+def test_bad_paths_raise_one_line_errors_naming_the_path(tmp_path, make, message, open_data):
     path = make(tmp_path)
     with pytest.raises(StreamError, match=message) as err:
-        ByteStream(str(path), seq_len=4)
+        open_data(str(path))
     assert str(path) in str(err.value) and "\n" not in str(err.value)
     assert isinstance(err.value, ValueError)
+
+
+def test_check_sniffs_a_bounded_number_of_files(tmp_path):
+    for name in ("a.bin", "b.bin", "c.bin"):
+        (tmp_path / name).write_bytes(b"\0\1\2")
+    with pytest.raises(StreamError, match="no non-empty text files"):
+        check_data(str(tmp_path), max_files=3)
+    (tmp_path / "d.txt").write_bytes(b"text after three binary files")
+    check_data(str(tmp_path), max_files=3)  # a fourth file: not sniffed, left to the stream
+    assert [p.name for p in ByteStream(str(tmp_path), seq_len=4).files] == ["d.txt"]
+    (tmp_path / "d.txt").write_bytes(b"\0")
+    check_data(str(tmp_path), max_files=3)
+    with pytest.raises(StreamError, match="no non-empty text files"):
+        ByteStream(str(tmp_path), seq_len=4)
+
+
+def test_check_accepts_a_folder_with_a_text_file(tmp_path):
+    (tmp_path / "a.bin").write_bytes(b"\0\1\2")
+    (tmp_path / "b.txt").write_bytes(b"words")
+    check_data(str(tmp_path))
+    check_data(str(tmp_path / "b.txt"))
 
 
 def test_file_gone_after_the_scan_is_a_clear_error(tmp_path):
