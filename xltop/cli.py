@@ -30,6 +30,8 @@ from xltop.table import format_snapshot, status_line
 from xltop.watchdog import Threshold, Watchdog
 
 RUN_FLAGS = ("mode", "preset", "config", "data", "seed", "resume")
+MAX_INTERVAL_S = 86400.0  # a tick a day
+MAX_DURATION_S = 365 * 86400.0  # longer: leave --duration out
 READY_TIMEOUT_S = 120.0  # a run's first step includes importing MLX and building the model
 ATTACHED_READY_TIMEOUT_S = 10.0  # an attached run is up already (it may be paused and silent)
 
@@ -44,17 +46,25 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _positive(kind: type, floor: float = 0.0) -> Callable[[str], float]:
+def _number(kind: type, low: float, high: float, unit: str = "") -> Callable[[str], float]:
+    """An argparse type: a `kind` from `low` to `high` (NaN and infinities are in no range)."""
+    what = "an integer" if kind is int else "a number"
+
     def parse(text: str) -> float:
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if value <= 0 or value < floor:
-            raise argparse.ArgumentTypeError(f"{text!r} must be at least {floor or 'above 0'}")
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} must be between {low:.10g} and {high:.10g}{unit}"
+            )
         return value
 
     return parse
+
+
+_SECONDS = _number(float, MIN_INTERVAL_S, MAX_INTERVAL_S, " seconds")
 
 
 def _threshold(text: str) -> Threshold:
@@ -76,24 +86,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--poll",
         nargs="?",
         const=1.0,
-        type=_positive(float, MIN_INTERVAL_S),
+        type=_SECONDS,
         metavar="S",
         help="the old memory monitor's flag: --headless every S seconds (default 1)",
     )
     parser.add_argument("--csv", metavar="PATH", help="log one CSV row per tick to PATH")
     parser.add_argument(
         "--interval",
-        type=_positive(float, MIN_INTERVAL_S),
+        type=_SECONDS,
         default=1.0,
         metavar="S",
-        help=f"seconds between ticks (default 1, at least {MIN_INTERVAL_S})",
+        help=f"seconds between ticks (default 1, {MIN_INTERVAL_S:g} to {MAX_INTERVAL_S:g})",
     )
     stop = parser.add_mutually_exclusive_group()
-    stop.add_argument("--count", type=_positive(int), metavar="N", help="stop after N ticks")
-    stop.add_argument("--duration", type=_positive(float), metavar="S", help="stop after S s")
+    stop.add_argument(
+        "--count", type=_number(int, 1, 10**9), metavar="N", help="stop after N ticks"
+    )
+    stop.add_argument(
+        "--duration",
+        type=_number(float, MIN_INTERVAL_S, MAX_DURATION_S, " seconds"),
+        metavar="S",
+        help="stop after S seconds",
+    )
     parser.add_argument("--quiet", action="store_true", help="no status lines in headless mode")
     parser.add_argument(
-        "--top", type=_positive(int), default=30, metavar="N", help="processes to list (default 30)"
+        "--top",
+        type=_number(int, 1, 10**6),
+        default=30,
+        metavar="N",
+        help="processes to list (default 30)",
     )
     parser.add_argument(
         "--mem-soft",
@@ -113,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--preset", metavar="NAME")
     run.add_argument("--config", metavar="FILE.toml")
     run.add_argument("--data", metavar="PATH", help="text file or folder to stream")
-    run.add_argument("--seed", type=int)
+    run.add_argument("--seed", metavar="N")  # checked with the other run flags, as ttt-run does
     run.add_argument("--resume", metavar="CKPT", help="resume from a checkpoint")
     run.add_argument(
         "--no-blas-preload",

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from xltop.snapshot import RunInfo, SystemInfo
 
 MIB = 1024 * 1024
+MAX_SIZE = 1 << 50  # 1 PiB: more than any machine's memory
 _THRESHOLD = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(%|mib|m|gib|g)?\s*$", re.IGNORECASE)
 
 
@@ -40,7 +41,10 @@ class Threshold:
             if value > 100:
                 raise ValueError(f"{text!r}: a percent of total memory must be at most 100")
             return cls(percent=value)
-        return cls(size=int(value * MIB * (1024 if unit.startswith("g") else 1)))
+        size = value * MIB * (1024 if unit.startswith("g") else 1)
+        if size >= MAX_SIZE:  # 400 nines parse as infinity
+            raise ValueError("a memory size must be below 1 PiB")
+        return cls(size=int(size))
 
     def bytes_of(self, total: int) -> int:
         return int(total * self.percent / 100) if self.percent is not None else int(self.size)

@@ -110,14 +110,33 @@ def test_quiet_headless_prints_nothing(tmp_path):
         (["--mode", "sideways"], "--mode"),
         (["--attach", "/nonexistent/run.sock"], "/nonexistent/run.sock"),
         (["--csv", "/nonexistent/dir/log.csv", "--no-run"], "/nonexistent/dir"),
+        # numbers: a range each, and NaN or an infinity is outside every range
+        (["--no-run", "--interval", "1e10"], "'1e10' must be between 0.2 and 86400 seconds"),
+        (["--no-run", "--interval", "inf"], "--interval: 'inf' must be between"),
+        (["--no-run", "--interval", "nan"], "--interval: 'nan' must be between"),
+        (["--no-run", "--poll", "nan"], "--poll: 'nan' must be between"),
+        (["--no-run", "--duration", "nan"], "--duration: 'nan' must be between"),
+        (["--no-run", "--duration", "inf"], "--duration: 'inf' must be between"),
+        (["--no-run", "--count", "1.5"], "--count: '1.5' is not an integer"),
+        (["--no-run", "--top", "0"], "--top: '0' must be between 1 and"),
+        (["--mem-soft", "9" * 400], "--mem-soft"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(args, needle):
-    result = run_xltop(*args, "--once")
+    assert_one_line_usage_error(run_xltop(*args, "--once", timeout=30), needle)
+
+
+def test_bad_run_inputs_exit_2_before_a_run_starts(unusable_run_inputs):
+    for args, needle in unusable_run_inputs:
+        # the timeout: opening a FIFO for reading would hang, reading /dev/zero never ends
+        assert_one_line_usage_error(run_xltop(*args, "--once", timeout=30), needle)
+
+
+def assert_one_line_usage_error(result, needle):
     assert result.returncode == 2, result
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.stderr
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.stderr, result
 
 
 def test_attach_to_a_dead_socket_fails_fast(tmp_path):
@@ -200,8 +219,15 @@ def test_sigkill_leaves_a_parseable_file(tmp_path, xltop_process):
     proc.kill()
     proc.wait(30)
     rows = read_rows(path)
-    kill_pid(int(rows[0]["run_pid"]))  # a SIGKILLed monitor cannot stop its run: we do
     assert len(rows) >= 3 and all(int(r["step"]) >= 0 for r in rows)
+    # the run's lifeline (its stdin) broke with xltop: it stops, removing its socket's folder
+    run_pid = int(rows[0]["run_pid"])
+    deadline = time.monotonic() + 30
+    while not process_gone(run_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if not process_gone(run_pid):
+        kill_pid(run_pid)  # a test never leaves a run behind
+        raise AssertionError("the run outlived its SIGKILLed monitor by 30 s")
 
 
 def test_attach_watches_a_run_started_elsewhere(tiny_run):
@@ -221,12 +247,17 @@ def test_bad_run_values_exit_2_before_starting():
 
 
 def test_a_run_that_dies_at_start_is_a_clear_error(tmp_path):
-    empty = tmp_path / "empty.txt"
-    empty.write_text("")  # exists (so the flags pass), but there is nothing to stream
-    result = run_xltop("--once", "--preset", "tiny", "--data", str(empty))
+    from ttt_runtime.stream import CHECK_FILES
+
+    # xltop's check sniffs a bounded number of files and leaves a bigger folder to the run
+    for n in range(CHECK_FILES + 1):
+        (tmp_path / f"{n:05}.bin").write_bytes(b"\0binary")
+    result = run_xltop("--once", "--preset", "tiny", "--data", str(tmp_path))
     assert result.returncode == 1
-    assert "empty.txt" in result.stderr and "Traceback" not in result.stderr
-    assert result.stdout == ""
+    assert f"the run stopped (exit code 2): ttt-run: error: data path {tmp_path} holds no" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr and result.stdout == ""
 
 
 def test_a_resume_checkpoint_with_bad_metadata_exits_2_before_starting(tmp_path):
