@@ -39,7 +39,9 @@ def _is_root() -> bool:
 def refusal(pid: int, own_pid: int | None = None) -> str | None:
     """Why xltop will not kill `pid`, or None if it may."""
     own_pid = os.getpid() if own_pid is None else own_pid
-    if pid <= 1:
+    if pid < 1:  # kill(0) and kill(-1) would signal a group of processes, not one
+        return f"refused: pid {pid} is not a process id (they start at 1)"
+    if pid == 1:
         return f"refused: pid {pid} is the system's init process"
     if pid == own_pid:
         return f"refused: pid {pid} is xltop itself (press q to quit)"

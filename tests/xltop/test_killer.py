@@ -20,7 +20,9 @@ IGNORES_SIGTERM = (
 
 
 def test_refuses_init_and_itself():
-    assert "init" in killer.refusal(1)
+    assert killer.refusal(1) == "refused: pid 1 is the system's init process"
+    for pid in (0, -1):
+        assert killer.refusal(pid) == f"refused: pid {pid} is not a process id (they start at 1)"
     assert "xltop itself" in killer.refusal(os.getpid())
     assert isinstance(killer.lock_target(1), str)
     assert isinstance(killer.lock_target(os.getpid()), str)
