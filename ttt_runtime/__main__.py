@@ -1,8 +1,8 @@
 """`python -m ttt_runtime run --socket PATH ...` (console script `ttt-run`): a TTT run that
 streams telemetry to any monitor that attaches (`xltop --attach PATH`).
 
-Exit codes: 0 after `stop` (or SIGTERM), 2 with a one-line message for a bad configuration,
-1 after sending an "error" message when the run raises.
+Exit codes: 0 after `stop` (or SIGTERM, or Ctrl-C), 2 with a one-line message for a bad
+configuration, 1 after sending an "error" message when the run raises.
 
 Without --socket the run listens in a private folder it makes; that folder, or the socket's
 folder given with --remove-socket-dir, is removed at every exit the process lives through.
@@ -24,7 +24,7 @@ def _fail(message: str) -> int:
 
 
 def _stop_during_setup(_signum, _frame) -> None:
-    # until the loop takes SIGTERM over (stop after the step), stop at once, cleaning up
+    # until the loop takes SIGTERM/SIGINT over (stop after the step), stop at once, cleaning up
     raise SystemExit(0)
 
 
@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         args, config = parse_run_args(argv)
     except ConfigError as exc:
         return _fail(str(exc))
-    signal.signal(signal.SIGTERM, _stop_during_setup)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _stop_during_setup)
     socket_path, private = args.socket, args.remove_socket_dir
     if socket_path is None:
         socket_path, private = private_socket_path(), True

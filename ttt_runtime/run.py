@@ -163,7 +163,8 @@ class TTTRun:
     # -- the loop -------------------------------------------------------------------------------
     def serve(self) -> int:
         """Run until stopped; the process's exit code."""
-        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
+        for signum in (signal.SIGTERM, signal.SIGINT):  # Ctrl-C in a terminal: the same clean stop
+            signal.signal(signum, lambda *_: setattr(self, "stopping", True))
         last_progress = time.monotonic()
         try:
             while not self.stopping:

@@ -92,3 +92,28 @@ def test_a_run_whose_xltop_is_killed_leaves_no_private_folder_behind(private_tmp
         for run in runs:
             with contextlib.suppress(psutil.NoSuchProcess):
                 run.kill()
+
+
+def _standalone_run(socket: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "ttt_runtime", "run", "--preset", "tiny", "--socket", socket],
+        stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def test_ctrl_c_stops_a_standalone_run_cleanly(tmp_path):
+    """A terminal's Ctrl-C (SIGINT) is the same clean stop as SIGTERM: exit 0, no traceback."""
+    socket = tmp_path / "run.sock"
+    run = _standalone_run(str(socket))
+    try:
+        deadline = time.monotonic() + 60
+        while not socket.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert socket.exists(), "the run never opened its socket"
+        run.send_signal(signal.SIGINT)
+        _, stderr = run.communicate(timeout=60)
+        assert run.returncode == 0, stderr
+        assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    finally:
+        run.kill()
+        run.wait()
