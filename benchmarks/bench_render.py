@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO / "tests" / "xltop"))
 
 from fake_source import N_BLOCKS, N_PROCESSES, FakeMonitor, fake_snapshot  # noqa: E402
 
-from xltop.app import XltopApp  # noqa: E402
+from xltop.tui.app import XltopApp  # noqa: E402
 
 
 async def render_times(n: int) -> tuple[list[float], list[float]]:

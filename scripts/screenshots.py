@@ -22,12 +22,12 @@ from pathlib import Path
 
 import psutil
 
-from xltop.app import XltopApp
 from xltop.monitor import Monitor
 from xltop.runsources import HostedRun
 from xltop.sources import SystemSource
-from xltop.widgets.kill_dialog import KillDialog
-from xltop.widgets.processes import ProcessTable
+from xltop.tui.app import XltopApp
+from xltop.tui.widgets.kill_dialog import KillDialog
+from xltop.tui.widgets.processes import ProcessTable
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "screenshots"

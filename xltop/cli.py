@@ -287,9 +287,9 @@ def _output_mode(args: argparse.Namespace) -> str:
 def _run_tui(monitor: Monitor, args: argparse.Namespace) -> bool:
     """Run the TUI; False if it is not installed (headless status lines instead)."""
     try:
-        from xltop.app import XltopApp
+        from xltop.tui.app import XltopApp
     except ModuleNotFoundError as exc:
-        if exc.name != "xltop.app":
+        if exc.name != "xltop.tui.app":
             raise
         return False
     XltopApp(monitor, readonly=args.readonly, csv_path=args.csv).run()

@@ -20,17 +20,17 @@ from conftest import process_gone, read_rows
 from fake_source import FakeMonitor, fake_snapshot
 from textual.geometry import Region
 
-from xltop.app import XltopApp
-from xltop.commands import COMMANDS
 from xltop.monitor import Monitor
 from xltop.runsources import AttachedRun, HostedRun
 from xltop.sources import SystemSource
-from xltop.widgets.blocks import BlocksTable
-from xltop.widgets.events import EventLine
-from xltop.widgets.help_screen import HelpScreen
-from xltop.widgets.kill_dialog import KillDialog
-from xltop.widgets.memory import MemoryPanel
-from xltop.widgets.processes import ProcessTable
+from xltop.tui.app import XltopApp
+from xltop.tui.commands import COMMANDS
+from xltop.tui.widgets.blocks import BlocksTable
+from xltop.tui.widgets.events import EventLine
+from xltop.tui.widgets.help_screen import HelpScreen
+from xltop.tui.widgets.kill_dialog import KillDialog
+from xltop.tui.widgets.memory import MemoryPanel
+from xltop.tui.widgets.processes import ProcessTable
 
 TIMEOUT_S = 60.0  # generous: the machine is small and shared
 ALL_PROCESSES = 100_000  # top_n that lists every process (the kill tests need small ones)

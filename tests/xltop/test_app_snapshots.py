@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 from fake_source import FakeMonitor
 
-from xltop.app import XltopApp
 from xltop.killer import KillTarget
-from xltop.widgets.kill_dialog import KillDialog
+from xltop.tui.app import XltopApp
+from xltop.tui.widgets.kill_dialog import KillDialog
 
 TICKS = 30
 

@@ -11,7 +11,7 @@ from rich.text import Text
 from textual.widgets import Static
 
 from xltop.snapshot import Snapshot
-from xltop.widgets import units
+from xltop.tui.widgets import units
 
 LABEL_WIDTH = 11
 

@@ -19,17 +19,18 @@ from textual.containers import Horizontal
 from textual.widgets import Footer
 from textual.worker import get_current_worker
 
-from xltop import __version__, commands, killer
+from xltop import __version__, killer
 from xltop.csvlog import CsvLog, CsvLogError
 from xltop.snapshot import RunInfo, Snapshot
-from xltop.widgets.blocks import BlocksTable
-from xltop.widgets.charts import MetricCharts
-from xltop.widgets.events import EventLine
-from xltop.widgets.header import RunHeader
-from xltop.widgets.help_screen import HelpScreen
-from xltop.widgets.kill_dialog import KillDialog
-from xltop.widgets.memory import MemoryPanel
-from xltop.widgets.processes import ProcessTable
+from xltop.tui import commands
+from xltop.tui.widgets.blocks import BlocksTable
+from xltop.tui.widgets.charts import MetricCharts
+from xltop.tui.widgets.events import EventLine
+from xltop.tui.widgets.header import RunHeader
+from xltop.tui.widgets.help_screen import HelpScreen
+from xltop.tui.widgets.kill_dialog import KillDialog
+from xltop.tui.widgets.memory import MemoryPanel
+from xltop.tui.widgets.processes import ProcessTable
 
 Outcome = tuple[str, bool]  # a sentence for the events line, and whether it reports a failure
 NARROW_COLUMNS = 120  # below this, one chart at a time
@@ -178,7 +179,7 @@ class XltopApp(App[None]):
         csv.close()
         return str(csv.path)
 
-    # -- actions: one per entry of xltop.commands.COMMANDS ---------------------------------------
+    # -- actions: one per entry of xltop.tui.commands.COMMANDS -----------------------------------
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         return not (self.readonly and action in commands.RUN_ACTIONS)

@@ -7,8 +7,8 @@ one that goes is removed. The cursor stays on the same process when the rows re-
 from __future__ import annotations
 
 from xltop.snapshot import ProcessInfo
-from xltop.widgets import units
-from xltop.widgets.row_table import RowTable
+from xltop.tui.widgets import units
+from xltop.tui.widgets.row_table import RowTable
 
 RUN_MARK = ">"
 # column key, label, width (fixed: no width recalculation per tick; None = the rest), the

@@ -10,8 +10,8 @@ import math
 from collections import deque
 
 from xltop.snapshot import RunInfo
-from xltop.widgets import units
-from xltop.widgets.row_table import RowTable
+from xltop.tui.widgets import units
+from xltop.tui.widgets.row_table import RowTable
 
 WINDOW = 60  # sampled steps kept per block
 # column key, label, width (fixed: no width recalculation per tick)

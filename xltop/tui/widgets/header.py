@@ -6,7 +6,7 @@ from rich.text import Text
 from textual.widgets import Static
 
 from xltop.snapshot import RunInfo, Snapshot
-from xltop.widgets import units
+from xltop.tui.widgets import units
 
 _STATE_STYLE = {
     "running": "bold green",

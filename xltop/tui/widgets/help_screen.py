@@ -7,7 +7,7 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Static
 
-from xltop.commands import Command
+from xltop.tui.commands import Command
 
 INTRO = (
     "p pauses the RUN (training stops); f only freezes the DISPLAY. "
