@@ -1,0 +1,404 @@
+"""xltop.raycluster against real Ray clusters on 127.0.0.1 (ray_helpers.LocalRayCluster).
+
+One cluster (a head, a second raylet, a driver with three named actors) serves the module's
+cluster tests, in file order: the last ones stop its second node, then the whole cluster. The
+token test runs first, on a cluster of its own, so that two clusters never run at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import re
+import signal
+import socket
+import threading
+import time
+from typing import NamedTuple
+
+import psutil
+import pytest
+from ray_helpers import LocalRayCluster, ray_missing
+
+from xltop.raycluster import (
+    TOKEN_HINT,
+    ClusterState,
+    NodeDetail,
+    RayCluster,
+    RayClusterError,
+    check_reachable,
+    dashboard_url,
+    find_token,
+    resolve_address,
+)
+
+pytestmark = pytest.mark.slow
+
+DRIVER = """
+import sys, time
+import ray
+
+ray.init(address=sys.argv[1])
+
+
+@ray.remote(num_cpus=1)  # each node has one CPU: "left" and "right" land on different nodes
+class Pinned:
+    def ping(self):
+        return 1
+
+
+@ray.remote(num_cpus=0, max_restarts=5)
+class Phoenix:
+    def ping(self):
+        return 1
+
+
+actors = [Pinned.options(name="left").remote(), Pinned.options(name="right").remote(),
+          Phoenix.options(name="phoenix").remote()]
+ray.get([actor.ping.remote() for actor in actors])
+print("ready", flush=True)
+while True:
+    time.sleep(60)
+"""
+
+
+class Running(NamedTuple):
+    cluster: LocalRayCluster
+    head: object  # subprocess.Popen of each process group
+    node: object
+    driver: object
+
+
+def start_cluster(token: str | None = None) -> LocalRayCluster:
+    if reason := ray_missing():
+        pytest.skip(reason)
+    return LocalRayCluster(token=token)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A head, a second raylet and a driver with actors; stopped (process groups, temp dir) at
+    the end of this module: nothing else uses it, and it holds ~2 GiB while it runs."""
+    cluster = start_cluster()
+    try:
+        head = cluster.start_head()
+        node = cluster.add_node()
+        yield Running(cluster, head, node, cluster.start_driver(DRIVER))
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_ray_settings(tmp_path, monkeypatch):
+    """No token or address from the machine running the tests: a private HOME, no RAY_*."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for name in list(os.environ):
+        if name.startswith("RAY_"):
+            monkeypatch.delenv(name)
+    return home
+
+
+@pytest.fixture
+def watch():
+    """Factory: a RayCluster source, closed at teardown."""
+    sources: list[RayCluster] = []
+
+    def start(*args, **kwargs) -> RayCluster:
+        sources.append(RayCluster(*args, **kwargs))
+        return sources[-1]
+
+    yield start
+    for source in sources:
+        source.close()
+
+
+def wait_for(source: RayCluster, predicate, timeout: float, events: list[str] | None = None):
+    """The first state `predicate` accepts (collecting events on the way), within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = source.sample()
+        if events is not None:
+            events.extend(source.events())
+        if predicate(state):
+            return state
+        assert time.monotonic() < deadline, f"not within {timeout} s: {state}"
+        time.sleep(0.2)
+
+
+def actor(state: ClusterState, name: str):
+    return next(a for a in state.actors if a.name == name)
+
+
+def one_line(text: str | None) -> str:
+    assert text and "\n" not in text, text
+    return text
+
+
+# --- without a cluster -------------------------------------------------------------------
+
+
+def test_dashboard_addresses_are_normalized_and_bad_ones_named_in_one_line():
+    assert dashboard_url("127.0.0.1:8265") == "http://127.0.0.1:8265"
+    assert dashboard_url(" http://head:9000/ ") == "http://head:9000"
+    assert dashboard_url("head") == "http://head:8265"  # Ray's default dashboard port
+    assert dashboard_url("[::1]:9") == "http://[::1]:9"
+    for bad in ("", "http://", "ftp://head:1", "head:99999", "head:0", "head:port", "a b"):
+        with pytest.raises(RayClusterError, match=re.escape(repr(bad))) as error:
+            dashboard_url(bad)
+        one_line(str(error.value))
+
+
+def test_the_token_is_found_where_ray_keeps_it_and_a_named_file_wins(tmp_path, monkeypatch,
+                                                                   no_ray_settings):  # fmt: skip
+    assert find_token() is None
+    default = no_ray_settings / ".ray" / "auth_token"
+    default.parent.mkdir()
+    default.write_text("from-home\n")
+    assert find_token().value == "from-home"
+    path_file = tmp_path / "path_token"
+    path_file.write_text("from-path")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(path_file))
+    assert find_token().value == "from-path"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
+    assert find_token().value == "from-env"
+    assert find_token().source == "RAY_AUTH_TOKEN"  # messages name the place, never the token
+    named = tmp_path / "named"
+    named.write_text(" named \n")
+    assert find_token(named).value == "named"
+
+    named.write_text("\n")
+    with pytest.raises(RayClusterError, match="is empty"):
+        find_token(named)
+    with pytest.raises(RayClusterError, match="cannot read the Ray token file .*missing"):
+        find_token(tmp_path / "missing")
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path))  # a folder
+    with pytest.raises(RayClusterError, match="RAY_AUTH_TOKEN_PATH") as error:
+        find_token()
+    one_line(str(error.value))
+
+
+def test_auto_without_a_local_cluster_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    with pytest.raises(RayClusterError, match="no local Ray cluster found") as error:
+        resolve_address("auto")
+    one_line(str(error.value))
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://10.0.0.7:8265")  # Ray's first choice
+    assert resolve_address("auto") == "http://10.0.0.7:8265"
+
+
+def test_an_address_nobody_answers_fails_within_5_s_and_never_blocks_sampling(watch):
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        refused_url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    with socket.socket() as silent:  # connects, then never answers: the hanging kind
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        silent_url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        for url in (refused_url, silent_url):
+            started = time.monotonic()
+            problem = one_line(check_reachable(url))
+            assert time.monotonic() - started < 6.0, problem  # 5 s, and the loaded machine
+            assert problem.startswith(f"no Ray dashboard answers at {url}: ")
+
+        source = watch(silent_url, interval=0.5)
+        started = time.monotonic()
+        state = source.sample()
+        assert time.monotonic() - started < 0.05
+        assert not state.reachable and state.nodes == () and state.error is None  # not yet
+        events: list[str] = []
+        state = wait_for(source, lambda s: s.error is not None, timeout=10, events=events)
+        assert re.fullmatch(rf"ray cluster at {silent_url} unreachable since "
+                            r"\d\d:\d\d:\d\d \(.*timed out.*\)", state.error)  # fmt: skip
+        assert events == [state.error]
+
+
+def test_a_web_server_that_is_not_a_ray_dashboard_is_named(tmp_path):
+    (tmp_path / "api").mkdir()
+    (tmp_path / "api" / "version").write_text("{}")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=tmp_path)
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert check_reachable(url) == f"{url} answers, but not as a Ray dashboard"
+        (tmp_path / "api" / "version").unlink()
+        assert check_reachable(url) == f"no Ray dashboard answers at {url}: HTTP 404 File not found"
+        server.shutdown()
+
+
+# --- token authentication (a cluster of its own) ----------------------------------------
+
+
+def test_token_auth_right_wrong_and_missing_tokens(tmp_path, monkeypatch, watch):
+    cluster = start_cluster(token="right-" + os.urandom(8).hex())
+    try:
+        cluster.start_head()
+        url = cluster.url
+
+        wants = one_line(check_reachable(url))
+        assert wants == f"the cluster at {url} wants a token: {TOKEN_HINT}"
+        wrong = tmp_path / "wrong"
+        wrong.write_text("wrong")
+        refused = one_line(check_reachable(url, wrong))
+        assert refused.startswith(f"the cluster at {url} refused the token from {wrong}: ")
+        monkeypatch.setenv("RAY_AUTH_TOKEN", "wrong")
+        assert "refused the token from RAY_AUTH_TOKEN" in check_reachable(url)
+        monkeypatch.delenv("RAY_AUTH_TOKEN")
+
+        assert check_reachable(url, cluster.token_file) is None
+        monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(cluster.token_file))
+        assert check_reachable(url) is None
+        state = wait_for(watch(url), lambda s: s.nodes_alive == 1, timeout=20)
+        assert state.error is None
+
+        # A source without the token says so once, as its error and as one event.
+        monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
+        source = watch(url, interval=0.3)
+        events: list[str] = []
+        state = wait_for(source, lambda s: s.error is not None, timeout=10, events=events)
+        assert not state.reachable and state.error == wants
+        time.sleep(1.0)
+        assert events + source.events() == [wants]
+
+        cluster.stop()  # refused, then gone: the error says the new reason, once
+        state = wait_for(source, lambda s: s.error != wants, timeout=30, events=events)
+        assert state.error.startswith(f"ray cluster at {url} unreachable since ")
+        assert events == [wants, state.error]
+    finally:
+        cluster.stop()
+
+
+# --- one real two-node cluster -----------------------------------------------------------
+
+
+def test_auto_finds_the_local_cluster_as_ray_does(ray_cluster, monkeypatch):
+    # RAY_TMPDIR moves Ray's default temp dir (and its ray_current_cluster) under the base.
+    monkeypatch.setenv("RAY_TMPDIR", str(ray_cluster.cluster.base))
+    assert resolve_address("auto") == ray_cluster.cluster.url
+    assert check_reachable("auto") is None
+
+
+def test_both_nodes_and_the_jobs_actors_with_real_figures(ray_cluster, watch):
+    def complete(state: ClusterState) -> bool:
+        return (
+            state.nodes_alive == 2
+            and all(node.memory_total for node in state.nodes)
+            and state.actors_alive == 3
+            and all(a.rss for a in state.actors)
+        )
+
+    source = watch(ray_cluster.cluster.url)
+    assert source.wait_polled(timeout=10)
+    state = wait_for(source, complete, timeout=40)
+    assert state.reachable and state.error is None and state.polled_at <= time.time()
+    machine = psutil.virtual_memory().total
+    for node in state.nodes:
+        assert node.alive and node.cpus == 1.0 and node.gpus == 0.0
+        assert node.object_store_total == 100_000_000  # --object-store-memory
+        assert node.memory_total == machine  # both raylets run on this machine
+        assert 0 < node.memory_used < machine
+        assert 0.0 <= node.cpu_percent <= 100.0
+        assert node.object_store_used is not None
+    assert [node.is_head for node in state.nodes] == [True, False]
+    # Two nodes on one host: the host's memory counts once.
+    assert state.memory_total == machine
+    assert state.cpu_percent is not None
+
+    assert {(a.class_name, a.name) for a in state.actors} == {
+        ("Pinned", "left"), ("Pinned", "right"), ("Phoenix", "phoenix")
+    }  # fmt: skip
+    node_ids = {node.node_id for node in state.nodes}
+    for a in state.actors:
+        process = psutil.Process(a.pid)  # a real process on this machine...
+        assert process.name().startswith("ray::")  # ...that Ray titles after the actor
+        assert a.node_id in node_ids and a.num_restarts == 0 and a.death_cause is None
+        assert process.memory_info().rss / 2 < a.rss < process.memory_info().rss * 2
+        assert a.cpu_percent >= 0.0
+    assert actor(state, "left").node_id != actor(state, "right").node_id
+    assert state.restarts == 0
+
+
+def test_the_node_detail_adapter_reads_the_installed_rays_process_stats(ray_cluster, watch):
+    # /nodes/{id} is a dashboard endpoint, not a documented API: if Ray changes its shape, this
+    # fails first. The driver runs on the head node, so its process is listed there.
+    url, driver = ray_cluster.cluster.url, ray_cluster.driver
+    state = wait_for(watch(url), lambda s: s.nodes, timeout=10)
+    head_id = next(node.node_id for node in state.nodes if node.is_head)
+    deadline = time.monotonic() + 30
+    while driver.pid not in (detail := NodeDetail.fetch(url, head_id, None)).processes:
+        assert time.monotonic() < deadline, sorted(detail.processes)
+        time.sleep(0.5)
+    rss = psutil.Process(driver.pid).memory_info().rss
+    assert rss / 2 < detail.processes[driver.pid].rss < rss * 2
+    assert detail.memory_total == psutil.virtual_memory().total
+    assert 0 < detail.memory_used < detail.memory_total
+    assert 0.0 <= detail.cpu_percent <= 100.0
+    assert detail.object_store_used is not None
+
+
+def test_sigkill_of_a_restartable_actor_is_a_restart_event(ray_cluster, watch):
+    source = watch(ray_cluster.cluster.url, interval=0.5)
+    before = actor(wait_for(source, lambda s: s.actors_alive == 3, timeout=20), "phoenix")
+    os.kill(before.pid, signal.SIGKILL)
+    events: list[str] = []
+
+    def restarted(state: ClusterState) -> bool:
+        phoenix = actor(state, "phoenix")
+        return phoenix.state == "ALIVE" and phoenix.pid != before.pid
+
+    state = wait_for(source, restarted, timeout=30, events=events)
+    assert actor(state, "phoenix").num_restarts == 1 and state.restarts == 1
+    assert "ray actor Phoenix phoenix restarted (restarts: 1)" in events
+    assert not any("died" in event for event in events), events
+
+
+def test_a_stopped_raylet_is_a_dead_node_and_its_actor_dies(ray_cluster, watch):
+    source = watch(ray_cluster.cluster.url, interval=0.5)
+    state = wait_for(source, lambda s: s.nodes_alive == 2 and s.actors_alive == 3, timeout=20)
+    second = next(node for node in state.nodes if not node.is_head)
+    stranded = next(a for a in state.actors if a.node_id == second.node_id and a.name != "phoenix")
+    started = time.monotonic()
+    LocalRayCluster.stop_group(ray_cluster.node)
+    events: list[str] = []
+
+    def node_dead(state: ClusterState) -> bool:
+        return not next(n for n in state.nodes if n.node_id == second.node_id).alive
+
+    state = wait_for(source, node_dead, timeout=30, events=events)
+    assert time.monotonic() - started < 30
+    dead = next(n for n in state.nodes if n.node_id == second.node_id)
+    assert dead.memory_used is None and dead.cpu_percent is None  # no stale figures
+    assert state.nodes_alive == 1 and len(state.nodes) == 2
+    assert any(e.startswith(f"ray node {second.node_id[:8]} ({second.ip}) died") for e in events)
+
+    state = wait_for(source, lambda s: actor(s, stranded.name).state == "DEAD", 30, events)
+    cause = one_line(actor(state, stranded.name).death_cause)
+    assert f"ray actor Pinned {stranded.name} died: {cause}" in events
+
+
+def test_a_stopped_cluster_is_unreachable_then_recovers_on_the_same_address(ray_cluster, watch):
+    cluster = ray_cluster.cluster
+    source = watch(cluster.url, interval=0.5)
+    old = wait_for(source, lambda s: s.nodes_alive >= 1, timeout=20)
+    source.events()
+    for group in (ray_cluster.driver, ray_cluster.head):
+        LocalRayCluster.stop_group(group)
+
+    events: list[str] = []
+    unreachable = wait_for(source, lambda s: not s.reachable, timeout=15, events=events)
+    assert unreachable.nodes == () and unreachable.actors == ()  # nothing stale is shown
+    assert re.fullmatch(rf"ray cluster at {cluster.url} unreachable since \d\d:\d\d:\d\d \(.+\)",
+                        one_line(unreachable.error))  # fmt: skip
+    started = time.monotonic()
+    source.sample()
+    assert time.monotonic() - started < 0.05
+
+    cluster.start_head()  # a new cluster on the same ports
+    state = wait_for(source, lambda s: s.nodes_alive == 1, timeout=60, events=events)
+    assert state.reachable and state.error is None and state.unreachable_since is None
+    assert state.nodes[0].node_id not in {node.node_id for node in old.nodes}
+    assert [e for e in events if "unreachable" in e] == [unreachable.error], events
+    assert events[-1] == f"ray cluster at {cluster.url} reachable again", events
