@@ -37,8 +37,8 @@ SIZE = (160, 45)
 class SessionSource(SystemSource):
     """The machine's figures, but only this script's process tree in the process table."""
 
-    def sample(self):
-        system, processes = super().sample()
+    def sample(self, run_pid=None):
+        system, processes = super().sample(run_pid)
         session = {os.getpid(), *(p.pid for p in psutil.Process().children(recursive=True))}
         return system, tuple(p for p in processes if p.pid in session)
 

@@ -19,13 +19,15 @@ MIN_INTERVAL_S = 0.2  # the floor: the monitor must not eat the machine it watch
 
 
 class SystemSampler(Protocol):
-    run_pid_getter: Any
+    """The machine and its processes (xltop.sources.SystemSource)."""
 
-    def sample(self) -> tuple[SystemInfo, tuple[ProcessInfo, ...]]: ...
+    def sample(self, run_pid: int | None = None) -> tuple[SystemInfo, tuple[ProcessInfo, ...]]:
+        """The machine's figures and its top processes, `run_pid`'s among them."""
 
 
 class RuntimeSource(Protocol):
-    """A hosted or attached run (xltop.sources.HostedRun / AttachedRun)."""
+    """A hosted or attached run (xltop.runsources.HostedRun / AttachedRun): what the Monitor,
+    the CLI, the app and the watchdog call."""
 
     @property
     def pid(self) -> int | None: ...
@@ -33,9 +35,17 @@ class RuntimeSource(Protocol):
     @property
     def report_age_s(self) -> float | None: ...
 
-    def sample(self) -> RunInfo: ...
+    def sample(self) -> RunInfo:
+        """The run now; never blocks, never raises (a run that is gone is state "dead")."""
 
-    def send(self, cmd: str, **fields: Any) -> dict[str, Any]: ...
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait until the run has reported a step; False if it died or the time ran out."""
+
+    def send(self, cmd: str, **fields: Any) -> dict[str, Any]:
+        """The run's reply to a command, or {"ok": False, "error": ...}."""
+
+    def restart(self) -> None:
+        """Start a fresh run with the same flags; raises if this source cannot."""
 
     def close(self, on_wait: Callable[[str], None] | None = None) -> None: ...
 
@@ -79,9 +89,6 @@ class Monitor:
         self.runtime = runtime
         self.watchdog = watchdog
         self.interval = interval
-        if getattr(system, "run_pid_getter", None) is None:
-            # The run's RSS and CPU come from psutil: make sure the system sample includes it.
-            system.run_pid_getter = lambda: self.runtime.pid if self.runtime else None
         self._events: list[str] = []
         self._lock = threading.Lock()
         self._closed = threading.Event()
@@ -115,9 +122,10 @@ class Monitor:
         self._next_due += self._interval
         if self._next_due <= now:
             self._next_due = now + self._interval
-        system, processes = self.system.sample()
+        # The run's RSS and CPU come from the process table: it must list the run's process.
+        system, processes = self.system.sample(run_pid=self.runtime.pid if self.runtime else None)
         run = self._sample_run(processes)
-        if run is not None and self.watchdog is not None:
+        if run is not None and self.runtime is not None and self.watchdog is not None:
             for event in self.watchdog.check(run, system, self.runtime):
                 self.post_event(event)
         with self._lock:

@@ -125,6 +125,9 @@ class _ChannelRun:
     def pid(self) -> int | None:
         raise NotImplementedError
 
+    def sample(self) -> RunInfo:
+        raise NotImplementedError
+
     def _hello(self) -> dict[str, Any]:
         return (self._client.hello if self._client is not None else None) or {}
 
@@ -159,7 +162,8 @@ class _ChannelRun:
                 self._step_ms.append(float(self._last.step_ms or self._last.warmup_ms or 0.0))
         if self._last is None:
             return self._hello_info("starting")
-        if self.report_age_s > stall_after_s(self._step_ms):
+        age = self.report_age_s  # known: a report was read
+        if age is not None and age > stall_after_s(self._step_ms):
             # The last figures stand, but not the last step's throughput: no step completes.
             return dataclasses.replace(self._last, state="stalled", tokens_per_s=None, step_ms=None)
         return self._last
@@ -199,6 +203,8 @@ class _ChannelRun:
 
 class AttachedRun(_ChannelRun):
     """A run started elsewhere (`ttt-run --socket PATH`), watched through its socket."""
+
+    _client: ChannelClient  # connected for the source's whole life
 
     def __init__(self, socket_path: str, timeout: float = 5.0):
         super().__init__()

@@ -12,7 +12,6 @@ import heapq
 import os
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import psutil
@@ -119,11 +118,9 @@ class SystemSource:
 
     def __init__(
         self,
-        run_pid_getter: Callable[[], int | None] | None = None,
         top_n: int = 30,
         system: str = sys.platform,  # the OS whose process reader to use
     ):
-        self.run_pid_getter = run_pid_getter
         self.top_n = top_n
         self._reader = _ProcfsReader() if system.startswith("linux") else _PsutilReader()
         self._details: dict[int, _Details] = {}
@@ -137,7 +134,9 @@ class SystemSource:
         self._last_cpu = {pid: (u.started, u.cpu_seconds) for pid, u in usage.items()}
         self._last_time = time.monotonic()
 
-    def sample(self) -> tuple[SystemInfo, tuple[ProcessInfo, ...]]:
+    def sample(self, run_pid: int | None = None) -> tuple[SystemInfo, tuple[ProcessInfo, ...]]:
+        """The machine and its top processes; `run_pid`'s process is listed (as the run's)
+        even outside the top."""
         memory = psutil.virtual_memory()
         system = SystemInfo(
             total=memory.total,
@@ -151,12 +150,11 @@ class SystemSource:
         self._remember_cpu(usage)
 
         def cpu_percent(pid: int, u: _Usage) -> float:
-            started, before = last_cpu.get(pid, (None, None))
-            if started != u.started:  # new process (or a reused pid): no baseline yet
+            baseline = last_cpu.get(pid)
+            if baseline is None or baseline[0] != u.started:  # new (or a reused pid): no baseline
                 return 0.0
-            return max(0.0, (u.cpu_seconds - before) / elapsed * 100.0)
+            return max(0.0, (u.cpu_seconds - baseline[1]) / elapsed * 100.0)
 
-        run_pid = self.run_pid_getter() if self.run_pid_getter else None
         shown = heapq.nlargest(self.top_n, usage, key=lambda pid: usage[pid].rss)
         if run_pid in usage and run_pid not in shown:
             shown.append(run_pid)

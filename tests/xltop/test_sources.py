@@ -41,8 +41,8 @@ def test_own_process_is_described():
 
 def test_run_process_is_listed_even_outside_the_top(children):
     sleeper = children(sys.executable, "-c", "import time; time.sleep(60)")
-    source = SystemSource(run_pid_getter=lambda: sleeper.pid, top_n=1)
-    _, processes = source.sample()
+    source = SystemSource(top_n=1)
+    _, processes = source.sample(run_pid=sleeper.pid)
     assert len(processes) == 2
     run = next(p for p in processes if p.is_run)
     assert run.pid == sleeper.pid and run.rss > 0
@@ -50,12 +50,12 @@ def test_run_process_is_listed_even_outside_the_top(children):
 
 def test_busy_process_shows_cpu(children):
     busy = children(sys.executable, "-c", "while True: pass")
-    source = SystemSource(run_pid_getter=lambda: busy.pid, top_n=1)
+    source = SystemSource(top_n=1)
     cpu = 0.0
     deadline = time.monotonic() + 20
     while cpu < 5.0 and time.monotonic() < deadline:
         time.sleep(0.5)
-        _, processes = source.sample()
+        _, processes = source.sample(run_pid=busy.pid)
         cpu = next(p.cpu_percent for p in processes if p.pid == busy.pid)
     assert cpu >= 5.0
 
@@ -198,8 +198,8 @@ def test_attached_run_sees_the_run_stop(tiny_run):
 
 def test_commands_are_one_line(children):
     script = children(sys.executable, "-c", "import time\ntime.sleep(60)")
-    source = SystemSource(run_pid_getter=lambda: script.pid, top_n=1)
-    _, processes = source.sample()
+    source = SystemSource(top_n=1)
+    _, processes = source.sample(run_pid=script.pid)
     command = next(p.command for p in processes if p.pid == script.pid)
     assert "\n" not in command and "time.sleep(60)" in command
 
