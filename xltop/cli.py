@@ -21,9 +21,9 @@ from typing import NoReturn
 import psutil
 
 from xltop import __version__
-from xltop.csvlog import CsvLog, CsvLogError, check_writable
+from xltop.csvlog import CsvLogError, CsvSink, check_writable
 from xltop.jsonout import snapshot_to_line
-from xltop.monitor import MIN_INTERVAL_S, Monitor
+from xltop.monitor import MIN_INTERVAL_S, Monitor, RuntimeSource
 from xltop.snapshot import Snapshot
 from xltop.sources import SystemSource
 from xltop.table import format_snapshot, status_line
@@ -186,7 +186,7 @@ def _say(text: str) -> None:
     print(f"xltop: {text}", file=sys.stderr, flush=True)
 
 
-def _make_runtime(args: argparse.Namespace):
+def _make_runtime(args: argparse.Namespace) -> RuntimeSource | None:
     if args.no_run:
         return None
     from xltop.runsources import AttachedRun, HostedRun, RunSourceError
@@ -234,12 +234,10 @@ class _Sinks:
 
     def __init__(self, args: argparse.Namespace, monitor: Monitor, mode: str):
         self.args, self.monitor, self.mode = args, monitor, mode
-        self.csv: CsvLog | None = None
-        self.csv_wanted = bool(args.csv)
+        self.csv = CsvSink(args.csv, on_error=self._csv_failed)
 
     def consume(self, snapshot: Snapshot) -> None:
-        if self.csv_wanted:
-            self._log(snapshot)
+        self.csv.write(snapshot)
         if self.mode == "once":
             sys.stdout.write(format_snapshot(snapshot))
         elif self.mode in ("json", "json-stream"):
@@ -251,22 +249,14 @@ class _Sinks:
                 print(status_line(snapshot), file=sys.stderr, flush=True)
         sys.stdout.flush()
 
-    def _log(self, snapshot: Snapshot) -> None:
-        try:
-            if self.csv is None:
-                self.csv = CsvLog.open(self.args.csv, snapshot)
-            self.csv.write(snapshot)
-        except CsvLogError as exc:
-            # Disk full or similar: stop logging, say so once, keep monitoring. Headless mode
-            # prints events to stderr too: posting there as well would say it twice.
-            self.csv_wanted, self.csv = False, None
-            _say(f"{exc}; monitoring goes on")
-            if self.mode != "headless":
-                self.monitor.post_event(str(exc))
+    def _csv_failed(self, message: str) -> None:
+        _say(message)
+        # Headless mode prints events to stderr too: posting there as well would say it twice.
+        if self.mode != "headless":
+            self.monitor.post_event(message)
 
     def close(self) -> None:
-        if self.csv is not None:
-            self.csv.close()
+        self.csv.stop()
 
 
 def _on_sigterm(signum: int, frame: object) -> None:

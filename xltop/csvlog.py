@@ -13,6 +13,8 @@ import contextlib
 import csv
 import io
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from stat import S_ISREG
 from typing import Any
@@ -231,3 +233,47 @@ class CsvLog:
     def close(self) -> None:
         if not self.closed:
             self._abandon()
+
+
+class CsvSink:
+    """The CSV-logging policy the headless modes and the TUI share: the file opens with the first
+    Snapshot written after `start` (its run's layout fixes the columns); a log that cannot be
+    opened or written stops, and `on_error` hears why once; monitoring goes on. Thread-safe: the
+    TUI writes from its tick thread and starts or stops from its event loop."""
+
+    def __init__(self, path: str | os.PathLike | None, on_error: Callable[[str], None]):
+        self.path = path  # where the log goes (again) on `start`
+        self.active = path is not None
+        self._on_error = on_error
+        self._log: CsvLog | None = None
+        self._lock = threading.Lock()
+
+    def start(self, path: str | os.PathLike | None = None) -> None:
+        """Log to `path` (else the last path) from the next Snapshot on."""
+        with self._lock:
+            self.path = path or self.path
+            self.active = self.path is not None
+
+    def write(self, snapshot: Snapshot) -> None:
+        with self._lock:
+            if not self.active or self.path is None:
+                return
+            try:
+                if self._log is None:
+                    self._log = CsvLog.open(self.path, snapshot)
+                self._log.write(snapshot)
+                return
+            except CsvLogError as exc:
+                self.active, self._log = False, None
+                message = f"{exc}; monitoring goes on"
+        self._on_error(message)  # outside the lock: it may post to the monitor or the screen
+
+    def stop(self) -> str | None:
+        """Stop logging; the path of the file it closed, or None if none was open."""
+        with self._lock:
+            self.active = False
+            log, self._log = self._log, None
+        if log is None:
+            return None
+        log.close()
+        return str(log.path)

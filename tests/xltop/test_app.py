@@ -162,7 +162,7 @@ async def test_s_saves_a_checkpoint(attached, tmp_path):
 async def test_l_starts_and_stops_csv_logging(attached, tmp_path):
     csv_path = tmp_path / "log.csv"
     app, _ = attached(csv_path=str(csv_path))
-    app._logging = False  # as if started without logging, with a path chosen
+    app.csv.stop()  # as if started without logging, with a path chosen
     async with app.run_test(size=(120, 40)) as pilot:
         await until(pilot, lambda: state(app) == "running", "the run")
         assert not csv_path.exists()
@@ -246,6 +246,21 @@ async def test_readonly_removes_kill_and_every_run_command(attached, monkeypatch
         assert titles and not any(t.startswith(("Pause", "Kill", "Clear", "Save")) for t in titles)
         footer_actions = {b.action for _, b, enabled, _ in app.active_bindings.values() if enabled}
         assert "kill" not in footer_actions and "toggle_pause" not in footer_actions
+
+
+@pilot_test
+async def test_a_csv_log_that_fails_stops_and_says_so_once(monitors, tmp_path):
+    folder = tmp_path / "gone"
+    app = XltopApp(monitors(), csv_path=str(folder / "log.csv"))
+    async with app.run_test(size=(120, 40)) as pilot:
+        said = f"cannot log to {folder / 'log.csv'}: folder {folder} does not exist"
+        await until(pilot, lambda: said in events(app), "the CSV failure")
+        shown = app.snapshots_shown
+        await until(pilot, lambda: app.snapshots_shown >= shown + 3, "three more ticks")
+        assert [e for e in app.main_screen.query_one(EventLine).events if "cannot log" in e] == [
+            f"{said}; monitoring goes on"  # the headless modes' words
+        ]
+        assert "CSV off" in str(app.main_screen.query_one("#header").content)
 
 
 @pilot_test

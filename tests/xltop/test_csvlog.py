@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from xltop_helpers import REPO, read_rows, run_xltop, wait_for_rows, xltop_env
 
-from xltop.csvlog import CsvLog, CsvLogError, csv_columns, snapshot_to_row
+from xltop.csvlog import CsvLog, CsvLogError, CsvSink, csv_columns, snapshot_to_row
 from xltop.monitor import Monitor
 from xltop.snapshot import BlockStats, LayerStats, MlxMemory, RunInfo, Snapshot
 from xltop.sources import SystemSource
@@ -164,6 +164,31 @@ def test_a_failed_first_row_leaves_an_empty_file_to_log_to_later(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("CSV logging to") == 1
     assert path.read_bytes() == b""  # the header was cut back with its row
+
+
+def test_the_sink_opens_on_the_first_snapshot_and_stops_at_a_failure_said_once(
+    tmp_path, machine_snapshot
+):
+    # The one policy the headless modes and the TUI share.
+    said: list[str] = []
+    folder = tmp_path / "later"
+    sink = CsvSink(folder / "log.csv", on_error=said.append)
+    assert sink.active and not folder.exists()
+    for _ in range(3):
+        sink.write(machine_snapshot)
+    assert said == [f"cannot log to {folder / 'log.csv'}: folder {folder} does not exist; "
+                    "monitoring goes on"]  # fmt: skip
+    assert not sink.active and sink.stop() is None  # stopped: nothing was open
+
+    folder.mkdir()
+    sink.start()  # the same path again, from the next snapshot
+    assert sink.active and not (folder / "log.csv").exists()
+    sink.write(machine_snapshot)
+    sink.write(machine_snapshot)
+    assert sink.stop() == str(folder / "log.csv") and not sink.active
+    sink.write(machine_snapshot)  # stopped: no row
+    assert len(read_rows(folder / "log.csv")) == 2 and len(said) == 1
+    assert not CsvSink(None, on_error=said.append).active
 
 
 def test_snapshot_to_row_leaves_run_columns_empty_without_a_run(machine_snapshot):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +19,8 @@ from textual.widgets import Footer
 from textual.worker import get_current_worker
 
 from xltop import __version__, killer
-from xltop.csvlog import CsvLog, CsvLogError
+from xltop.csvlog import CsvSink
+from xltop.monitor import Monitor
 from xltop.snapshot import RunInfo, Snapshot
 from xltop.tui import commands
 from xltop.tui.widgets.blocks import BlocksTable
@@ -49,7 +49,7 @@ class XltopApp(App[None]):
 
     def __init__(
         self,
-        monitor: Any,
+        monitor: Monitor,
         *,
         readonly: bool = False,
         csv_path: str | None = None,
@@ -59,13 +59,10 @@ class XltopApp(App[None]):
         self.monitor = monitor
         self.readonly = readonly or readonly_from_env()
         self.host = host or socket.gethostname()
-        self.csv_path = csv_path
+        self.csv = CsvSink(csv_path, on_error=monitor.post_event)
         self.frozen = False
         self.last: Snapshot | None = None
         self.snapshots_shown = 0
-        self._csv: CsvLog | None = None
-        self._logging = bool(csv_path)
-        self._csv_lock = threading.Lock()
         self._quitting = False
 
     # -- layout and the tick loop -------------------------------------------------------------
@@ -94,7 +91,7 @@ class XltopApp(App[None]):
                 self.monitor.post_event(f"tick failed: {type(exc).__name__}: {exc}")
                 time.sleep(self.monitor.interval)
                 continue
-            self._log(snapshot)
+            self.csv.write(snapshot)
             if worker.is_cancelled or self._quitting:
                 return
             try:
@@ -131,7 +128,7 @@ class XltopApp(App[None]):
             host=self.host,
             frozen=self.frozen,
             readonly=self.readonly,
-            csv=self._csv_label(),
+            csv=str(self.csv.path) if self.csv.active else None,
         )
 
     def say(self, text: str, error: bool = False) -> None:
@@ -151,33 +148,6 @@ class XltopApp(App[None]):
                 self.call_from_thread(self.say, *outcome)
 
         self.run_worker(run, thread=True, name=name, group="commands")
-
-    # -- CSV ----------------------------------------------------------------------------------
-
-    def _csv_label(self) -> str | None:
-        return (self._csv.path if self._csv else self.csv_path) if self._logging else None
-
-    def _log(self, snapshot: Snapshot) -> None:
-        """Write the tick's CSV row (tick thread); a failing disk stops logging, not the app."""
-        with self._csv_lock:
-            if not self._logging:
-                return
-            try:
-                if self._csv is None:
-                    self._csv = CsvLog.open(self.csv_path, snapshot)
-                self._csv.write(snapshot)
-            except CsvLogError as exc:
-                self._logging, self._csv = False, None
-                self.monitor.post_event(f"{exc}; CSV logging stopped")
-
-    def _close_csv(self) -> str | None:
-        with self._csv_lock:
-            self._logging = False
-            csv, self._csv = self._csv, None
-        if csv is None:
-            return None
-        csv.close()
-        return str(csv.path)
 
     # -- actions: one per entry of xltop.tui.commands.COMMANDS -----------------------------------
 
@@ -229,14 +199,12 @@ class XltopApp(App[None]):
         self._send("save")
 
     def action_toggle_log(self) -> None:
-        if self._logging:
-            path = self._close_csv()
+        if self.csv.active:
+            path = self.csv.stop()
             self.say(f"CSV log closed: {path}" if path else "CSV logging off")
         else:
-            self.csv_path = self.csv_path or time.strftime("xltop-%Y%m%d-%H%M%S.csv")
-            with self._csv_lock:
-                self._logging = True
-            self.say(f"CSV logging to {self.csv_path} from the next tick")
+            self.csv.start(self.csv.path or time.strftime("xltop-%Y%m%d-%H%M%S.csv"))
+            self.say(f"CSV logging to {self.csv.path} from the next tick")
         self._show_header()
 
     def _step_interval(self, direction: int) -> None:
@@ -318,7 +286,7 @@ class XltopApp(App[None]):
         self.say("stopping the run and closing the CSV ...")
 
         def stop() -> None:
-            self._close_csv()
+            self.csv.stop()
             # a run that is slow to stop (a long step) says what the quit waits for
             self.monitor.close(on_wait=lambda text: self.call_from_thread(self.say, text))
             self.call_from_thread(self.exit)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 
 # Textual key names as people type them.
 _KEY_TEXT = {"plus": "+", "minus": "-", "question_mark": "?", "f9": "F9", "f10": "F10"}
@@ -52,6 +52,6 @@ def available(readonly: bool) -> tuple[Command, ...]:
     return tuple(c for c in COMMANDS if not (readonly and c.changes_run))
 
 
-def bindings() -> list[Binding]:
+def bindings() -> list[BindingType]:
     """Every command's keys; XltopApp.check_action hides the run commands under --readonly."""
     return [Binding(",".join(c.keys), c.action, c.label, show=c.footer) for c in COMMANDS]
