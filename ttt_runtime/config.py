@@ -1,9 +1,13 @@
-"""The run's configuration: a validated dataclass filled from a preset, a TOML file and flags.
+"""Every configuration, validated on construction: a TTT layer's (TTTLayerConfig), the model's
+(ModelConfig, which holds its layers' config) and a run's (RunConfig: flat, one flag per setting).
 
-Precedence, lowest first: the preset (`--preset`, else the TOML file's `preset`, else
-`default`), then the TOML file, then command-line flags. Every field has a flag of its own name
-(`--seq-len 64`). Bad values raise ConfigError with one line naming the field and what is
-allowed. No MLX here: xltop imports this module to check a run's flags before starting it.
+Each setting has one rule, by name, whichever configuration holds it (`check_fields`: the type
+from the annotation, the range from INT_RANGES); RunConfig checks the rules between model
+settings by building its ModelConfig. A run's settings come from a preset, a TOML file and
+flags; precedence, lowest first: the preset (`--preset`, else the TOML file's `preset`, else
+`default`), then the TOML file, then command-line flags (`--seq-len 64`). Bad values raise
+ConfigError with one line naming the field and what is allowed. No MLX here: xltop imports this
+module to check a run's flags before starting it, and the layers and model import their configs.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import stat
 import struct
 import sys
 from dataclasses import dataclass, fields
-from typing import Any
+from types import UnionType
+from typing import Any, Literal, NoReturn, Union, get_args, get_origin, get_type_hints
 
 from ttt_runtime.stream import StreamError, check_data
 
@@ -27,8 +32,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-MODES = ("train", "adapt")
-LAYER_TYPES = ("linear", "mlp")
+Mode = Literal["train", "adapt"]  # train: outer loop learns; adapt: outer weights frozen
+LayerType = Literal["linear", "mlp"]  # TTT-Linear or TTT-MLP
 
 
 class ConfigError(ValueError):
@@ -36,20 +41,230 @@ class ConfigError(ValueError):
 
 
 CONFIG_MAX_BYTES = 1 << 20  # a settings file is a few lines; /dev/zero would never end
-_INT_MAX = 2**31 - 1  # MLX shapes are 32-bit; no count needs more
-# (smallest, largest) value of each integer field
-_INT_RANGES = {
-    "num_blocks": (1, _INT_MAX),
-    "hidden_size": (2, _INT_MAX),
-    "num_heads": (1, _INT_MAX),
-    "mini_batch_size": (1, _INT_MAX),
-    "intermediate_size": (1, _INT_MAX),
-    "seq_len": (1, _INT_MAX),
-    "batch_size": (1, _INT_MAX),
+INT_MAX = 2**31 - 1  # MLX shapes are 32-bit; no count needs more
+
+# The rule of each setting, by name: a name means the same in every configuration that has it.
+# The type is the field's annotation; an integer is also in its range (smallest, largest),
+INT_RANGES = {
+    "hidden_size": (2, INT_MAX),
+    "num_heads": (1, INT_MAX),
+    "mini_batch_size": (1, INT_MAX),
+    "mlp_expansion": (1, INT_MAX),
+    "vocab_size": (1, INT_MAX),
+    "num_blocks": (1, INT_MAX),
+    "intermediate_size": (1, INT_MAX),
+    "seq_len": (1, INT_MAX),
+    "batch_size": (1, INT_MAX),
     "seed": (0, 2**32 - 1),  # a larger seed was a TypeError inside mx.random.seed
-    "sample_every": (0, _INT_MAX),
-    "max_steps": (0, _INT_MAX),
+    "sample_every": (0, INT_MAX),
+    "max_steps": (0, INT_MAX),
 }
+# and a number (float) is finite and above 0, or at least 0 where named here.
+ZERO_ALLOWED = {"weight_decay"}
+_TYPE_NAMES = {bool: "true or false", str: "a string"}
+
+
+_FIELD_TYPES: dict[type, dict[str, Any]] = {}
+
+
+def field_types(config_class: type) -> dict[str, Any]:
+    """Each field's annotation as a type: int, float, bool, str, `str | None`, a Literal, a
+    configuration (evaluated once per class: it is most of a check's time)."""
+    if config_class not in _FIELD_TYPES:
+        _FIELD_TYPES[config_class] = get_type_hints(config_class)
+    return _FIELD_TYPES[config_class]
+
+
+def check_fields(config: object) -> None:
+    """ConfigError naming the first field of a config dataclass that breaks its setting's rule."""
+    for name, kind in field_types(type(config)).items():
+        value = getattr(config, name)
+        if get_origin(kind) in (Union, UnionType):  # `str | None`: None, or what str allows
+            if value is None:
+                continue
+            (kind,) = (arg for arg in get_args(kind) if arg is not type(None))
+        allowed, must = _rule(name, kind, value)
+        if not allowed:
+            raise ConfigError(f"{name}={value!r}: must be {must}")
+
+
+def _rule(name: str, kind: Any, value: Any) -> tuple[bool, str]:
+    """Whether `value` keeps the rule of setting `name` of type `kind`, and what the rule asks."""
+    if get_origin(kind) is Literal:
+        return value in get_args(kind), "one of " + ", ".join(get_args(kind))
+    if kind is int:
+        low, high = INT_RANGES[name]  # every integer setting has its range
+        integer = isinstance(value, int) and not isinstance(value, bool)  # True is not 1 head
+        return integer and low <= value <= high, f"an integer from {low} to {high}"
+    if kind is float:
+        zero_ok = name in ZERO_ALLOWED
+        must = "a finite number >= 0" if zero_ok else "a positive finite number"
+        return _finite_number(value, zero_ok), must
+    if kind in _TYPE_NAMES:
+        return isinstance(value, kind), _TYPE_NAMES[kind]
+    return isinstance(value, kind), f"a {kind.__name__}"  # a nested configuration
+
+
+def _finite_number(value: Any, zero_ok: bool) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        number = float(value)  # an integer beyond a float's range overflows
+    except OverflowError:
+        return False
+    return math.isfinite(number) and (number >= 0 if zero_ok else number > 0)
+
+
+def _settings_for(config_class: type, source: Any) -> dict[str, Any]:
+    """The fields of `config_class` that `source` (a config dataclass) has, with its values."""
+    have = {f.name for f in fields(source)}
+    return {f.name: getattr(source, f.name) for f in fields(config_class) if f.name in have}
+
+
+@dataclass(frozen=True)
+class TTTLayerConfig:
+    """Sizes and inner-loop settings of a TTT-Linear or TTT-MLP layer (see docs/ttt-maths.md).
+
+    `compile` only chooses how the mini-batch scan runs (mx.compile or plain ops), never the maths.
+    """
+
+    hidden_size: int
+    num_heads: int
+    mini_batch_size: int = 16
+    ttt_base_lr: float = 1.0  # inner learning rate scale
+    use_gate: bool = False
+    rope_theta: float = 10000.0
+    mlp_expansion: int = 4  # TTT-MLP's hidden width, in multiples of the head dim
+    compile: bool = True
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"num_heads={self.num_heads}: must divide hidden_size={self.hidden_size}"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(
+                f"hidden_size={self.hidden_size}: hidden_size/num_heads={self.head_dim} is odd; "
+                "RoPE rotates pairs, so it must be even"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A TTTModel: byte embedding, `num_blocks` blocks (a `layer_type` TTT layer sized by `layer`,
+    then a SwiGLU of `intermediate_size`), norm and head."""
+
+    layer: TTTLayerConfig
+    layer_type: LayerType = "linear"
+    num_blocks: int = 2
+    intermediate_size: int = 512
+    vocab_size: int = 256
+    rms_norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A run's settings, flat (one flag or TOML key each): the model's under their own names,
+    and the run's. Validated on construction; `model_config()` is the model they describe."""
+
+    mode: Mode = "train"
+    preset: str = "default"
+    layer_type: LayerType = "linear"
+    num_blocks: int = 4
+    hidden_size: int = 256
+    num_heads: int = 4
+    mini_batch_size: int = 16
+    intermediate_size: int = 512
+    ttt_base_lr: float = 1.0
+    use_gate: bool = False
+    seq_len: int = 64  # bytes per row per step
+    batch_size: int = 2
+    lr: float = 3e-3  # outer (AdamW) learning rate
+    weight_decay: float = 0.0
+    data: str | None = None  # None: the embedded standard-library text
+    seed: int = 0
+    sample_every: int = 20  # per-block timing and layer stats on step 1 and every N (0: never)
+    exact_accumulate: bool = False  # adapt mode: exact fast-weight sums (SWAR accumulator)
+    checkpoint_dir: str = "checkpoints"
+    max_steps: int = 0  # 0: run until stopped
+    start_paused: bool = False  # wait for a `resume` command before the first step
+    compile: bool = True  # mx.compile the unsampled steps
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        self.model_config()  # the rules between model settings (num_heads divides hidden_size)
+        if self.exact_accumulate and self.mode != "adapt":
+            raise ConfigError("exact_accumulate=true: only in mode 'adapt' (fast weights persist)")
+
+    def model_config(self) -> ModelConfig:
+        """The model of these settings, taken by name. With `compile`, a train step is one
+        mx.compile around the whole step (steps.make_train_step), which beats compiling each
+        layer's scan inside it: the layers compile their own scans only in adapt mode."""
+        layer_compile = self.compile and self.mode != "train"
+        layer = TTTLayerConfig(**{**_settings_for(TTTLayerConfig, self), "compile": layer_compile})
+        return ModelConfig(layer=layer, **_settings_for(ModelConfig, self))
+
+    @classmethod
+    def from_preset(cls, name: str) -> RunConfig:
+        if name not in PRESETS:
+            raise ConfigError(f"preset={name!r}: must be one of {', '.join(PRESETS)}")
+        return cls(preset=name, **PRESETS[name])
+
+    @classmethod
+    def from_toml(cls, path: str, preset: str | None = None) -> RunConfig:
+        """The file's preset (or `preset`, which wins) overlaid with the file's other keys."""
+        data = _read_settings_file(path)
+        try:
+            table = tomllib.loads(data.decode())
+        # TOMLDecodeError, not UTF-8, an integer over int()'s digit limit, or nested too deep
+        except (ValueError, RecursionError) as exc:
+            raise ConfigError(f"config {path}: not valid TOML ({exc})") from None
+        base = cls.from_preset(preset or str(table.pop("preset", "default")))
+        table.pop("preset", None)
+        return base.with_overrides(**table)
+
+    # self positional-only: a setting named "self" (in a file) is unknown, not a TypeError
+    def with_overrides(self, /, **values: Any) -> RunConfig:
+        known = {f.name for f in fields(self)}
+        for name in values:
+            if name not in known:
+                raise ConfigError(f"unknown setting {name!r}; known: {', '.join(sorted(known))}")
+        return dataclasses.replace(self, **values)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Presets override the dataclass defaults (which are the `default` preset: what `xltop` runs).
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    # very small and fast, for tests: a step takes a few milliseconds
+    "tiny": dict(
+        num_blocks=2,
+        hidden_size=32,
+        num_heads=2,
+        mini_batch_size=8,
+        intermediate_size=64,
+        seq_len=32,
+        batch_size=1,
+        sample_every=5,
+    ),
+    "mlp": dict(layer_type="mlp", hidden_size=128, num_heads=4),
+    "adapt": dict(mode="adapt", batch_size=1, seq_len=128),
+}
+
+
+# -- settings files ------------------------------------------------------------------------------
+
+
 _FILE_KINDS = (
     (stat.S_ISDIR, "a folder"),
     (stat.S_ISFIFO, "a FIFO"),
@@ -88,156 +303,30 @@ def _read_settings_file(path: str) -> bytes:
     return data
 
 
-@dataclass(frozen=True)
-class RunConfig:
-    mode: str = "train"  # train: outer loop learns; adapt: outer weights frozen
-    preset: str = "default"
-    layer_type: str = "linear"  # TTT-Linear or TTT-MLP
-    num_blocks: int = 4
-    hidden_size: int = 256
-    num_heads: int = 4
-    mini_batch_size: int = 16
-    intermediate_size: int = 512
-    ttt_base_lr: float = 1.0  # inner learning rate scale
-    use_gate: bool = False
-    seq_len: int = 64  # bytes per row per step
-    batch_size: int = 2
-    lr: float = 3e-3  # outer (AdamW) learning rate
-    weight_decay: float = 0.0
-    data: str | None = None  # None: the embedded standard-library text
-    seed: int = 0
-    sample_every: int = 20  # per-block timing and layer stats on step 1 and every N (0: never)
-    exact_accumulate: bool = False  # adapt mode: exact fast-weight sums (SWAR accumulator)
-    checkpoint_dir: str = "checkpoints"
-    max_steps: int = 0  # 0: run until stopped
-    start_paused: bool = False  # wait for a `resume` command before the first step
-    compile: bool = True  # mx.compile the unsampled steps
-
-    @classmethod
-    def from_preset(cls, name: str) -> RunConfig:
-        if name not in PRESETS:
-            raise ConfigError(f"preset={name!r}: must be one of {', '.join(PRESETS)}")
-        return cls(preset=name, **PRESETS[name]).validate()
-
-    @classmethod
-    def from_toml(cls, path: str, preset: str | None = None) -> RunConfig:
-        """The file's preset (or `preset`, which wins) overlaid with the file's other keys."""
-        data = _read_settings_file(path)
-        try:
-            table = tomllib.loads(data.decode())
-        # TOMLDecodeError, not UTF-8, an integer over int()'s digit limit, or nested too deep
-        except (ValueError, RecursionError) as exc:
-            raise ConfigError(f"config {path}: not valid TOML ({exc})") from None
-        base = cls.from_preset(preset or str(table.pop("preset", "default")))
-        table.pop("preset", None)
-        return base.with_overrides(**table)
-
-    # self positional-only: a setting named "self" (in a file) is unknown, not a TypeError
-    def with_overrides(self, /, **values: Any) -> RunConfig:
-        known = {f.name for f in fields(self)}
-        for name in values:
-            if name not in known:
-                raise ConfigError(f"unknown setting {name!r}; known: {', '.join(sorted(known))}")
-        return dataclasses.replace(self, **values).validate()
-
-    def validate(self) -> RunConfig:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            _check_type(f.name, value, f.type)
-            if f.type == "int":
-                low, high = _INT_RANGES[f.name]  # every integer field has its range
-                if not low <= value <= high:
-                    raise ConfigError(
-                        f"{f.name}={value!r}: must be an integer from {low} to {high}"
-                    )
-        _choice("mode", self.mode, MODES)
-        _choice("layer_type", self.layer_type, LAYER_TYPES)
-        if self.hidden_size % self.num_heads:
-            raise ConfigError(
-                f"num_heads={self.num_heads}: must divide hidden_size={self.hidden_size}"
-            )
-        if (self.hidden_size // self.num_heads) % 2:
-            raise ConfigError(
-                f"hidden_size={self.hidden_size}: hidden_size/num_heads must be even (RoPE pairs)"
-            )
-        for name in ("ttt_base_lr", "lr"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"{name}={value!r}: must be a positive finite number")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ConfigError(f"weight_decay={self.weight_decay!r}: must be a finite number >= 0")
-        if self.exact_accumulate and self.mode != "adapt":
-            raise ConfigError("exact_accumulate=true: only in mode 'adapt' (fast weights persist)")
-        return self
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-# Presets override the dataclass defaults (which are the `default` preset: what `xltop` runs).
-PRESETS: dict[str, dict[str, Any]] = {
-    "default": {},
-    # very small and fast, for tests: a step takes a few milliseconds
-    "tiny": dict(
-        num_blocks=2,
-        hidden_size=32,
-        num_heads=2,
-        mini_batch_size=8,
-        intermediate_size=64,
-        seq_len=32,
-        batch_size=1,
-        sample_every=5,
-    ),
-    "mlp": dict(layer_type="mlp", hidden_size=128, num_heads=4),
-    "adapt": dict(mode="adapt", batch_size=1, seq_len=128),
-}
-
-
-_TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
-
-
-def _check_type(name: str, value: Any, annotation: str) -> None:
-    optional = annotation.endswith("| None")
-    kind = annotation.split("|")[0].strip()
-    if value is None and optional:
-        return
-    ok = {
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-        "bool": isinstance(value, bool),
-        "str": isinstance(value, str),
-    }[kind]
-    if not ok:
-        raise ConfigError(f"{name}={value!r}: must be {_TYPE_NAMES[kind]}")
-
-
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name}={value!r}: must be one of {', '.join(allowed)}")
-
-
 # -- command line --------------------------------------------------------------------------------
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, raised, never sys.exit from a library
+    def error(self, message: str) -> NoReturn:  # one line, raised, never sys.exit from a library
         raise ConfigError(message)
 
 
-def _parse_value(name: str, annotation: str, text: str) -> Any:
-    kind = annotation.split("|")[0].strip()
+_FLAG_TRUE, _FLAG_FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def _parse_flag(name: str, text: str) -> Any:
+    """A flag's text as its field's type; text that is not one is left for that field's check
+    to refuse, with the field's one message."""
+    kind = field_types(RunConfig)[name]
     try:
-        if kind == "int":
+        if kind is int:
             return int(text)
-        if kind == "float":
+        if kind is float:
             return float(text)
     except ValueError:
-        raise ConfigError(f"{name}={text!r}: must be {_TYPE_NAMES[kind]}") from None
-    if kind == "bool":
-        lowered = text.lower()
-        if lowered not in ("true", "false", "1", "0", "yes", "no"):
-            raise ConfigError(f"{name}={text!r}: must be true or false")
-        return lowered in ("true", "1", "yes")
+        return text
+    if kind is bool and text.lower() in _FLAG_TRUE + _FLAG_FALSE:
+        return text.lower() in _FLAG_TRUE
     return text
 
 
@@ -266,7 +355,7 @@ def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = Non
     """Preset (or `base`, a resumed checkpoint's config, when neither --preset nor --config is
     given), then TOML file, then flags; validated."""
     overrides = {
-        f.name: _parse_value(f.name, f.type, getattr(args, f.name))
+        f.name: _parse_flag(f.name, getattr(args, f.name))
         for f in fields(RunConfig)
         if getattr(args, f.name) is not None and f.name != "preset"
     }

@@ -2,55 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import mlx.core as mx
 import mlx.nn as nn
 
-from ttt_runtime.layers import TTTMLP, TTTCache, TTTLayerConfig, TTTLinear
-from ttt_runtime.layers.config import require_int, require_positive
+from ttt_runtime.config import ModelConfig
+from ttt_runtime.layers import TTTMLP, TTTCache, TTTLinear
 
-LAYER_TYPES = {"linear": TTTLinear, "mlp": TTTMLP}
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Sizes of a TTTModel; invalid values raise ValueError naming the field."""
-
-    vocab_size: int = 256
-    hidden_size: int = 256
-    num_heads: int = 4
-    num_blocks: int = 2
-    layer_type: str = "linear"
-    mini_batch_size: int = 16
-    ttt_base_lr: float = 1.0
-    intermediate_size: int = 512
-    rope_theta: float = 10000.0
-    use_gate: bool = False
-    rms_norm_eps: float = 1e-6
-    compile: bool = True
-
-    def __post_init__(self) -> None:
-        require_int("vocab_size", self.vocab_size, 1)
-        require_int("num_blocks", self.num_blocks, 1)
-        require_int("intermediate_size", self.intermediate_size, 1)
-        require_positive("rms_norm_eps", self.rms_norm_eps)
-        if self.layer_type not in LAYER_TYPES:
-            raise ValueError(
-                f"layer_type={self.layer_type!r}: must be one of {', '.join(LAYER_TYPES)}"
-            )
-        self.layer_config()  # validates the TTT layer's own fields
-
-    def layer_config(self) -> TTTLayerConfig:
-        return TTTLayerConfig(
-            hidden_size=self.hidden_size,
-            num_heads=self.num_heads,
-            mini_batch_size=self.mini_batch_size,
-            ttt_base_lr=self.ttt_base_lr,
-            use_gate=self.use_gate,
-            rope_theta=self.rope_theta,
-            compile=self.compile,
-        )
+LAYER_CLASSES = {"linear": TTTLinear, "mlp": TTTMLP}  # by ModelConfig.layer_type
 
 
 class SwiGLU(nn.Module):
@@ -69,10 +27,11 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.ttt_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.ttt = LAYER_TYPES[config.layer_type](config.layer_config())
-        self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        dims = config.layer.hidden_size
+        self.ttt_norm = nn.RMSNorm(dims, eps=config.rms_norm_eps)
+        self.ttt = LAYER_CLASSES[config.layer_type](config.layer)
+        self.mlp_norm = nn.RMSNorm(dims, eps=config.rms_norm_eps)
+        self.mlp = SwiGLU(dims, config.intermediate_size)
 
     def __call__(self, h: mx.array, cache: TTTCache | None = None) -> mx.array:
         h = h + self.ttt(self.ttt_norm(h), cache=cache)
@@ -89,14 +48,16 @@ class TTTModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        dims = config.layer.hidden_size
+        self.embed = nn.Embedding(config.vocab_size, dims)
         self.blocks = [Block(config) for _ in range(config.num_blocks)]
-        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.norm = nn.RMSNorm(dims, eps=config.rms_norm_eps)
+        self.head = nn.Linear(dims, config.vocab_size, bias=False)
 
     def __call__(self, tokens: mx.array, cache: list[TTTCache] | None = None) -> mx.array:
         h = self.embed(tokens)
-        for block, block_cache in zip(self.blocks, cache or [None] * len(self.blocks), strict=True):
+        caches: list[TTTCache | None] = list(cache) if cache else [None] * len(self.blocks)
+        for block, block_cache in zip(self.blocks, caches, strict=True):
             h = block(h, cache=block_cache)
         return self.logits(h)
 

@@ -9,7 +9,6 @@ one thread. A step in progress always finishes: `stop` (or SIGTERM) exits after 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 import secrets
 import signal
@@ -34,7 +33,6 @@ from ttt_runtime.steps import (
     cache_arrays,
     make_optimizer,
     make_train_step,
-    model_config,
 )
 from ttt_runtime.stream import ByteStream
 from ttt_runtime.telemetry import (
@@ -61,12 +59,7 @@ class TTTRun:
             restored = ckpt.load(resume) if resume else None
             self.config = config
             mx.random.seed(config.seed)
-            # one mx.compile around the whole train step beats compiling each layer's scan
-            fuse_outer = config.compile and config.mode == "train"
-            mcfg = dataclasses.replace(
-                model_config(config), compile=config.compile and not fuse_outer
-            )
-            self.model = TTTModel(mcfg)
+            self.model = TTTModel(config.model_config())
             self.stream = ByteStream(
                 config.data, config.seq_len, config.batch_size,
                 restored.stream_position if restored else 0,

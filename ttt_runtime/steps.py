@@ -8,7 +8,6 @@ persistent cache carried across steps (one long conversation).
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -16,22 +15,9 @@ import mlx.optimizers as optim
 
 from ttt_runtime.config import RunConfig
 from ttt_runtime.layers import TTTCache
-from ttt_runtime.model import ModelConfig, TTTModel
+from ttt_runtime.model import TTTModel
 
 LN2 = math.log(2.0)
-
-
-def model_config(config: RunConfig) -> ModelConfig:
-    return ModelConfig(
-        hidden_size=config.hidden_size,
-        num_heads=config.num_heads,
-        num_blocks=config.num_blocks,
-        layer_type=config.layer_type,
-        mini_batch_size=config.mini_batch_size,
-        ttt_base_lr=config.ttt_base_lr,
-        intermediate_size=config.intermediate_size,
-        use_gate=config.use_gate,
-    )
 
 
 def next_byte_loss(logits: mx.array, targets: mx.array) -> mx.array:
@@ -61,7 +47,7 @@ def make_train_step(model: TTTModel, optimizer: optim.Optimizer, compile: bool):
     if not compile:
         return step
     state = [model.state, optimizer.state]
-    return partial(mx.compile(step, inputs=state, outputs=state))
+    return mx.compile(step, inputs=state, outputs=state)
 
 
 def adapt_step(

@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten
 from ttt_runtime.checkpoint import Checkpoint, CheckpointError, load, save
 from ttt_runtime.config import CHECKPOINT_FORMAT, ConfigError, RunConfig, checkpoint_config
 from ttt_runtime.model import TTTModel
-from ttt_runtime.steps import fresh_cache_loss, model_config
+from ttt_runtime.steps import fresh_cache_loss
 from ttt_runtime.telemetry import sampled_train_grads
 
 
@@ -206,7 +206,7 @@ def test_missing_or_foreign_file_is_refused(tmp_path):
 def test_sampled_train_step_gradients_match_value_and_grad(layer_type):
     config = RunConfig.from_preset("tiny").with_overrides(layer_type=layer_type)
     mx.random.seed(1)
-    model = TTTModel(model_config(config))
+    model = TTTModel(config.model_config())
     rng = np.random.default_rng(0)
     tokens = mx.array(rng.integers(0, 256, size=(2, 33)).astype(np.int32))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]

@@ -8,7 +8,14 @@ import sys
 
 import pytest
 
-from ttt_runtime.config import PRESETS, ConfigError, RunConfig, parse_run_args
+from ttt_runtime.config import (
+    PRESETS,
+    ConfigError,
+    ModelConfig,
+    RunConfig,
+    TTTLayerConfig,
+    parse_run_args,
+)
 from ttt_runtime.launch import check_run_args
 
 
@@ -84,15 +91,15 @@ def test_toml_errors_name_the_key_or_the_file(tmp_path):
 
 
 def test_integer_ranges_include_their_ends():
-    assert RunConfig(seed=2**32 - 1).validate().seed == 2**32 - 1
-    assert RunConfig(max_steps=2**31 - 1).validate().max_steps == 2**31 - 1
+    assert RunConfig(seed=2**32 - 1).seed == 2**32 - 1
+    assert RunConfig(max_steps=2**31 - 1).max_steps == 2**31 - 1
     with pytest.raises(ConfigError, match=r"^seed=-1: must be an integer from 0 to 4294967295$"):
-        RunConfig(seed=-1).validate()
+        RunConfig(seed=-1)
 
 
 def test_non_finite_numbers_say_finite():
     with pytest.raises(ConfigError, match=r"^weight_decay=inf: must be a finite number >= 0$"):
-        RunConfig(weight_decay=math.inf).validate()
+        RunConfig(weight_decay=math.inf)
 
 
 def test_toml_that_is_too_deep_or_too_long_is_a_config_error(tmp_path):
@@ -127,3 +134,49 @@ def test_ttt_run_refuses_bad_input_before_it_starts(unusable_run_inputs, tmp_pat
         lines = result.stderr.splitlines()
         assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.stderr
         assert not socket.exists()
+
+
+LAYER = dict(hidden_size=32, num_heads=4, mini_batch_size=8, ttt_base_lr=1.0, use_gate=False)
+
+
+@pytest.mark.parametrize(
+    ("layer_bad", "model_bad"),
+    [
+        ({"num_heads": 3}, {}),
+        ({"hidden_size": 12}, {}),
+        ({"hidden_size": 2**31, "num_heads": 1}, {}),
+        ({"mini_batch_size": 0}, {}),
+        ({"ttt_base_lr": math.inf}, {}),
+        ({"use_gate": "yes"}, {}),
+        ({}, {"num_blocks": 0}),
+        ({}, {"intermediate_size": 2**31}),
+        ({}, {"layer_type": "conv"}),
+    ],
+)
+def test_a_model_setting_is_refused_by_the_run_as_by_the_model(layer_bad, model_bad):
+    """One rule, one message: the run's model settings are checked by the model's own rules."""
+    with pytest.raises(ConfigError) as by_run:
+        RunConfig().with_overrides(**{**LAYER, **layer_bad, **model_bad})
+    with pytest.raises(ConfigError) as by_model:
+        ModelConfig(TTTLayerConfig(**{**LAYER, **layer_bad}), **model_bad)
+    assert str(by_run.value) == str(by_model.value)
+    assert "\n" not in str(by_run.value)
+
+
+def test_the_model_is_the_run_settings_of_the_same_names():
+    layer_settings = dict(hidden_size=48, num_heads=3, mini_batch_size=5, ttt_base_lr=0.5)
+    config = RunConfig(mode="adapt", layer_type="mlp", num_blocks=3, intermediate_size=70,
+                       use_gate=True, **layer_settings)  # fmt: skip
+    layer = TTTLayerConfig(use_gate=True, **layer_settings)
+    assert config.model_config() == ModelConfig(layer, "mlp", num_blocks=3, intermediate_size=70)
+    # train mode compiles each whole step instead of each layer's scan; no compile: neither
+    for mode, compile, layers_compile in [("train", True, False), ("adapt", False, False)]:
+        model = RunConfig(mode=mode, compile=compile).model_config()
+        assert model.layer.compile is layers_compile
+
+
+def test_an_integer_too_large_for_a_number_setting_is_refused(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text("lr = 1" + "0" * 400 + "\n")  # not a float: math.isfinite overflowed
+    with pytest.raises(ConfigError, match=r"^lr=10+: must be a positive finite number$"):
+        RunConfig.from_toml(str(toml))

@@ -257,8 +257,8 @@ def test_gelu_tanh_and_its_derivative_match_the_exact_formulas():
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
-        ({"hidden_size": 30, "num_heads": 4}, "num_heads"),
-        ({"hidden_size": 12, "num_heads": 4}, "odd"),
+        ({"hidden_size": 30, "num_heads": 4}, "num_heads=4: must divide hidden_size=30"),
+        ({"hidden_size": 12, "num_heads": 4}, "hidden_size=12: hidden_size/num_heads=3 is odd"),
         ({"hidden_size": 32, "num_heads": 0}, "num_heads"),
         ({"hidden_size": 32, "num_heads": 4, "mini_batch_size": 0}, "mini_batch_size"),
         ({"hidden_size": 32, "num_heads": 4, "ttt_base_lr": -1.0}, "ttt_base_lr"),
@@ -268,7 +268,7 @@ def test_gelu_tanh_and_its_derivative_match_the_exact_formulas():
     ],
 )
 def test_bad_configs_name_the_field(kwargs, field):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=f"^{field}"):
         TTTLayerConfig(**kwargs)
 
 

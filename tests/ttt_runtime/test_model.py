@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
 
+from ttt_runtime.config import LayerType, ModelConfig, TTTLayerConfig
 from ttt_runtime.layers import TTTMLP, TTTLinear
-from ttt_runtime.model import ModelConfig, TTTModel
+from ttt_runtime.model import LAYER_CLASSES, TTTModel
 
-SMALL = dict(hidden_size=32, num_heads=4, num_blocks=2, mini_batch_size=4, intermediate_size=48)
+SMALL = dict(layer=TTTLayerConfig(32, 4, mini_batch_size=4), num_blocks=2, intermediate_size=48)
 
 
 def tokens(batch, length, seed=0):
@@ -68,13 +71,17 @@ def test_training_steps_lower_the_loss_on_a_repeated_text():
         ({"num_blocks": 0}, "num_blocks"),
         ({"vocab_size": 0}, "vocab_size"),
         ({"intermediate_size": -4}, "intermediate_size"),
-        ({"hidden_size": 30}, "num_heads"),
-        ({"mini_batch_size": 0}, "mini_batch_size"),
+        ({"rms_norm_eps": 0.0}, "rms_norm_eps"),
+        ({"layer": {"hidden_size": 32}}, "layer"),
     ],
 )
 def test_bad_model_configs_name_the_field(kwargs, field):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=rf"^{field}="):
         ModelConfig(**{**SMALL, **kwargs})
+
+
+def test_every_layer_type_has_its_layer_class():
+    assert set(LAYER_CLASSES) == set(get_args(LayerType))
 
 
 def test_wrong_cache_length_is_an_error():

@@ -12,8 +12,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from ttt_runtime.config import TTTLayerConfig
 from ttt_runtime.layers.cache import TTTCache
-from ttt_runtime.layers.config import TTTLayerConfig
 from ttt_runtime.layers.ops import gelu_tanh
 from ttt_runtime.layers.scan import Scan
 
@@ -164,10 +164,11 @@ class TTTBase(nn.Module):
     def inner_norm(self) -> tuple[mx.array, mx.array]:
         """The inner LayerNorm's (gamma, beta) as float32 (nh, 1, f)."""
         nh, f = self.config.num_heads, self.config.head_dim
-        return tuple(
+        gamma, beta = (
             p.astype(mx.float32).reshape(nh, 1, f)
             for p in (self.ttt_norm_weight, self.ttt_norm_bias)
         )
+        return gamma, beta
 
     def token_factors(self) -> mx.array:
         """tok_i = max(1/i + learnable_token_idx[i-1], 0), i = 1..K, float32."""

@@ -36,7 +36,7 @@ class TTTCache:
     def record(self, updates: list[tuple[mx.array, ...]]) -> None:
         """updates: per segment of the last call, a tuple of per-map stacks (steps, ...)."""
         if updates:
-            stacked = tuple(mx.concatenate(parts) for parts in zip(*updates, strict=True))
+            stacked = tuple(mx.concatenate(list(parts)) for parts in zip(*updates, strict=True))
         else:
             stacked = tuple(mx.zeros((0, *m.shape), dtype=m.dtype) for m in self.maps)
         self.updates = _split(self.map_names, stacked)

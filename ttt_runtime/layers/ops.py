@@ -57,8 +57,8 @@ _TANH_Q = (4.89352518554385e-03, 2.26843463243900e-03, 1.18534705686654e-04, 1.1
 
 
 def _poly(x2: mx.array, coefficients: tuple[float, ...]) -> mx.array:
-    out = coefficients[-1]
-    for c in reversed(coefficients[:-1]):
+    out = x2 * coefficients[-1] + coefficients[-2]
+    for c in reversed(coefficients[:-2]):
         out = out * x2 + c
     return out
 

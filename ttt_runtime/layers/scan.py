@@ -69,7 +69,7 @@ def _minus_scaled(weights: mx.array, scale: mx.array, grad) -> mx.array:
 
 def _stacked(per_step: list[tuple[mx.array, ...]]) -> tuple[mx.array, ...]:
     """Per-step tuples of arrays -> one tuple of arrays with a leading step axis."""
-    return tuple(mx.stack(parts) for parts in zip(*per_step, strict=True))
+    return tuple(mx.stack(list(parts)) for parts in zip(*per_step, strict=True))
 
 
 class Scan:
