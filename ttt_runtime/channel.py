@@ -7,8 +7,10 @@ closed set (ttt_runtime.protocol): nothing received is ever evaluated. No MLX he
 imports this module.
 
 Threads, so that the run loop never blocks on a monitor: the server accepts on one thread and
-gives each peer a reader and a writer. Commands queue up for the run loop (`next_command`);
-telemetry to a slow peer keeps only the newest report, replies are never dropped.
+gives each peer a reader and a writer. Commands queue up for the run loop (`commands`),
+at most MAX_PENDING per peer: beyond that the peer's reader stops reading, so a flood is held
+back by the peer's own socket. Every line gets one reply, in the order of the lines. Telemetry
+to a slow peer keeps only the newest report, replies are never dropped.
 """
 
 from __future__ import annotations
@@ -16,19 +18,25 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import queue
 import socket
 import stat
 import struct
+import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 from ttt_runtime.protocol import ProtocolError, decode, encode, parse_command
 
 MAX_LINE = 1 << 16  # bytes; a longer line is an error and the peer is dropped
 _MAX_QUEUED = 1000  # messages waiting for a peer that does not read; beyond it, drop the peer
+MAX_MONITORS = 64  # peers of one run; one more is refused with a reply saying so
+MAX_PENDING = 16  # lines of one peer waiting for the run loop; its reader pauses beyond that
+# Linux's sun_path holds 108 bytes and macOS's 104, a terminating NUL included
+MAX_SOCKET_PATH = 103 if sys.platform == "darwin" else 107
+_ACCEPT_RETRY_S = 0.1  # after a failed accept (out of descriptors or memory), try again
 
 
 class ChannelError(Exception):
@@ -171,16 +179,38 @@ class _Connection:
         self.close()
 
 
+def reply_line(command: dict[str, Any], ok: bool = True, error: str | None = None,
+               **extra: Any) -> bytes:  # fmt: skip
+    """The encoded reply to `command` (its "id" and "cmd" echoed)."""
+    message = {"type": "reply", "id": command.get("id"), "cmd": command.get("cmd")}
+    return encode({**message, "ok": ok, "error": error, **extra})
+
+
 class ChannelServer:
-    """The run's end: accepts monitors, pushes messages to all, queues their commands."""
+    """The run's end: accepts monitors, pushes messages to all, queues their commands.
+
+    Each peer's lines wait in its own queue, whether a command for the run loop or a reply the
+    channel wrote itself (an error, `hello`): so replies keep the order of the lines, and a
+    peer's reader waits while its queue is full. The run loop takes the queues in turn."""
 
     def __init__(self, socket_path: str, hello: dict[str, Any]):
         self.path = socket_path
         self.hello = {"type": "hello", **hello}
-        self.commands: queue.Queue[tuple[_Connection, dict[str, Any]]] = queue.Queue()
         self._peers: set[_Connection] = set()
         self._lock = threading.Lock()
+        # Lock order: _queued, then a peer's own lock, then _lock; never the other way round.
+        self._queued = threading.Condition()
+        self._queues: dict[_Connection, deque[dict[str, Any] | bytes]] = {}
+        self._turns: deque[_Connection] = deque()  # peers with queued lines, in turn
+        self._in_hand: _Connection | None = None  # whose command the run loop is obeying
+        self._answered: dict[_Connection, int] = {}  # at once, since the run loop last looked
         self._closing = False
+        size = len(os.fsencode(socket_path))
+        if size > MAX_SOCKET_PATH:
+            raise ChannelError(
+                f"cannot listen at {socket_path}: the path is {size} bytes, Unix sockets allow"
+                f" at most {MAX_SOCKET_PATH}; choose a shorter path"
+            )
         _remove_stale(socket_path)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)
@@ -213,21 +243,44 @@ class ChannelServer:
 
     def reply(self, peer: _Connection, command: dict[str, Any], ok: bool = True,
               error: str | None = None, **extra: Any) -> None:  # fmt: skip
-        message = {"type": "reply", "id": command.get("id"), "cmd": command.get("cmd")}
-        peer.send(encode({**message, "ok": ok, "error": error, **extra}))
+        peer.send(reply_line(command, ok, error, **extra))
 
-    def next_command(self, timeout: float | None = None):
-        """(peer, command) for the run loop, or None when none arrives within `timeout`."""
-        try:
-            if timeout is None or timeout <= 0:
-                return self.commands.get_nowait()
-            return self.commands.get(timeout=timeout)
-        except queue.Empty:
-            return None
+    def commands(self, limit: int, wait: float = 0.0) -> Iterator[tuple[_Connection, dict]]:
+        """One look at the queues by the run loop: up to `limit` commands, (peer, command), the
+        peers in turn. The first may take `wait` seconds to come; the caller obeys and answers
+        each before asking for the next. Replies the channel wrote itself that waited behind a
+        command go out on the way."""
+        with self._queued:
+            self._in_hand = None
+            self._answered.clear()  # every peer may have lines handled again
+            self._queued.notify_all()
+        deadline = time.monotonic() + wait
+        for _ in range(limit):
+            with self._queued:
+                while True:
+                    if not self._queued.wait_for(lambda: self._turns, deadline - time.monotonic()):
+                        return
+                    peer = self._turns.popleft()
+                    line = self._queues[peer].popleft()
+                    if self._queues[peer]:
+                        self._turns.append(peer)
+                    else:
+                        del self._queues[peer]
+                    self._queued.notify_all()  # that peer's reader may be waiting for room
+                    if isinstance(line, dict):
+                        break
+                    peer.send(line)  # under the lock: no later reply of the peer's overtakes it
+                self._in_hand = peer
+            yield peer, line
+            with self._queued:
+                self._in_hand = None  # obeyed and answered
+            deadline = time.monotonic()
 
     def close(self, flush_timeout: float = 2.0) -> None:
         """Stop accepting, deliver what is queued (bounded), close every peer, remove the file."""
         self._closing = True
+        with self._queued:
+            self._queued.notify_all()  # readers waiting for room give up
         self._accepter.join(2.0)
         self._listener.close()
         with contextlib.suppress(FileNotFoundError):
@@ -246,40 +299,81 @@ class ChannelServer:
             except TimeoutError:
                 continue
             except OSError:
-                return
-            conn.settimeout(None)
-            uid = peer_uid(conn)
-            if uid is not None and uid != os.getuid():
-                conn.close()  # another user: refused before a byte is read
+                # out of descriptors (EMFILE, ENFILE), buffers or memory: the listener is
+                # fine and a peer that closes frees what is missing; only close() ends this
+                time.sleep(_ACCEPT_RETRY_S)
                 continue
-            # Counted among the peers before the hello can go out: a monitor that has been
-            # greeted then receives everything published after (publish takes the same lock).
-            with self._lock:
+            try:
+                self._admit(conn)
+            except (OSError, RuntimeError):  # its threads could not start: that peer is lost
+                conn.close()
+
+    def _admit(self, conn: socket.socket) -> None:
+        conn.settimeout(None)
+        uid = peer_uid(conn)
+        if uid is not None and uid != os.getuid():
+            conn.close()  # another user: refused before a byte is read
+            return
+        # Counted among the peers before the hello can go out: a monitor that has been
+        # greeted then receives everything published after (publish takes the same lock).
+        with self._lock:
+            full = len(self._peers) >= MAX_MONITORS
+            if not full:
                 peer = _Connection(conn, self._on_line, self._forget, greeting=encode(self.hello))
                 self._peers.add(peer)
+        if full:  # told why, in place of the hello, then closed: no threads spent on it
+            conn.settimeout(1.0)  # one short line into an empty socket buffer
+            refusal = f"too many monitors ({MAX_MONITORS})"
+            with contextlib.suppress(OSError):
+                conn.sendall(reply_line({"cmd": "hello"}, ok=False, error=refusal))
+            conn.close()
 
     def _forget(self, peer: _Connection) -> None:
         with self._lock:
             self._peers.discard(peer)
 
     def _on_line(self, peer: _Connection, line: bytes | None) -> None:
-        if line is None:
-            self.reply(peer, {}, ok=False, error=f"line longer than {MAX_LINE} bytes")
+        try:
+            answer = self._answer(line)
+        except Exception as exc:  # a bug in handling one line must not deafen the connection
+            answer = reply_line({}, ok=False, error=f"internal error: {type(exc).__name__}: {exc}")
+        self._enqueue(peer, answer)
+        if line is None:  # too long: the reader drops the peer once the reply is out
             peer.flush(1.0)
-            return
+
+    def _answer(self, line: bytes | None) -> dict[str, Any] | bytes:
+        """A command for the run loop, or the reply to the line when the channel can tell it."""
+        if line is None:
+            return reply_line({}, ok=False, error=f"line longer than {MAX_LINE} bytes")
         try:
             command = parse_command(line)
         except ProtocolError as exc:
-            try:
-                shape = decode(line)
-            except ProtocolError:
-                shape = {}
-            self.reply(peer, shape if isinstance(shape, dict) else {}, ok=False, error=str(exc))
-            return
+            return reply_line(exc.echo, ok=False, error=str(exc))
         if command["cmd"] == "hello":
-            self.reply(peer, command, **{k: v for k, v in self.hello.items() if k != "type"})
-        else:
-            self.commands.put((peer, command))
+            return reply_line(command, **{k: v for k, v in self.hello.items() if k != "type"})
+        return command
+
+    def _enqueue(self, peer: _Connection, answer: dict[str, Any] | bytes) -> None:
+        """Queue a peer's command or reply behind its earlier ones. A reply with nothing of the
+        peer's before it goes out at once. Either way a peer has at most MAX_PENDING lines
+        handled per look of the run loop; beyond that its reader waits for the next look."""
+        with self._queued:
+            self._queued.wait_for(lambda: self._closing or self._taken(peer) < MAX_PENDING)
+            if self._closing:
+                return
+            if isinstance(answer, bytes) and peer not in self._queues and self._in_hand is not peer:
+                self._answered[peer] = self._answered.get(peer, 0) + 1
+                peer.send(answer)
+                return
+            if peer not in self._queues:
+                self._queues[peer] = deque()
+                self._turns.append(peer)
+            self._queues[peer].append(answer)
+            self._queued.notify_all()
+
+    def _taken(self, peer: _Connection) -> int:
+        """The peer's lines queued, or answered at once since the run loop last looked."""
+        return len(self._queues.get(peer, ())) + self._answered.get(peer, 0)
 
 
 class ChannelClient:
@@ -290,6 +384,7 @@ class ChannelClient:
         self.hello: dict[str, Any] | None = None
         self.last_error: dict[str, Any] | None = None
         self.bye: dict[str, Any] | None = None
+        self.refusal: str | None = None  # why the run refused this monitor, in place of a hello
         self._latest: dict[str, Any] | None = None
         self._replies: dict[Any, dict[str, Any]] = {}
         self._ids = itertools.count(1)
@@ -316,6 +411,8 @@ class ChannelClient:
             client._cond.wait_for(lambda: client.hello or not client.alive, timeout)
         if client.hello is None:
             client.close()
+            if client.refusal:
+                raise ChannelError(f"{path} refused this monitor: {client.refusal}")
             raise ChannelError(f"{path} did not greet within {timeout:g} s")
         return client
 
@@ -360,6 +457,8 @@ class ChannelClient:
                 self.hello = message
             elif kind == "reply" and message.get("id") is not None:
                 self._replies[message["id"]] = message
+            elif kind == "reply" and self.hello is None:
+                self.refusal = message.get("error")
             elif kind == "error":
                 self.last_error = message
             elif kind == "bye":

@@ -5,12 +5,14 @@ MLX: the monitor (`xltop`) imports it.
 
 Monitor -> run (a command):
     {"cmd": "pause" | "resume" | "clear_cache" | "reset" | "save" | "stop" | "hello",
-     "id": <any JSON scalar, echoed back>, "path": <str, optional, for "save">}
+     "id": <echoed back: null, a string (at most 100 characters) or an integer within
+            +-2**53>, "path": <str, optional, for "save">}
 
 Run -> monitor, each message has a "type":
     "hello"      once per connection: {"pid", "run_id", "mode", "preset", "config": {...}}
     "telemetry"  once per step (see TELEMETRY_FIELDS), pushed to every connected monitor
-    "reply"      {"id", "cmd", "ok": bool, "error": str | None, ...extra (e.g. "path")}
+    "reply"      {"id", "cmd", "ok": bool, "error": str | None, ...extra (e.g. "path")}, one per
+                 line received, in the order of the lines
     "error"      the run raised: {"exc_type", "message", "traceback"}; the run then exits non-zero
     "bye"        the run is exiting cleanly: {"exit_code": 0}
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 from typing import Any
 
 COMMANDS = ("pause", "resume", "clear_cache", "reset", "save", "stop", "hello")
@@ -53,7 +56,34 @@ TELEMETRY_FIELDS = {
 
 
 class ProtocolError(ValueError):
-    """A line that is not a JSON object of the expected shape."""
+    """A line that is not a JSON object of the expected shape. `echo`: the line's "id" and
+    "cmd" where they are fit to go back in the error reply, else None."""
+
+    def __init__(self, message: str, echo: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.echo = echo or {"id": None, "cmd": None}
+
+
+MAX_ID_CHARS = 100
+ID_RULE = (
+    f"'id' must be null, a string of at most {MAX_ID_CHARS} characters or an integer within"
+    " +-2**53 (exact in any JSON reader)"
+)
+MAX_DIGITS = 100  # in any integer of a line: the protocol needs none longer
+
+
+def _integer(text: str) -> int:
+    # refused before int() parses it: that costs time quadratic in the digits
+    digits = len(text.lstrip("-"))
+    if digits > MAX_DIGITS:
+        raise ValueError(f"an integer of {digits} digits (at most {MAX_DIGITS})")
+    return int(text)
+
+
+def valid_id(value: Any) -> bool:
+    if isinstance(value, str):
+        return len(value) <= MAX_ID_CHARS
+    return value is None or (type(value) is int and abs(value) <= 2**53)  # bool is no id
 
 
 def _finite(value: Any) -> Any:
@@ -73,10 +103,12 @@ def encode(message: dict[str, Any]) -> bytes:
 
 
 def decode(line: bytes | str) -> dict[str, Any]:
-    """Parse one line; raise ProtocolError naming what is wrong."""
+    """Parse one line; raise ProtocolError naming what is wrong (never anything else)."""
     try:
-        message = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        message = json.loads(line, parse_int=_integer)
+    except RecursionError:
+        raise ProtocolError("not JSON: nested too deeply") from None
+    except ValueError as exc:  # bad JSON or UTF-8, an integer of too many digits
         raise ProtocolError(f"not JSON: {exc}") from None
     if not isinstance(message, dict):
         raise ProtocolError(f"expected a JSON object, got {type(message).__name__}")
@@ -86,9 +118,16 @@ def decode(line: bytes | str) -> dict[str, Any]:
 def parse_command(line: bytes | str) -> dict[str, Any]:
     """Validate a monitor's command; raise ProtocolError for anything outside the closed set."""
     message = decode(line)
-    cmd = message.get("cmd")
+    cmd, command_id = message.get("cmd"), message.get("id")
+    echo = {
+        "id": command_id if valid_id(command_id) else None,
+        "cmd": cmd if isinstance(cmd, str) else None,
+    }
     if cmd not in COMMANDS:
-        raise ProtocolError(f"unknown command {cmd!r}; allowed: {', '.join(COMMANDS)}")
+        allowed = ", ".join(COMMANDS)
+        raise ProtocolError(f"unknown command {reprlib.repr(cmd)}; allowed: {allowed}", echo)
+    if not valid_id(command_id):
+        raise ProtocolError(ID_RULE, echo)
     if "path" in message and not isinstance(message["path"], str):
-        raise ProtocolError("'path' must be a string")
+        raise ProtocolError("'path' must be a string", echo)
     return message

@@ -281,12 +281,11 @@ class TTTRun:
         return drifts
 
     # -- commands -------------------------------------------------------------------------------
-    def _handle_commands(self, wait: float) -> None:
-        item = self.server.next_command(wait)
-        while item is not None:
-            peer, command = item
+    def _handle_commands(self, wait: float, limit: int = 16) -> None:
+        """Obey the commands waiting (the first may take `wait` to come), at most `limit`: a
+        flood of them delays the next step by no more than that; the peers take turns."""
+        for peer, command in self.server.commands(limit, wait):
             self._obey(peer, command)
-            item = self.server.next_command(0)
 
     def _obey(self, peer, command: dict) -> None:
         cmd, reply = command["cmd"], {}
