@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 import pytest
-from test_run import connect, report
+from test_run import connect, report, run_cli
 
 from ttt_runtime.channel import MAX_LINE, ChannelClient, ChannelError, ChannelServer
 from ttt_runtime.protocol import decode, encode
@@ -403,14 +403,16 @@ def test_a_flooding_peer_is_held_back_through_its_socket_and_loses_nothing(serve
 
 def test_a_socket_path_too_long_for_unix_sockets_is_refused_with_its_length(tmp_path):
     path = str(tmp_path / ("x" * 120))
-    size = len(os.fsencode(path))
+    message = (
+        f"cannot listen at {path}: the path is {len(os.fsencode(path))} bytes, Unix sockets"
+        " allow at most 107; choose a shorter path"
+    )
     with pytest.raises(ChannelError) as refused:
         ChannelServer(path, HELLO)
-    assert str(refused.value) == (
-        f"cannot listen at {path}: the path is {size} bytes, Unix sockets allow at most 107;"
-        " choose a shorter path"
-    )
-    assert not os.path.exists(path)
+    assert str(refused.value) == message
+    result = run_cli("--socket", path, "--preset", "tiny")
+    assert result.returncode == 2 and result.stderr == f"ttt-run: error: {message}\n"
+    assert os.listdir(tmp_path) == []
 
 
 VALID_COMMANDS = ("hello", "pause", "resume", "clear_cache", "reset")
