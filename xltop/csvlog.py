@@ -20,8 +20,8 @@ from stat import S_ISREG
 from typing import Any
 
 from xltop.snapshot import Snapshot
+from xltop.units import MIB
 
-MIB = 1024 * 1024
 BASE_COLUMNS = (
     "ts", "interval_s",
     "total_mib", "used_mib", "avail_mib", "cpu_pct",

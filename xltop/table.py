@@ -4,18 +4,11 @@ from __future__ import annotations
 
 import time
 
-from xltop.snapshot import RunInfo, Snapshot
+from xltop.snapshot import BlockStats, LayerStats, RunInfo, Snapshot
+from xltop.units import MIB, size
 
 COMMAND_WIDTH = 60
-
-
-def human_bytes(value: int | None) -> str:
-    if value is None:
-        return "-"
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if abs(value) >= size:
-            return f"{value / size:.1f} {unit}"
-    return f"{value} B"
+NO_BLOCK, NO_LAYER = BlockStats(None, None), LayerStats(None, None, None, None, None)  # '-' cells
 
 
 def _num(value: float | None, spec: str = ".3g") -> str:
@@ -42,11 +35,11 @@ def _run_lines(run: RunInfo) -> list[str]:
         f"{_num(run.tokens_per_s, '.0f')} tok/s  step {_num(run.step_ms, '.1f')} ms  "
         f"loss {_num(run.loss_bpb, '.3f')} bpb"
     ]
-    memory = f"     RSS {human_bytes(run.rss)}  CPU {_num(run.cpu_percent, '.1f')}%"
+    memory = f"     RSS {size(run.rss)}  CPU {_num(run.cpu_percent, '.1f')}%"
     if run.mlx is not None:
         memory += (
-            f"  MLX active {human_bytes(run.mlx.active)}  cache {human_bytes(run.mlx.cache)}  "
-            f"peak {human_bytes(run.mlx.peak)}  limit {human_bytes(run.mlx.limit)}  "
+            f"  MLX active {size(run.mlx.active)}  cache {size(run.mlx.cache)}  "
+            f"peak {size(run.mlx.peak)}  limit {size(run.mlx.limit)}  "
             f"({run.mlx.backend} {run.mlx.device}, BLAS {run.blas or '-'})"
         )
     lines.append(memory)
@@ -55,18 +48,18 @@ def _run_lines(run: RunInfo) -> list[str]:
     if run.blocks or run.layers:
         rows = []
         for i in range(max(len(run.blocks), len(run.layers))):
-            block = run.blocks[i] if i < len(run.blocks) else None
-            layer = run.layers[i] if i < len(run.layers) else None
+            block = run.blocks[i] if i < len(run.blocks) else NO_BLOCK
+            layer = run.layers[i] if i < len(run.layers) else NO_LAYER
             rows.append(
                 [
                     str(i),
-                    _num(block and block.fwd_ms, ".2f"),
-                    _num(block and block.bwd_ms, ".2f"),
+                    _num(block.fwd_ms, ".2f"),
+                    _num(block.bwd_ms, ".2f"),
                     *(
-                        _num(layer and getattr(layer, f))
+                        _num(getattr(layer, f))
                         for f in ("w_norm", "update_norm", "drift", "inner_loss_before")
                     ),
-                    _num(layer and layer.inner_loss_after),
+                    _num(layer.inner_loss_after),
                 ]
             )
         headers = ["BLOCK", "FWD_MS", "BWD_MS", "W_NORM", "UPDATE", "DRIFT", "LOSS0", "LOSS1"]
@@ -81,8 +74,8 @@ def format_snapshot(snapshot: Snapshot) -> str:
     clock = time.strftime("%H:%M:%S", time.localtime(snapshot.time))
     lines = [
         f"xltop {clock}  interval {snapshot.interval:g} s",
-        f"Mem: {human_bytes(system.total)} total  {human_bytes(system.used)} used  "
-        f"{human_bytes(system.available)} available  CPU {system.cpu_percent:.1f}%",
+        f"Mem: {size(system.total)} total  {size(system.used)} used  "
+        f"{size(system.available)} available  CPU {system.cpu_percent:.1f}%",
     ]
     lines += _run_lines(snapshot.run) if snapshot.run else ["Run: none (--no-run)"]
     lines += [f"event: {e}" for e in snapshot.events]
@@ -90,7 +83,7 @@ def format_snapshot(snapshot: Snapshot) -> str:
         [
             f"{p.pid}{'*' if p.is_run else ''}",
             p.user[:10],
-            f"{p.rss / (1 << 20):.1f}",
+            f"{p.rss / MIB:.1f}",
             f"{p.cpu_percent:.1f}",
             p.name[:16],
             p.command[:COMMAND_WIDTH],
@@ -107,7 +100,7 @@ def status_line(snapshot: Snapshot) -> str:
     system = snapshot.system
     parts = [
         time.strftime("%H:%M:%S", time.localtime(snapshot.time)),
-        f"mem {human_bytes(system.used)}/{human_bytes(system.total)}",
+        f"mem {size(system.used)}/{size(system.total)}",
         f"cpu {system.cpu_percent:.0f}%",
     ]
     run = snapshot.run
@@ -118,8 +111,8 @@ def status_line(snapshot: Snapshot) -> str:
                 f"step {run.step}",
                 f"{_num(run.tokens_per_s, '.0f')} tok/s",
                 f"loss {_num(run.loss_bpb, '.3f')}",
-                f"rss {human_bytes(run.rss)}",
+                f"rss {size(run.rss)}",
             ]
             if run.mlx is not None:
-                parts.append(f"mlx {human_bytes(run.mlx.active)}")
+                parts.append(f"mlx {size(run.mlx.active)}")
     return "  ".join(parts)

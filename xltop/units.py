@@ -1,7 +1,9 @@
-"""Number formats shared by the widgets: short, fixed-width friendly, '-' for unknown."""
+"""Units and number formats shared by every view (the TUI, the `--once` table, the status line,
+the CSV and the watchdog): short, fixed-width friendly, '-' for unknown."""
 
 from __future__ import annotations
 
+MIB = 1024 * 1024  # the CSV's and the limits' unit
 MISSING = "-"
 
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from xltop.snapshot import RunInfo, SystemInfo
+from xltop.units import MIB
 
-MIB = 1024 * 1024
 MAX_SIZE = 1 << 50  # 1 PiB: more than any machine's memory
 _THRESHOLD = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(%|mib|m|gib|g)?\s*$", re.IGNORECASE)
 
@@ -47,10 +47,12 @@ class Threshold:
         return cls(size=int(size))
 
     def bytes_of(self, total: int) -> int:
-        return int(total * self.percent / 100) if self.percent is not None else int(self.size)
+        return int(total * self.percent / 100) if self.percent is not None else self.size or 0
 
     def __str__(self) -> str:
-        return f"{self.percent:g}%" if self.percent is not None else f"{self.size / MIB:.0f} MiB"
+        if self.percent is not None:
+            return f"{self.percent:g}%"
+        return f"{(self.size or 0) / MIB:.0f} MiB"
 
 
 def run_memory(run: RunInfo) -> int:

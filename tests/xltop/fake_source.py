@@ -20,8 +20,8 @@ from xltop.snapshot import (
     Snapshot,
     SystemInfo,
 )
+from xltop.units import MIB
 
-MIB = 1024 * 1024
 GIB = 1024 * MIB
 START = 1_700_000_000.0  # a fixed clock
 RUN_PID = 4242

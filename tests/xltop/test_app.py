@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import inspect
 import os
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -285,6 +287,12 @@ async def test_big_r_restarts_a_dead_run_and_q_stops_it_cleanly(monitors, tmp_pa
     assert second.poll() == 0  # stopped cleanly by the stop command, not killed
     rows = read_rows(csv_path)  # closed with whole rows
     assert rows and {r["run_state"] for r in rows} >= {"running", "dead"}
+
+
+def test_each_style_selector_is_written_once():
+    css = Path(inspect.getfile(XltopApp)).with_name(XltopApp.CSS_PATH).read_text()
+    selectors = re.findall(r"^([^\s{}/][^{}/\n]*?)\s*\{", css, re.MULTILINE)
+    assert "Screen" in selectors and len(selectors) == len(set(selectors)), selectors
 
 
 @pilot_test

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from fake_source import fake_snapshot
 from xltop_helpers import kill_pid, process_gone, read_rows, run_xltop, wait_for_rows
+
+from xltop.table import format_snapshot, status_line
 
 SCHEMA = json.loads((Path(__file__).parent / "snapshot_schema.json").read_text())
 
@@ -22,6 +25,13 @@ def test_once_prints_one_table_and_exits_0():
     assert "Mem:" in result.stdout and "total" in result.stdout
     header = next(line for line in result.stdout.splitlines() if "PID" in line)
     assert header.split()[:4] == ["PID", "USER", "RSS_MIB", "CPU%"]
+
+
+def test_the_table_and_status_line_write_sizes_as_the_tui_does():
+    snapshot = fake_snapshot(0)  # 24 GiB of memory, 12 GiB used, a run of 900 MiB RSS
+    assert "Mem: 24 GiB total  12 GiB used  11 GiB available" in format_snapshot(snapshot)
+    assert " mem 12 GiB/24 GiB " in status_line(snapshot)
+    assert " rss 900 MiB " in status_line(snapshot)
 
 
 def test_plain_xltop_without_a_terminal_behaves_like_once():

@@ -6,7 +6,8 @@ import pytest
 from xltop_helpers import read_rows, run_xltop
 
 from xltop.snapshot import MlxMemory, RunInfo
-from xltop.watchdog import MIB, Threshold, run_memory
+from xltop.units import MIB
+from xltop.watchdog import Threshold, run_memory
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 from collections import deque
 
+from xltop import units
 from xltop.snapshot import RunInfo
-from xltop.tui.widgets import units
 from xltop.tui.widgets.row_table import RowTable
 
 WINDOW = 60  # sampled steps kept per block

@@ -22,9 +22,9 @@ from textual.strip import Strip
 from textual_plotext import PlotextPlot
 
 from xltop.snapshot import Snapshot
+from xltop.units import MIB
 
 WINDOW = 120  # ticks kept per series
-MIB = 1024 * 1024
 
 # chart id -> title and its series: (label, function of a Snapshot -> value or None). The inner
 # loss has its own scale (right axis): on the outer loss's axis one of the two would be flat.

@@ -5,8 +5,8 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import Static
 
+from xltop import units
 from xltop.snapshot import RunInfo, Snapshot
-from xltop.tui.widgets import units
 
 _STATE_STYLE = {
     "running": "bold green",

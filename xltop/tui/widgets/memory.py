@@ -10,8 +10,8 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import Static
 
+from xltop import units
 from xltop.snapshot import Snapshot
-from xltop.tui.widgets import units
 
 LABEL_WIDTH = 11
 

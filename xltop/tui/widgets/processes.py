@@ -6,8 +6,8 @@ one that goes is removed. The cursor stays on the same process when the rows re-
 
 from __future__ import annotations
 
+from xltop import units
 from xltop.snapshot import ProcessInfo
-from xltop.tui.widgets import units
 from xltop.tui.widgets.row_table import RowTable
 
 RUN_MARK = ">"
