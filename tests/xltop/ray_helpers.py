@@ -83,7 +83,9 @@ class LocalRayCluster:
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-        env.update(HOME=str(self.home), RAY_TMPDIR=str(self.base), RAY_USAGE_STATS_ENABLED="0")
+        # TMPDIR too: the dashboard's multiprocessing leaves /tmp/pymp-* behind when killed.
+        env.update(HOME=str(self.home), RAY_TMPDIR=str(self.base), TMPDIR=str(self.base),
+                   RAY_USAGE_STATS_ENABLED="0")  # fmt: skip
         if self.token_file is None:
             env["RAY_AUTH_MODE"] = "disabled"
         else:
