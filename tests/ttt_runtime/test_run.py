@@ -15,6 +15,7 @@ import time
 
 import psutil
 import pytest
+from polling import run_client, wait_until
 from test_checkpoint import change_a_digit, crafted, unwritable_targets
 
 from ttt_runtime.blas import find_optimized_blas
@@ -26,27 +27,9 @@ READY_S = 90.0  # importing MLX and compiling on a loaded 2-core machine
 pytestmark = pytest.mark.slow
 
 
-def wait_until(predicate, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"{what} not met within {timeout} s")
-
-
 def connect(run, timeout=READY_S) -> ChannelClient:
     """Connect once the run listens; fail early (with its stderr) if it dies first."""
-    deadline = time.monotonic() + timeout
-    while True:
-        assert run.poll() is None, f"run exited {run.poll()}: {run.stderr_tail()}"
-        try:
-            return ChannelClient.connect(run.socket_path, timeout=5.0)
-        except ChannelError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+    return run_client(run, timeout)
 
 
 def report(client, predicate=lambda m: True, timeout=READY_S, what="report"):

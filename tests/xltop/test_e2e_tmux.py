@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import process_gone, read_rows
+from polling import wait_until
 
 XLTOP = Path(sys.executable).parent / "xltop"
 TIMEOUT_S = 120.0  # the run imports MLX on a small shared machine
@@ -33,13 +34,13 @@ class Tmux:
         return self("capture-pane", "-p", "-t", "xltop")
 
     def wait_for(self, what: str, predicate, timeout: float = TIMEOUT_S) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            screen = self.screen()
-            if predicate(screen):
-                return screen
-            assert time.monotonic() < deadline, f"no {what} on screen:\n{screen}"
-            time.sleep(0.2)
+        """The screen, once `predicate` accepts it."""
+        return wait_until(
+            lambda: predicate(screen := self.screen()) and screen,
+            timeout,
+            lambda: f"{what} on screen:\n{self.screen()}",
+            interval=0.2,
+        )
 
 
 @pytest.fixture
@@ -81,16 +82,15 @@ def test_xltop_in_tmux_pause_clear_log_quit(tmux, tmp_path):
     tmux.wait_for("CSV logging event", lambda s: "CSV logging to xltop-" in s)
     tmux("send-keys", "-t", "xltop", "p")  # resume, so the log gets running rows
     tmux.wait_for("resumed run", lambda s: "RUN PAUSED" not in s and live_step(s) > 0)
-    deadline = time.monotonic() + TIMEOUT_S
-    while len(csv_rows(tmp_path)) < 2:
-        assert time.monotonic() < deadline, "no CSV rows"
-        time.sleep(0.2)
+    wait_until(lambda: len(csv_rows(tmp_path)) >= 2, TIMEOUT_S, "CSV rows", interval=0.2)
 
     tmux("send-keys", "-t", "xltop", "q")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not exit_file.exists() or not exit_file.read_text().strip():
-        assert time.monotonic() < deadline, f"xltop did not exit:\n{tmux.screen()}"
-        time.sleep(0.2)
+    wait_until(
+        lambda: exit_file.exists() and exit_file.read_text().strip(),
+        TIMEOUT_S,
+        lambda: f"xltop to exit:\n{tmux.screen()}",
+        interval=0.2,
+    )
     assert exit_file.read_text().strip() == "0"
     assert process_gone(run_pid)  # the hosted run was stopped
     rows = csv_rows(tmp_path)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import jsonschema
+from polling import wait_until
 from xltop_helpers import process_gone, read_rows, wait_for_rows
 
 from xltop.jsonout import snapshot_to_line
@@ -135,10 +136,9 @@ def test_headless_logs_a_stopped_run_as_stalled_and_quits_it_within_seconds(
 
 def wait_for_row(path, predicate, timeout: float) -> dict[str, str]:
     """The first row of the CSV at `path` that `predicate` accepts, once there is one."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        row = next((r for r in read_rows(path)[:-1] if predicate(r)), None)
-        if row is not None:
-            return row
-        time.sleep(0.1)
-    raise AssertionError(f"no such row in {path} after {timeout} s")
+    return wait_until(
+        lambda: next((r for r in read_rows(path)[:-1] if predicate(r)), None),
+        timeout,
+        f"such a row in {path}",
+        interval=0.1,
+    )

@@ -12,6 +12,7 @@ import time
 
 import psutil
 import pytest
+from polling import wait_until
 from xltop_helpers import process_gone
 
 from xltop.snapshot import RunInfo
@@ -153,10 +154,7 @@ def test_hosted_run_reports_commands_and_restarts(hosted):
     info = run.sample()
     assert info.state == "running" and info.pid == run.pid and info.preset == "tiny"
     assert run.send("pause")["ok"]
-    deadline = time.monotonic() + 30
-    while run.sample().state != "paused" and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert run.sample().state == "paused"
+    wait_for_state(run, "paused", 30)
     old_pid = run.pid
     run.restart()
     assert run.pid != old_pid and process_gone(old_pid)
@@ -188,10 +186,7 @@ def test_attached_run_sees_the_run_stop(tiny_run):
         with pytest.raises(RunSourceError, match="attached"):
             run.restart()
         process.stop(10.0)
-        deadline = time.monotonic() + 10
-        while run.sample().state != "dead" and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert run.sample().state == "dead"
+        wait_for_state(run, "dead", 10)
     finally:
         run.close()
 
@@ -206,11 +201,11 @@ def test_commands_are_one_line(children):
 
 def wait_for_state(run, state: str, timeout: float) -> RunInfo:
     """Sample `run` until its state is `state`; the RunInfo, or fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while (info := run.sample()).state != state:
-        assert time.monotonic() < deadline, f"still {info.state}, not {state}, after {timeout} s"
-        time.sleep(0.05)
-    return info
+    return wait_until(
+        lambda: (info := run.sample()).state == state and info,
+        timeout,
+        lambda: f"state {state} (the run is still {run.sample().state})",
+    )
 
 
 def test_a_stopped_run_is_stalled_after_the_bound_and_running_again_once_continued(hosted):
@@ -218,10 +213,8 @@ def test_a_stopped_run_is_stalled_after_the_bound_and_running_again_once_continu
 
     run = hosted()
     assert run.wait_ready(120)
-    deadline = time.monotonic() + 60
-    while run.sample().step_ms is None:  # a timed step: the bound then knows the step time
-        assert time.monotonic() < deadline, "no timed step"
-        time.sleep(0.05)
+    # a timed step: the bound then knows the step time
+    wait_until(lambda: run.sample().step_ms is not None, 60, "a timed step")
     os.kill(run.pid, signal.SIGSTOP)
     stopped_at = time.monotonic()
     try:

@@ -8,10 +8,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
+from polling import run_client, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,28 +43,18 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 def wait_for_rows(path: Path, n: int, proc: subprocess.Popen, timeout: float = 90.0) -> None:
     """Poll until the log at `path` has at least `n` complete rows."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def enough() -> bool:
         assert proc.poll() is None, f"xltop exited early: {proc.communicate()}"
-        if path.exists() and path.read_text().count("\n") >= n + 1:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"fewer than {n} rows in {path} after {timeout} s")
+        return path.exists() and path.read_text().count("\n") >= n + 1
+
+    wait_until(enough, timeout, f"{n} rows in {path}", interval=0.1)
 
 
 def wait_for_socket(run, timeout: float = 120.0):
     """Return `run` (a RunProcess) once its socket answers: importing MLX takes a while."""
-    from ttt_runtime.channel import ChannelClient, ChannelError
-
-    deadline = time.monotonic() + timeout
-    while True:
-        assert run.poll() is None, run.stderr_tail()
-        try:
-            ChannelClient.connect(run.socket_path, timeout=1.0).close()
-            return run
-        except ChannelError:
-            assert time.monotonic() < deadline, "the run's socket never answered"
-            time.sleep(0.1)
+    run_client(run, timeout).close()
+    return run
 
 
 def process_gone(pid: int) -> bool:
