@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import numpy as np
@@ -33,7 +33,7 @@ class CheckpointError(ValueError):
 
 @dataclass
 class Checkpoint:
-    arrays: dict[str, Any]  # mx.array  # "model.*", "optimizer.*", "cache.<block>.<i>"
+    arrays: dict[str, mx.array]  # "model.*", "optimizer.*", "cache.<block>.<i>"
     config: dict[str, Any]
     step: int
     tokens: int
@@ -41,13 +41,13 @@ class Checkpoint:
     conversation: int
     cache_offsets: list[int]
 
-    def group(self, prefix: str) -> dict[str, Any]:
+    def group(self, prefix: str) -> dict[str, mx.array]:
         """The arrays under `prefix.` with the prefix removed."""
         cut = len(prefix) + 1
         return {k[cut:]: v for k, v in self.arrays.items() if k.startswith(prefix + ".")}
 
 
-def _digest(arrays: dict[str, Any], fields: dict[str, str]) -> str:
+def _digest(arrays: dict[str, mx.array], fields: dict[str, str]) -> str:
     """Over every metadata field but the digest itself, then every tensor."""
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
     for name in sorted(arrays):
@@ -87,7 +87,7 @@ def save(path: str, checkpoint: Checkpoint) -> str:
     return path
 
 
-def _write_atomically(path: str, arrays: dict[str, Any], metadata: dict[str, str]) -> None:
+def _write_atomically(path: str, arrays: dict[str, mx.array], metadata: dict[str, str]) -> None:
     folder = os.path.dirname(path)
     temp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp.safetensors")
     os.makedirs(folder, exist_ok=True)
@@ -114,7 +114,11 @@ def load(path: str) -> Checkpoint:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path}: no such file")
     try:
-        arrays, metadata = mx.load(path, format="safetensors", return_metadata=True)
+        # MLX's stub gives one union for every format; safetensors with metadata is this pair
+        arrays, metadata = cast(
+            tuple[dict[str, mx.array], dict[str, str]],
+            mx.load(path, format="safetensors", return_metadata=True),
+        )
     except Exception as exc:  # MLX raises RuntimeError/ValueError for a broken file
         raise CheckpointError(
             f"checkpoint {path} is truncated or not a safetensors file ({exc})"

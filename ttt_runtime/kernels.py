@@ -42,12 +42,14 @@ def custom_kernel_backend() -> str | None:
 
 @cache
 def _ln_l2_grad_kernel(backend: str):
-    args = dict(
-        name="ttt_ln_l2_grad", input_names=["z", "target", "gamma", "beta"], output_names=["grad"]
+    make_kernel = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
+    source = "metal/ln_l2_grad.metal" if backend == "metal" else "cuda/ln_l2_grad.cu"
+    return make_kernel(
+        name="ttt_ln_l2_grad",
+        input_names=["z", "target", "gamma", "beta"],
+        output_names=["grad"],
+        source=kernel_source(source),
     )
-    if backend == "metal":
-        return mx.fast.metal_kernel(source=kernel_source("metal/ln_l2_grad.metal"), **args)
-    return mx.fast.cuda_kernel(source=kernel_source("cuda/ln_l2_grad.cu"), **args)
 
 
 def fused_ln_l2_grad(backend: str | None = None) -> Callable | None:

@@ -18,6 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import IO
 
 from ttt_runtime.blas import find_optimized_blas
 from ttt_runtime.channel import ChannelClient, ChannelError
@@ -67,12 +68,16 @@ def run_environment(preload_blas: bool) -> dict[str, str]:
 class RunProcess:
     """A spawned run: its pid, socket, exit code and the tail of its stderr."""
 
-    def __init__(self, popen: subprocess.Popen, socket_path: str, private: bool):
+    def __init__(self, popen: subprocess.Popen[str], socket_path: str, private: bool):
+        if popen.stderr is None:  # its tail is what explains a failed run
+            raise ValueError(
+                "RunProcess reads the run's stderr: start it with stderr=subprocess.PIPE"
+            )
         self.popen = popen
         self.socket_path = socket_path
         self._private = private  # its folder was made for it: removed once it has exited
         self._tail: deque[str] = deque(maxlen=_TAIL_LINES)
-        self._reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._reader = threading.Thread(target=self._read_stderr, args=(popen.stderr,), daemon=True)
         self._reader.start()
 
     @property
@@ -135,8 +140,8 @@ class RunProcess:
             return False
         return True
 
-    def _read_stderr(self) -> None:
-        for line in self.popen.stderr:
+    def _read_stderr(self, stderr: IO[str]) -> None:
+        for line in stderr:
             self._tail.append(line)
 
 
@@ -146,7 +151,7 @@ def spawn_run(
     """Start `python -m ttt_runtime run --socket PATH ARGS` (a fresh interpreter); without a
     `socket_path`, in a private folder the run removes as it exits (even if we are killed)."""
     private = socket_path is None
-    if private:
+    if socket_path is None:
         socket_path = private_socket_path()
     command = [sys.executable, "-m", "ttt_runtime", "run", "--socket", socket_path]
     if private:

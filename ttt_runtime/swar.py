@@ -166,8 +166,8 @@ def _float_kind(x):
     if isinstance(x, mx.array):
         flat = x.reshape(-1)
         return flat if flat.dtype == mx.float32 else flat.astype(mx.float32)
-    flat = np.asarray(x).reshape(-1)
-    return flat if flat.dtype in (np.float32, np.float64) else flat.astype(np.float32)
+    flat_np = np.asarray(x).reshape(-1)
+    return flat_np if flat_np.dtype in (np.float32, np.float64) else flat_np.astype(np.float32)
 
 
 def quantize(x, bits: int = 8) -> QuantizedTensor:
@@ -184,7 +184,7 @@ def quantize(x, bits: int = 8) -> QuantizedTensor:
     if is_mlx:
         if not mx.all(mx.isfinite(flat)).item():
             raise ValueError("quantize: input has NaN or Inf")
-        lo, hi = (mx.min(flat).item(), mx.max(flat).item()) if flat.size else (0.0, 0.0)
+        lo, hi = (float(mx.min(flat)), float(mx.max(flat))) if flat.size else (0.0, 0.0)
     else:
         lo, hi = (float(flat.min()), float(flat.max())) if flat.size else (0.0, 0.0)
         if not (math.isfinite(lo) and math.isfinite(hi)):
@@ -195,6 +195,7 @@ def quantize(x, bits: int = 8) -> QuantizedTensor:
     scale = (hi - lo) / levels
     lanes = 32 // bits
     n_words = -(-flat.size // lanes)
+    q: mx.array | np.ndarray  # the levels, of the input's kind (NumPy for a subnormal step)
     if _subnormal_step(scale):
         # float32 cannot hold such a step (or its reciprocal): this rare case runs in float64
         q = np.rint((np.array(flat, np.float64) - lo) / scale)
@@ -223,9 +224,9 @@ def dequantize(q: QuantizedTensor):
     if isinstance(q.words, mx.array) and not subnormal:
         levels = mx.concatenate(_unpack(q.words, q.bits))[:size].astype(mx.float32)
         return (levels * q.scale + q.offset).reshape(q.shape).astype(q.dtype)
-    dtype = np.float64 if subnormal or q.dtype == np.float64 else np.float32
-    levels = np.concatenate(_unpack(np.asarray(q.words), q.bits))[:size].astype(dtype)
-    values = (levels * q.scale + q.offset).reshape(q.shape)
+    dtype: type[np.floating[Any]] = np.float64 if subnormal or q.dtype == np.float64 else np.float32
+    np_levels = np.concatenate(_unpack(np.asarray(q.words), q.bits))[:size].astype(dtype)
+    values = (np_levels * q.scale + q.offset).reshape(q.shape)
     if isinstance(q.words, mx.array):
         return mx.array(values.astype(np.float32)).astype(q.dtype)
     return values.astype(q.dtype, copy=False)

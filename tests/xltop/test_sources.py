@@ -255,6 +255,15 @@ def test_stopping_a_sigstopped_run_continues_it_and_it_exits_cleanly(tiny_run):
     assert said == []  # under a second: nothing to wait for
 
 
+def test_a_run_process_without_a_stderr_pipe_is_refused_at_once(children, tmp_path):
+    from ttt_runtime.launch import RunProcess
+
+    # its stderr tail is what explains a failed run: without the pipe there would be none
+    quiet = children(sys.executable, "-c", "pass")
+    with pytest.raises(ValueError, match="stderr=subprocess.PIPE"):
+        RunProcess(quiet, str(tmp_path / "no.sock"), private=False)
+
+
 def test_a_run_that_never_exits_is_killed_at_the_timeout_saying_what_it_waits_for(
     children, tmp_path
 ):
