@@ -9,8 +9,10 @@ imports this module.
 Threads, so that the run loop never blocks on a monitor: the server accepts on one thread and
 gives each peer a reader and a writer. Commands queue up for the run loop (`commands`),
 at most MAX_PENDING per peer: beyond that the peer's reader stops reading, so a flood is held
-back by the peer's own socket. Every line gets one reply, in the order of the lines. Telemetry
-to a slow peer keeps only the newest report, replies are never dropped.
+back by the peer's own socket. The run loop takes at most LINES_PER_LOOK lines per look, and the
+channel answers at most as many itself between two looks, so no flood of any kind costs a step
+more than that. Every line gets one reply, in the order of the lines. Telemetry to a slow peer
+keeps only the newest report, replies are never dropped.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ MAX_LINE = 1 << 16  # bytes; a longer line is an error and the peer is dropped
 _MAX_QUEUED = 1000  # messages waiting for a peer that does not read; beyond it, drop the peer
 MAX_MONITORS = 64  # peers of one run; one more is refused with a reply saying so
 MAX_PENDING = 16  # lines of one peer waiting for the run loop; its reader pauses beyond that
+LINES_PER_LOOK = 8  # lines of all peers the run loop takes per look (between two steps)
 # Linux's sun_path holds 108 bytes and macOS's 104, a terminating NUL included
 MAX_SOCKET_PATH = 103 if sys.platform == "darwin" else 107
 _ACCEPT_RETRY_S = 0.1  # after a failed accept (out of descriptors or memory), try again
@@ -162,14 +165,13 @@ class _Connection:
     def _read(self) -> None:
         buffer = b""
         try:
-            while True:
+            while not self.closed:  # what a closed connection had sent but not yet had read is lost
                 data = self.sock.recv(65536)
                 if not data:
                     break
-                buffer += data
-                while b"\n" in buffer:
-                    line, buffer = buffer.split(b"\n", 1)
-                    if line.strip():
+                *lines, buffer = (buffer + data).split(b"\n")
+                for line in lines:
+                    if line.strip() and not self.closed:
                         self._on_line(self, line)
                 if len(buffer) > MAX_LINE:
                     self._on_line(self, None)  # a line too long: the handler answers and drops
@@ -203,7 +205,7 @@ class ChannelServer:
         self._queues: dict[_Connection, deque[dict[str, Any] | bytes]] = {}
         self._turns: deque[_Connection] = deque()  # peers with queued lines, in turn
         self._in_hand: _Connection | None = None  # whose command the run loop is obeying
-        self._answered: dict[_Connection, int] = {}  # at once, since the run loop last looked
+        self._answered = 0  # lines the channel answered at once since the run loop looked
         self._closing = False
         size = len(os.fsencode(socket_path))
         if size > MAX_SOCKET_PATH:
@@ -245,31 +247,28 @@ class ChannelServer:
               error: str | None = None, **extra: Any) -> None:  # fmt: skip
         peer.send(reply_line(command, ok, error, **extra))
 
-    def commands(self, limit: int, wait: float = 0.0) -> Iterator[tuple[_Connection, dict]]:
-        """One look at the queues by the run loop: up to `limit` commands, (peer, command), the
-        peers in turn. The first may take `wait` seconds to come; the caller obeys and answers
-        each before asking for the next. Replies the channel wrote itself that waited behind a
-        command go out on the way."""
+    def commands(self, wait: float = 0.0) -> Iterator[tuple[_Connection, dict[str, Any]]]:
+        """One look at the queues by the run loop: the commands waiting, (peer, command), the
+        peers in turn, LINES_PER_LOOK lines at most. The first may take `wait` seconds to come;
+        the caller obeys and answers each before asking for the next. Replies the channel wrote
+        itself that waited behind a command go out on the way and count among the lines."""
         with self._queued:
-            self._in_hand = None
-            self._answered.clear()  # every peer may have lines handled again
-            self._queued.notify_all()
+            self._in_hand, self._answered = None, 0
         deadline = time.monotonic() + wait
-        for _ in range(limit):
+        for _ in range(LINES_PER_LOOK):
             with self._queued:
-                while True:
-                    if not self._queued.wait_for(lambda: self._turns, deadline - time.monotonic()):
-                        return
-                    peer = self._turns.popleft()
-                    line = self._queues[peer].popleft()
-                    if self._queues[peer]:
-                        self._turns.append(peer)
-                    else:
-                        del self._queues[peer]
-                    self._queued.notify_all()  # that peer's reader may be waiting for room
-                    if isinstance(line, dict):
-                        break
+                if not self._queued.wait_for(lambda: self._turns, deadline - time.monotonic()):
+                    return
+                peer = self._turns.popleft()
+                line = self._queues[peer].popleft()
+                if self._queues[peer]:
+                    self._turns.append(peer)
+                else:
+                    del self._queues[peer]
+                self._queued.notify_all()  # that peer's reader may be waiting for room
+                if isinstance(line, bytes):
                     peer.send(line)  # under the lock: no later reply of the peer's overtakes it
+                    continue
                 self._in_hand = peer
             yield peer, line
             with self._queued:
@@ -333,18 +332,18 @@ class ChannelServer:
             self._peers.discard(peer)
 
     def _on_line(self, peer: _Connection, line: bytes | None) -> None:
+        if line is None:  # too long: answered at once, then the reader drops the peer
+            peer.send(reply_line({}, ok=False, error=f"line longer than {MAX_LINE} bytes"))
+            peer.flush(1.0)
+            return
         try:
             answer = self._answer(line)
         except Exception as exc:  # a bug in handling one line must not deafen the connection
             answer = reply_line({}, ok=False, error=f"internal error: {type(exc).__name__}: {exc}")
         self._enqueue(peer, answer)
-        if line is None:  # too long: the reader drops the peer once the reply is out
-            peer.flush(1.0)
 
-    def _answer(self, line: bytes | None) -> dict[str, Any] | bytes:
+    def _answer(self, line: bytes) -> dict[str, Any] | bytes:
         """A command for the run loop, or the reply to the line when the channel can tell it."""
-        if line is None:
-            return reply_line({}, ok=False, error=f"line longer than {MAX_LINE} bytes")
         try:
             command = parse_command(line)
         except ProtocolError as exc:
@@ -354,15 +353,16 @@ class ChannelServer:
         return command
 
     def _enqueue(self, peer: _Connection, answer: dict[str, Any] | bytes) -> None:
-        """Queue a peer's command or reply behind its earlier ones. A reply with nothing of the
-        peer's before it goes out at once. Either way a peer has at most MAX_PENDING lines
-        handled per look of the run loop; beyond that its reader waits for the next look."""
+        """Queue a peer's command or reply behind its earlier ones; wait while its queue is full.
+        A reply with nothing of the peer's before it goes out at once, LINES_PER_LOOK of them
+        between two looks of the run loop."""
         with self._queued:
-            self._queued.wait_for(lambda: self._closing or self._taken(peer) < MAX_PENDING)
-            if self._closing:
+            self._queued.wait_for(lambda: self._room_or_gone(peer))
+            if self._closing or peer.closed:
                 return
-            if isinstance(answer, bytes) and peer not in self._queues and self._in_hand is not peer:
-                self._answered[peer] = self._answered.get(peer, 0) + 1
+            if (isinstance(answer, bytes) and peer not in self._queues
+                    and self._in_hand is not peer and self._answered < LINES_PER_LOOK):  # fmt: skip
+                self._answered += 1
                 peer.send(answer)
                 return
             if peer not in self._queues:
@@ -371,9 +371,8 @@ class ChannelServer:
             self._queues[peer].append(answer)
             self._queued.notify_all()
 
-    def _taken(self, peer: _Connection) -> int:
-        """The peer's lines queued, or answered at once since the run loop last looked."""
-        return len(self._queues.get(peer, ())) + self._answered.get(peer, 0)
+    def _room_or_gone(self, peer: _Connection) -> bool:
+        return self._closing or peer.closed or len(self._queues.get(peer, ())) < MAX_PENDING
 
 
 class ChannelClient:

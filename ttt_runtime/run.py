@@ -281,11 +281,16 @@ class TTTRun:
         return drifts
 
     # -- commands -------------------------------------------------------------------------------
-    def _handle_commands(self, wait: float, limit: int = 16) -> None:
-        """Obey the commands waiting (the first may take `wait` to come), at most `limit`: a
-        flood of them delays the next step by no more than that; the peers take turns."""
-        for peer, command in self.server.commands(limit, wait):
+    def _handle_commands(self, wait: float) -> None:
+        """Obey the commands waiting (the first may take `wait` to come); the channel hands out
+        only so many per look (channel.LINES_PER_LOOK), peers in turn, so a flood of them delays
+        the next step by no more than that. One report after them shows their effect."""
+        obeyed = False
+        for peer, command in self.server.commands(wait):
             self._obey(peer, command)
+            obeyed = True
+        if obeyed:
+            self.publish()
 
     def _obey(self, peer, command: dict) -> None:
         cmd, reply = command["cmd"], {}
@@ -308,7 +313,6 @@ class TTTRun:
         elif cmd == "stop":
             self.stopping = True
         self.server.reply(peer, command, **reply)
-        self.publish()  # the effect shows in the very next report
 
     def reset(self) -> None:
         """Fast weights back to their initial values; a new conversation."""

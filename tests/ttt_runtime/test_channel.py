@@ -18,7 +18,13 @@ import pytest
 from polling import wait_until
 from test_run import connect, report, run_cli
 
-from ttt_runtime.channel import MAX_LINE, ChannelClient, ChannelError, ChannelServer
+from ttt_runtime.channel import (
+    LINES_PER_LOOK,
+    MAX_LINE,
+    ChannelClient,
+    ChannelError,
+    ChannelServer,
+)
 from ttt_runtime.protocol import decode, encode
 
 HELLO = {"pid": os.getpid(), "run_id": "test", "mode": "train", "preset": "tiny", "config": {}}
@@ -93,7 +99,7 @@ def raw_exchange(path: str, payload: bytes) -> list[dict]:
 
 def take(server, wait=0.05):
     """Play one look of the run loop for one command: (peer, command), or None."""
-    return next(server.commands(1, wait), None)
+    return next(server.commands(wait), None)
 
 
 def answer_one(server, **extra):
@@ -365,6 +371,17 @@ def test_monitors_beyond_the_cap_are_refused_with_the_reason(server, clients):
     assert clients(server.path).hello["run_id"] == "test"
 
 
+def test_a_look_of_the_run_loop_takes_a_few_lines_at_most_the_peers_in_turn(server):
+    with RawPeer(server.path) as a, RawPeer(server.path) as b:
+        for peer, name in ((a, b"a"), (b, b"b")):
+            peer.send(*(b'{"cmd":"pause","id":"%s%d"}' % (name, i) for i in range(16)))
+        time.sleep(0.5)  # all read
+        ids = [command["id"] for _, command in server.commands()]
+    assert len(ids) == LINES_PER_LOOK == 8
+    first, second = ids[0][0], ids[1][0]
+    assert ids == [f"{name}{i}" for i in range(4) for name in (first, second)]
+
+
 @pytest.mark.parametrize("line", [b'{"cmd":"resume","id":%d}', b"nonsense %d"])
 def test_a_flooding_peer_is_held_back_through_its_socket_and_loses_nothing(server, line):
     # commands wait for the run loop; the channel answers errors itself, but only so many per
@@ -381,7 +398,7 @@ def test_a_flooding_peer_is_held_back_through_its_socket_and_loses_nothing(serve
         reader.start()
         ids = []
         while reader.is_alive():  # play the run loop
-            for client, command in server.commands(16, wait=0.01):
+            for client, command in server.commands(wait=0.01):
                 ids.append(command["id"])
                 server.reply(client, command)
         sender.join(10)

@@ -587,6 +587,6 @@ def test_a_flood_of_commands_neither_stops_the_steps_nor_grows_the_run(spawned_r
             thread.join(10)
     assert stepped >= 50, f"only {stepped} steps in 8 s of flood"
     assert grown < 20 << 20, f"the run grew by {grown >> 20} MiB in 8 s of flood"
-    assert sum(replies) > 5000  # the flood was served, not refused
+    assert sum(replies) > 1000  # the flood was served (a few lines per step), not refused
     assert watcher.request("stop")["ok"]
     assert run.wait(30) == 0
