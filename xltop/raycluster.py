@@ -349,7 +349,8 @@ class NodeDetail:
     @classmethod
     def from_reply(cls, reply: Any) -> NodeDetail:
         detail = reply["data"]["detail"]
-        mem = detail.get("mem") or ()  # psutil.virtual_memory(): total, available, percent, used
+        # psutil.virtual_memory(): total, available, percent, used
+        mem: list[float] = detail.get("mem") or []
         raylet = detail.get("raylet") or {}
         processes = {}
         for worker in detail.get("workers") or ():
@@ -386,12 +387,13 @@ def _int_or_none(value: Any) -> int | None:
 # --- State API rows as dataclasses -------------------------------------------------------
 
 
-def _node(row: dict[str, Any], detail: NodeDetail | None) -> ClusterNode:
+def _node(row: dict[str, Any], details: dict[str, NodeDetail]) -> ClusterNode:
+    node_id = str(row.get("node_id") or "")
     resources = row.get("resources_total") or {}
     alive = row.get("state") == "ALIVE"
-    live = detail if alive else None
+    live = details.get(node_id) if alive else None
     return ClusterNode(
-        node_id=str(row.get("node_id") or ""),
+        node_id=node_id,
         ip=str(row.get("node_ip") or ""),
         is_head=bool(row.get("is_head_node")),
         alive=alive,
@@ -420,11 +422,11 @@ def death_cause_line(cause: Any) -> str | None:
 
 
 def _actor(row: dict[str, Any], details: dict[str, NodeDetail]) -> ClusterActor:
-    pid = row.get("pid") or None  # 0 before the worker exists
+    pid: int | None = row.get("pid") or None  # 0 before the worker exists
     node_id = row.get("node_id")
     state = str(row.get("state") or "")
-    detail = details.get(node_id) if node_id else None
-    stats = detail.processes.get(pid) if detail and state == "ALIVE" else None
+    live = details.get(node_id) if node_id and state == "ALIVE" else None
+    stats = live.processes.get(pid) if live and pid is not None else None
     return ClusterActor(
         actor_id=str(row.get("actor_id") or ""),
         class_name=str(row.get("class_name") or ""),
@@ -517,7 +519,7 @@ class RayCluster:
             self._next_detail_poll = now + max(DETAIL_INTERVAL_S, self.interval)
             self._details = self._read_details(node_rows)
         try:
-            nodes = [_node(row, self._details.get(row.get("node_id"))) for row in node_rows]
+            nodes = [_node(row, self._details) for row in node_rows]
             actors = [_actor(row, self._details) for row in actor_rows]
         except (AttributeError, TypeError, ValueError) as exc:  # a Ray that answers otherwise
             self._fail(None, f"an answer xltop cannot read: {exc}")
@@ -577,9 +579,14 @@ class RayCluster:
         with the first failure's reason, kept for the whole outage so it is said once."""
         previous = self.sample()
         since = previous.unreachable_since or time.time()
-        if refusal is None and self._outage is None:
-            self._outage = f"ray cluster at {self.url} unreachable since {_clock(since)} ({reason})"
-        error = refusal or self._outage
+        if refusal is not None:
+            error = refusal
+        else:
+            if self._outage is None:
+                self._outage = (
+                    f"ray cluster at {self.url} unreachable since {_clock(since)} ({reason})"
+                )
+            error = self._outage
         state = ClusterState(
             address=self.url,
             reachable=False,

@@ -11,7 +11,7 @@ from collections import deque
 
 from xltop import units
 from xltop.snapshot import RunInfo
-from xltop.tui.widgets.row_table import RowTable
+from xltop.tui.widgets.row_table import RowTable, int_key
 
 WINDOW = 60  # sampled steps kept per block
 # column key, label, width (fixed: no width recalculation per tick)
@@ -62,10 +62,12 @@ class BlocksTable(RowTable):
                 self.bwd[i].append(block.bwd_ms)
 
     def show(self, run: RunInfo | None) -> None:
-        n = max(len(run.blocks), len(run.layers)) if run else 0
-        for i in range(n):
-            self._set_row(i, self._cells(run, i))
-        for key in [k for k in self.rows if int(k.value) >= n]:
+        n = 0
+        if run is not None:
+            n = max(len(run.blocks), len(run.layers))
+            for i in range(n):
+                self._set_row(i, self._cells(run, i))
+        for key in [k for k in self.rows if int_key(k) >= n]:
             self.remove_row(key)
 
     def _cells(self, run: RunInfo, i: int) -> dict[str, str]:

@@ -62,7 +62,8 @@ def _mean_inner_loss(snapshot: Snapshot) -> float | None:
 def _style(foreground, style, background) -> Style:
     """A plotext cell's colours as a Rich style, read from the ANSI code plotext would write."""
     text = Text.from_ansi(colors_to_ansi(foreground, style, background) + " ")
-    return text.spans[0].style if text.spans else Style.null()
+    ansi_style = text.spans[0].style if text.spans else None  # a Style: from_ansi parsed it
+    return ansi_style if isinstance(ansi_style, Style) else Style.null()
 
 
 class Chart(PlotextPlot):
@@ -90,13 +91,14 @@ class Chart(PlotextPlot):
             return []
         plot = self.plt
         # PlotextPlot.render's sizing and theme, then plotext's build() less its ANSI canvas
-        # (private plotext calls, as textual-plotext itself makes).
+        # (private plotext calls, as textual-plotext itself makes; its stub of the figure leaves
+        # these out).
         plot.plotsize(width, height)
         plot._set_size(width, height)
         plot.theme(self._get_plotext_theme_name(self.app.theme))
-        plot._set_sizes()
-        plot._build_matrix()
-        matrix = plot.monitor.matrix
+        plot._set_sizes()  # type: ignore[attr-defined]
+        plot._build_matrix()  # type: ignore[attr-defined]
+        matrix = plot.monitor.matrix  # type: ignore[attr-defined]
         strips = []
         for row in reversed(matrix.Rows):  # plotext's row 0 is the bottom line
             colours = list(
@@ -117,7 +119,7 @@ class MetricCharts(Horizontal):
         super().__init__(**kwargs)
         self.times: deque[float] = deque(maxlen=WINDOW)
         self.recorded = 0  # Snapshots recorded so far: the number of the newest one
-        self.values = {
+        self.values: dict[str, deque[float | None]] = {
             label: deque(maxlen=WINDOW) for _, series in SERIES.values() for label, _ in series
         }
 
@@ -127,12 +129,13 @@ class MetricCharts(Horizontal):
 
     def show_next(self) -> str:
         """Move the `shown` class (the one chart visible on narrow screens) to the next chart."""
-        plots = list(self.query(Chart))
+        chart_ids = list(SERIES)
+        plots = [self.query_one(f"#chart-{chart_id}", Chart) for chart_id in chart_ids]
         current = next(i for i, plot in enumerate(plots) if plot.has_class("shown"))
+        following = (current + 1) % len(plots)
         plots[current].remove_class("shown")
-        following = plots[(current + 1) % len(plots)]
-        following.add_class("shown")
-        return SERIES[following.id.removeprefix("chart-")][0]
+        plots[following].add_class("shown")
+        return SERIES[chart_ids[following]][0]
 
     def record(self, snapshot: Snapshot) -> None:
         self.times.append(snapshot.time)

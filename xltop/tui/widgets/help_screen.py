@@ -27,7 +27,9 @@ class HelpScreen(ModalScreen[None]):
         with Vertical(id="help-box"):
             yield Static("xltop keys", id="help-title")
             yield Static(INTRO, id="help-intro")
-            table = DataTable(id="help-table", cursor_type="none", show_header=False)
+            table: DataTable[str] = DataTable(
+                id="help-table", cursor_type="none", show_header=False
+            )
             table.add_columns("key", "what it does")
             for command in self.commands:
                 table.add_row(command.key_text, command.help)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from xltop import units
 from xltop.snapshot import ProcessInfo
-from xltop.tui.widgets.row_table import RowTable
+from xltop.tui.widgets.row_table import RowTable, int_key
 
 RUN_MARK = ">"
 # column key, label, width (fixed: no width recalculation per tick; None = the rest), the
@@ -69,7 +69,7 @@ class ProcessTable(RowTable):
         if not self.row_count:
             return None
         row_key, _ = self.coordinate_to_cell_key(self.cursor_coordinate)
-        return int(row_key.value)
+        return int_key(row_key)
 
     def select_pid(self, pid: int) -> None:
         self.move_cursor(row=self.get_row_index(str(pid)))
@@ -85,14 +85,16 @@ class ProcessTable(RowTable):
             self._sort(self.selected_pid())
 
     def on_data_table_header_selected(self, event: RowTable.HeaderSelected) -> None:
-        self.sort_by(event.column_key.value)
+        column = event.column_key.value
+        if column is not None:  # always: every column is added with its key
+            self.sort_by(column)
 
     def _sort(self, keep_pid: int | None) -> None:
         *_, field, largest_first = next(c for c in COLUMNS if c[0] == self.sort_column)
         processes = self.processes
         order = sorted(processes, key=lambda pid: getattr(processes[pid], field))
         order = order[::-1] if largest_first else order
-        if [int(row.key.value) for row in self.ordered_rows] == order:
+        if [int_key(row.key) for row in self.ordered_rows] == order:
             return  # sorting re-renders every row: only when the order changed
         self.sort("pid", key=lambda pid: getattr(processes[pid], field), reverse=largest_first)
         if keep_pid in processes:

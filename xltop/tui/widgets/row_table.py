@@ -10,14 +10,20 @@ private caches (textual 8.2); tests/xltop/test_app.py checks what it draws.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 from rich.cells import set_cell_size
 from rich.segment import Segment
 from rich.style import Style
 from textual._types import SegmentLines
+from textual.cache import LRUCache
 from textual.geometry import Region
 from textual.strip import Strip
 from textual.widgets import DataTable
 from textual.widgets.data_table import CellDoesNotExist, CellType, ColumnKey, RowKey
+
+CacheKey = TypeVar("CacheKey")
 
 
 class RowTable(DataTable):
@@ -38,11 +44,12 @@ class RowTable(DataTable):
             return
         row = RowKey(row_key) if isinstance(row_key, str) else row_key
         column = ColumnKey(column_key) if isinstance(column_key, str) else column_key
-        if row not in self._row_locations or column not in self._column_locations:
+        row_index = self._row_locations.get(row)
+        if row_index is None or column not in self._column_locations:
             raise CellDoesNotExist(f"No cell exists for row_key={row!r}, column_key={column!r}.")
         self._data[row][column] = value
         self._changed_rows.add(row)
-        self.refresh_row(self._row_locations.get(row))
+        self.refresh_row(row_index)
 
     def render_lines(self, crop: Region) -> list[Strip]:
         if self._changed_rows:
@@ -53,13 +60,9 @@ class RowTable(DataTable):
     def _forget(self, rows: set[RowKey]) -> None:
         """Drop the cached renders of `rows`; every other row's stay valid."""
         indices = {self._row_locations.get(row) for row in rows}
-        for cache, stale in (
-            (self._cell_render_cache, lambda key: key[0] in rows),  # (row key, column key, ...)
-            (self._row_render_cache, lambda key: key[0] in rows),  # (row key, line, ...)
-            (self._row_renderable_cache, lambda key: key[1] in indices),  # (count, row index)
-        ):
-            for key in [key for key in cache.keys() if stale(key)]:  # noqa: SIM118 (no __iter__)
-                cache.discard(key)
+        _discard(self._cell_render_cache, lambda key: key[0] in rows)  # (row key, column, ...)
+        _discard(self._row_render_cache, lambda key: key[0] in rows)  # (row key, line, ...)
+        _discard(self._row_renderable_cache, lambda key: key[1] in indices)  # (count, row index)
         self._line_cache.clear()  # keyed by screen line: cheap to rebuild from the row caches
 
     def _render_cell(
@@ -73,9 +76,16 @@ class RowTable(DataTable):
     ) -> SegmentLines:
         row_key = self._row_locations.get_key(row_index)
         column_key = self._column_locations.get_key(column_index)
-        value = self._data[row_key].get(column_key) if row_index >= 0 <= column_index else None
-        simple = isinstance(value, (str, int)) and self.rows[row_key].height == 1
-        if not simple or self.fixed_rows or self.fixed_columns:
+        # Only one-line str/int cells of the body are drawn here (no key: the header row, index
+        # -1, or the row labels' column).
+        if (
+            row_key is None
+            or column_key is None
+            or not isinstance(value := self._data[row_key].get(column_key), (str, int))
+            or self.rows[row_key].height != 1
+            or self.fixed_rows
+            or self.fixed_columns
+        ):
             return super()._render_cell(row_index, column_index, base_style, width, cursor, hover)
         # The same key as DataTable's, so its invalidations (sort, resize, focus) apply here too.
         key = (row_key, column_key, base_style, cursor, hover,
@@ -92,3 +102,16 @@ class RowTable(DataTable):
             lines = [[Segment(pad + text + pad, base_style + meta + component_style + post_style)]]
             self._cell_render_cache[key] = lines
         return lines
+
+
+def int_key(row_key: RowKey) -> int:
+    """The number a row is keyed by, for tables that add each row with key=str(number)."""
+    if row_key.value is None:  # never: such tables give every row its key
+        raise ValueError("a row added without its number as key")
+    return int(row_key.value)
+
+
+def _discard(cache: LRUCache[CacheKey, Any], stale: Callable[[CacheKey], bool]) -> None:
+    """Drop the entries of `cache` whose key is stale."""
+    for key in [key for key in cache.keys() if stale(key)]:  # noqa: SIM118 (no __iter__)
+        cache.discard(key)
