@@ -1,5 +1,6 @@
-"""The TTT run: a loop that trains or adapts, obeys the channel's commands between steps, and
-publishes one telemetry message per step (ttt_runtime.protocol.TELEMETRY_FIELDS).
+"""The TTT run's driver: a loop that steps a learner (ttt_runtime.learners: the model and its
+learning state, in train or adapt mode), obeys the channel's commands between steps, saves
+checkpoints, and publishes one telemetry message per step (ttt_runtime.protocol.TELEMETRY_FIELDS).
 
 Commands are handled on the loop's own thread, between steps, so MLX is only ever touched from
 one thread. A step in progress always finishes: `stop` (or SIGTERM) exits after it, with a
@@ -8,7 +9,6 @@ one thread. A step in progress always finishes: `stop` (or SIGTERM) exits after 
 
 from __future__ import annotations
 
-import copy
 import os
 import secrets
 import signal
@@ -16,34 +16,21 @@ import sys
 import threading
 import time
 import traceback
+from typing import Any
 
 import mlx.core as mx
-import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
 
 from ttt_runtime import checkpoint as ckpt
 from ttt_runtime.blas import loaded_blas
 from ttt_runtime.channel import ChannelError, ChannelServer
 from ttt_runtime.config import ConfigError, RunConfig
 from ttt_runtime.console import say
+from ttt_runtime.device import device_info, memory_counters
+from ttt_runtime.figures import SampleFigures
+from ttt_runtime.learners import LEARNERS, Learner
 from ttt_runtime.model import TTTModel
-from ttt_runtime.steps import (
-    LN2,
-    adapt_step,
-    cache_arrays,
-    make_optimizer,
-    make_train_step,
-)
+from ttt_runtime.steps import LN2
 from ttt_runtime.stream import ByteStream
-from ttt_runtime.telemetry import (
-    Sample,
-    device_info,
-    fast_weight_stats,
-    inner_stats,
-    memory_counters,
-    sampled_adapt_step,
-    sampled_train_grads,
-)
 
 PAUSED_REPORT_S = 1.0  # a paused run still reports this often, for monitors that attach late
 PROGRESS_S = 2.0  # stderr progress line period when no monitor is attached
@@ -59,7 +46,7 @@ class TTTRun:
             restored = ckpt.load(resume) if resume else None
             self.config = config
             mx.random.seed(config.seed)
-            self.model = TTTModel(config.model_config())
+            model = TTTModel(config.model_config())
             self.stream = ByteStream(
                 config.data, config.seq_len, config.batch_size,
                 restored.stream_position if restored else 0,
@@ -72,61 +59,23 @@ class TTTRun:
         self.conversation = restored.conversation if restored else 0
         self.paused = config.start_paused
         self.stopping = False
-        self.exact = None  # adapt mode with exact_accumulate: per layer, name -> accumulator
-        self.report = {"sampled_step": None, "blocks": [], "layers": [], "inner_lr": None}
-        self.last = {"tokens_per_s": None, "step_ms": None, "loss_bpb": None}
-        self.warmup_ms = None  # the first step of this process: compile times, reported apart
-        self.warm_from = None  # the step after it, the first one sampled
+        self.report: dict[str, Any] = {
+            "sampled_step": None, "blocks": [], "layers": [], "inner_lr": None,
+        }  # fmt: skip
+        self.last: dict[str, Any] = {"tokens_per_s": None, "step_ms": None, "loss_bpb": None}
+        self.warmup_ms: float | None = None  # the first step: compile times, reported apart
+        self.warm_from: int | None = None  # the step after it, the first one sampled
         self.device = device_info()  # fixed for the process; memory is re-read per report
         self.blas = loaded_blas()
-        self._setup_model(restored, resume)
+        try:
+            self.learner: Learner = LEARNERS[config.mode](model, config, restored)
+        except ValueError as exc:  # the checkpoint's arrays do not fit the model
+            if restored is None:
+                raise
+            raise SetupError(f"checkpoint {resume}: {exc}") from None
         self._open_channel(socket_path)
 
     # -- setup ----------------------------------------------------------------------------------
-    def _setup_model(self, restored: ckpt.Checkpoint | None, resume: str | None) -> None:
-        model, config = self.model, self.config
-        if restored is not None:
-            try:
-                model.load_weights(list(restored.group("model").items()), strict=True)
-            except ValueError as exc:
-                raise SetupError(f"checkpoint {resume}: {exc}") from None
-        mx.eval(model.parameters())
-        if config.mode == "train":
-            self.optimizer = make_optimizer(config)
-            saved = restored.group("optimizer") if restored else {}
-            if saved and restored.config.get("mode") == "train":
-                self.optimizer.state = tree_unflatten(list(saved.items()))
-            self.optimizer.init(model.trainable_parameters())
-            self.train_step = make_train_step(model, self.optimizer, config.compile)
-            return
-        model.freeze()
-        self.new_conversation()
-        saved = restored.group("cache") if restored else {}
-        if saved and restored.config.get("mode") == "adapt":
-            for i, cache in enumerate(self.caches):
-                cache.state = [saved[f"{i}.{j}"] for j in range(len(cache.state))]
-                cache.offset = restored.cache_offsets[i]
-            self.new_conversation(keep_cache=True)
-
-    def new_conversation(self, keep_cache: bool = False) -> None:
-        """Adapt mode: fresh fast weights (unless kept) become the conversation's origin."""
-        if not keep_cache:
-            self.caches = self.model.make_cache(self.config.batch_size)
-        mx.eval(cache_arrays(self.caches))
-        self.origin = [c.fast_weights for c in self.caches]
-        self.exact = None
-        if self.config.exact_accumulate:
-            from ttt_runtime.swar import ExactAccumulator
-
-            self.exact = []  # per layer: fast-weight name -> exact running value
-            for cache in self.caches:
-                cache.record_updates = True
-                accumulators = {}
-                for name, w in cache.fast_weights.items():
-                    accumulators[name] = ExactAccumulator(w.shape)
-                    accumulators[name].add(np.array(w))
-                self.exact.append(accumulators)
-
     def _open_channel(self, socket_path: str) -> None:
         hello = {
             "pid": os.getpid(),
@@ -200,85 +149,33 @@ class TTTRun:
     def run_step(self) -> None:
         inputs, targets = (mx.array(a) for a in next(self.stream))
         step = self.step + 1
-        sample = None
-        start = time.perf_counter()
-        if self.config.mode == "train":
-            if self.is_sampled(step):
-                sample = sampled_train_grads(self.model, inputs, targets)
-                self.optimizer.update(self.model, sample.grads)
-                loss = sample.loss
-            else:
-                loss = self.train_step(inputs, targets)
-            mx.eval(loss, self.model.parameters(), self.optimizer.state)
-        else:
-            if self.is_sampled(step):
-                sample = sampled_adapt_step(self.model, self.caches, inputs, targets)
-                loss = sample.loss
-            else:
-                loss = adapt_step(self.model, self.caches, inputs, targets)
-            mx.eval(loss, cache_arrays(self.caches))
-            if self.exact is not None:
-                self._accumulate_exact()
+        result = self.learner.step(inputs, targets, sampled=self.is_sampled(step))
+        elapsed = result.seconds
         warming_up = self.warm_from is None
         if warming_up and self.config.sample_every > 0:
-            self._warm_sampled_path(inputs, targets)
-        elapsed = time.perf_counter() - start
+            start = time.perf_counter()
+            self.learner.warm_up(inputs, targets)
+            elapsed += time.perf_counter() - start
         self.step = step
         self.tokens += inputs.size
-        self.last = {"tokens_per_s": None, "step_ms": None, "loss_bpb": loss.item() / LN2}
+        self.last = {"tokens_per_s": None, "step_ms": None, "loss_bpb": result.loss.item() / LN2}
         if warming_up:  # its times are compile times: one figure of its own
             self.warmup_ms, self.warm_from = elapsed * 1e3, step + 1
         else:
             self.last.update(tokens_per_s=inputs.size / elapsed, step_ms=elapsed * 1e3)
-        if sample is not None:
-            self._record_sample(sample)
+        if result.sample is not None:
+            self._record_sample(result.sample)
 
-    def _warm_sampled_path(self, inputs: mx.array, targets: mx.array) -> None:
-        """Run the sampled path once on a throwaway (its gradients, or copies of the caches as
-        the next step will find them), so that its compiling is done before it is timed."""
-        if self.config.mode == "train":
-            mx.eval(sampled_train_grads(self.model, inputs, targets).grads)
-        else:
-            sampled_adapt_step(self.model, [copy.copy(c) for c in self.caches], inputs, targets)
-
-    def _record_sample(self, sample: Sample) -> None:
-        # train: every step is a fresh conversation, so its start is the drift's origin
-        origin = sample.before if self.config.mode == "train" else self.origin
-        now = [c.fast_weights for c in sample.caches]
-        layers = fast_weight_stats(now, sample.before, origin)
-        inner, lr_mean = inner_stats(sample.stats)
-        exact = self._exact_drift() if self.exact is not None else [None] * len(layers)
-        for layer, extra, drift in zip(layers, inner, exact, strict=True):
-            layer.update(extra, exact_drift=drift)
+    def _record_sample(self, sample: SampleFigures) -> None:
         self.report = {
             "sampled_step": self.step,
             "blocks": [
                 {"fwd_ms": f, "bwd_ms": b}
                 for f, b in zip(sample.fwd_ms, sample.bwd_ms, strict=True)
             ],
-            "layers": layers,
-            "inner_lr": lr_mean,
+            "layers": sample.layers,
+            "inner_lr": sample.inner_lr,
         }
-
-    def _accumulate_exact(self) -> None:
-        for cache, accumulators in zip(self.caches, self.exact, strict=True):
-            for name, acc in accumulators.items():
-                update = cache.updates.get(name)
-                if update is not None and update.size:
-                    acc.add(-np.array(update))
-
-    def _exact_drift(self) -> list[float]:
-        """||W_float32 - W_exact|| per layer, averaged over the batch rows."""
-        drifts = []
-        for cache, accumulators in zip(self.caches, self.exact, strict=True):
-            squares = sum(
-                np.square(np.array(w, dtype=np.float64) - acc.value())
-                .reshape(w.shape[0], -1)
-                .sum(1)
-                for w, acc in ((cache.fast_weights[n], a) for n, a in accumulators.items())
-            )
-            drifts.append(float(np.mean(np.sqrt(squares))))
-        return drifts
 
     # -- commands -------------------------------------------------------------------------------
     def _handle_commands(self, wait: float) -> None:
@@ -317,33 +214,17 @@ class TTTRun:
     def reset(self) -> None:
         """Fast weights back to their initial values; a new conversation."""
         self.conversation += 1
-        if self.config.mode == "adapt":
-            self.new_conversation()
-            zero = fast_weight_stats(self.origin, self.origin, self.origin)
-        else:  # every train step starts from the initial fast weights anyway
-            zero = [dict(layer, update_norm=0.0, drift=0.0) for layer in self.report["layers"]]
-        self.report["layers"] = [
-            {**layer, "inner_loss_before": None, "inner_loss_after": None,
-             "exact_drift": 0.0 if self.exact is not None else None}
-            for layer in zero
-        ]  # fmt: skip
+        self.report["layers"] = self.learner.reset(self.report["layers"])
         self.report["sampled_step"] = self.step
 
     def save(self, path: str | None) -> str:
         if not path:
             path = os.path.join(self.config.checkpoint_dir, f"step-{self.step}.safetensors")
-        arrays = {f"model.{k}": v for k, v in tree_flatten(self.model.parameters())}
-        offsets = []
-        if self.config.mode == "train":
-            arrays.update({f"optimizer.{k}": v for k, v in tree_flatten(self.optimizer.state)})
-        else:
-            for i, cache in enumerate(self.caches):
-                arrays.update({f"cache.{i}.{j}": a for j, a in enumerate(cache.state)})
-                offsets.append(cache.offset)
+        state = self.learner.state()
         return ckpt.save(path, ckpt.Checkpoint(
-            arrays=arrays, config=self.config.as_dict(), step=self.step, tokens=self.tokens,
+            arrays=state.arrays, config=self.config.as_dict(), step=self.step, tokens=self.tokens,
             stream_position=self.stream.position, conversation=self.conversation,
-            cache_offsets=offsets,
+            cache_offsets=state.cache_offsets,
         ))  # fmt: skip
 
     # -- reporting ------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ from test_channel import HELLO
 from ttt_runtime import channel
 from ttt_runtime.blas import find_optimized_blas, loaded_blas
 from ttt_runtime.channel import ChannelClient, ChannelServer, peer_uid
+from ttt_runtime.device import backend_name, describe_device, device_info, memory_counters
 from ttt_runtime.launch import private_socket_path
-from ttt_runtime.telemetry import backend_name, describe_device, device_info, memory_counters
 from xltop.runsources import run_info_from_telemetry
 
 # mx.device_info() on an Apple M1 Pro with 16 GB, as MLX's Metal backend describes it

@@ -138,16 +138,12 @@ def test_the_warm_up_changes_no_update(tmp_path, overrides):
     """The warm-up step updates exactly as in a run that never samples: the sampled path is
     warmed on a throwaway."""
     import mlx.core as mx
-    from mlx.utils import tree_flatten
 
     from ttt_runtime.config import RunConfig
     from ttt_runtime.run import TTTRun
-    from ttt_runtime.steps import cache_arrays
 
     def updated(run) -> list:
-        if run.config.mode == "train":
-            return tree_flatten([run.model.parameters(), run.optimizer.state])
-        return list(enumerate(cache_arrays(run.caches)))
+        return sorted(run.learner.state().arrays.items())
 
     config = RunConfig.from_preset("tiny").with_overrides(**overrides)
     runs = [
