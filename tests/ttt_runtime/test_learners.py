@@ -13,7 +13,10 @@ from ttt_runtime.learners import LEARNERS
 from ttt_runtime.model import TTTModel
 
 
-@pytest.mark.parametrize("overrides", [{"mode": "train"}])
+@pytest.mark.parametrize(
+    "overrides",
+    [{"mode": "train"}, {"mode": "adapt"}, {"mode": "adapt", "exact_accumulate": True}],
+)
 def test_a_learner_restored_from_its_checkpoint_steps_on_as_the_original(tmp_path, overrides):
     config = RunConfig.from_preset("tiny").with_overrides(**overrides)
     rng = np.random.default_rng(0)

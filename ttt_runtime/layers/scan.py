@@ -115,9 +115,12 @@ class Scan:
         eta = tril_eta(tok, lr)
         lmat = dual_and_grad_matrix(xkq_a[..., n:, :], xkq_a[..., :n, :], eta, lr)
         cache = self.cache
-        scan = self._scan_fn(carried=cache.sums is not None, finish=pos + n == K, steps=S)
+        # sums carry over inside a mini-batch only: at its start, a cache restored from a
+        # checkpoint holds zeros there (cache.state), which must not count as begun
+        carried = pos > 0
+        scan = self._scan_fn(carried=carried, finish=pos + n == K, steps=S)
         zbar, maps, sums, updates, losses = scan(
-            cache.maps, cache.sums or (), xkq_a, target, lmat, eta, lr, tok, *self.ln
+            cache.maps, cache.sums if carried else (), xkq_a, target, lmat, eta, lr, tok, *self.ln
         )
         cache.maps, cache.sums = maps, (sums or None)
         if updates:
