@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from rich.cells import set_cell_size
 from rich.segment import Segment
 from rich.style import Style
+from textual._two_way_dict import TwoWayDict
 from textual._types import SegmentLines
 from textual.cache import LRUCache
 from textual.geometry import Region
@@ -50,6 +51,14 @@ class RowTable(DataTable):
         self._data[row][column] = value
         self._changed_rows.add(row)
         self.refresh_row(row_index)
+
+    def order_rows(self, keys: list[str]) -> None:
+        """Put the rows in the order of `keys` (each row's key once). DataTable.sort orders by
+        cell values, which need not say the order (a size shown as "1.2 GiB"); like it, this
+        re-renders every row."""
+        self._row_locations = TwoWayDict({RowKey(key): index for index, key in enumerate(keys)})
+        self._update_count += 1
+        self.refresh()
 
     def render_lines(self, crop: Region) -> list[Strip]:
         if self._changed_rows:
