@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import socket
 import statistics
 import threading
@@ -79,8 +80,9 @@ def connect(path: str, timeout: float = 120.0) -> ChannelClient:
 
 
 def latest(watcher: ChannelClient) -> tuple[float, int]:
-    message = watcher.latest()
-    return message["t"], message["step"]
+    report = watcher.latest()
+    assert report is not None  # main waited for reports
+    return report.t, report.step
 
 
 def window(watcher: ChannelClient, run: psutil.Process, kind: str | None, count: int,
@@ -100,7 +102,8 @@ def window(watcher: ChannelClient, run: psutil.Process, kind: str | None, count:
         for flooder in flooders:
             flooder.close()
     steps = step1 - step0
-    return steps / (t1 - t0), (cpu1 - cpu0) * 1e3 / steps, (replies1 - replies0) / (t1 - t0)
+    cpu_per_step = (cpu1 - cpu0) * 1e3 / steps if steps else math.inf  # a flood stopped it
+    return steps / (t1 - t0), cpu_per_step, (replies1 - replies0) / (t1 - t0)
 
 
 def main() -> None:
@@ -112,7 +115,7 @@ def main() -> None:
     run = spawn_run(["--preset", args.preset])
     try:
         watcher = connect(run.socket_path)
-        while (watcher.latest() or {}).get("step", 0) < 20:  # past compilation and warm-up
+        while (report := watcher.latest()) is None or report.step < 20:  # past the warm-up
             time.sleep(0.1)
         process = psutil.Process(run.pid)
         results: dict[str, list[tuple[float, float, float]]] = {c[0]: [] for c in CONDITIONS}
@@ -130,7 +133,8 @@ def main() -> None:
           f"{'replies/s':>10}")  # fmt: skip
     for name, figures in results.items():
         steps, cpu, replies = (statistics.median(column) for column in zip(*figures, strict=True))
-        print(f"  {name:<14} {steps:8.1f} {steps / base - 1:+8.1%} {cpu:16.2f} {replies:10.0f}")
+        versus = f"{steps / base - 1:+8.1%}" if base else f"{'-':>8}"  # a flood froze even that
+        print(f"  {name:<14} {steps:8.1f} {versus} {cpu:16.2f} {replies:10.0f}")
     print(f"  the run's RSS after every flood: {rss / 2**20:.0f} MiB")
 
 
