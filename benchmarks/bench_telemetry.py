@@ -68,8 +68,8 @@ def first_minute(preset: str, seconds: float = 60.0, window: float = 10.0) -> No
         start = time.monotonic()
         while time.monotonic() - start < seconds:
             message = client.latest()
-            if message and message["loss_bpb"] is not None:
-                seen.setdefault(message["step"], (time.monotonic() - start, message["loss_bpb"]))
+            if message and message.loss_bpb is not None:
+                seen.setdefault(message.step, (time.monotonic() - start, message.loss_bpb))
             time.sleep(0.05)
         client.close()
     finally:

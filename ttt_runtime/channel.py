@@ -18,6 +18,7 @@ keeps only the newest report, replies are never dropped.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import os
 import socket
@@ -30,7 +31,18 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
-from ttt_runtime.protocol import ProtocolError, decode, encode, parse_command
+from ttt_runtime.protocol import (
+    Bye,
+    ErrorReport,
+    Hello,
+    Message,
+    ProtocolError,
+    Reply,
+    Telemetry,
+    decode_message,
+    encode,
+    parse_command,
+)
 
 MAX_LINE = 1 << 16  # bytes; a longer line is an error and the peer is dropped
 _MAX_QUEUED = 1000  # messages waiting for a peer that does not read; beyond it, drop the peer
@@ -184,8 +196,7 @@ class _Connection:
 def reply_line(command: dict[str, Any], ok: bool = True, error: str | None = None,
                **extra: Any) -> bytes:  # fmt: skip
     """The encoded reply to `command` (its "id" and "cmd" echoed)."""
-    message = {"type": "reply", "id": command.get("id"), "cmd": command.get("cmd")}
-    return encode({**message, "ok": ok, "error": error, **extra})
+    return encode(Reply(command.get("id"), command.get("cmd"), ok, error, extras=extra))
 
 
 class ChannelServer:
@@ -195,9 +206,9 @@ class ChannelServer:
     channel wrote itself (an error, `hello`): so replies keep the order of the lines, and a
     peer's reader waits while its queue is full. The run loop takes the queues in turn."""
 
-    def __init__(self, socket_path: str, hello: dict[str, Any]):
+    def __init__(self, socket_path: str, hello: Hello):
         self.path = socket_path
-        self.hello = {"type": "hello", **hello}
+        self.hello = hello
         self._peers: set[_Connection] = set()
         self._lock = threading.Lock()
         # Lock order: _queued, then a peer's own lock, then _lock; never the other way round.
@@ -235,9 +246,9 @@ class ChannelServer:
         with self._lock:
             return len(self._peers)
 
-    def publish(self, message: dict[str, Any]) -> None:
+    def publish(self, message: Message) -> None:
         line = encode(message)
-        telemetry = message.get("type") == "telemetry"
+        telemetry = isinstance(message, Telemetry)
         with self._lock:
             peers = list(self._peers)
         for peer in peers:
@@ -349,7 +360,7 @@ class ChannelServer:
         except ProtocolError as exc:
             return reply_line(exc.echo, ok=False, error=str(exc))
         if command["cmd"] == "hello":
-            return reply_line(command, **{k: v for k, v in self.hello.items() if k != "type"})
+            return reply_line(command, **dataclasses.asdict(self.hello))
         return command
 
     def _enqueue(self, peer: _Connection, answer: dict[str, Any] | bytes) -> None:
@@ -380,12 +391,12 @@ class ChannelClient:
 
     def __init__(self, sock: socket.socket, path: str):
         self.path = path
-        self.hello: dict[str, Any] | None = None
-        self.last_error: dict[str, Any] | None = None
-        self.bye: dict[str, Any] | None = None
+        self.hello: Hello | None = None
+        self.last_error: ErrorReport | None = None
+        self.bye: Bye | None = None
         self.refusal: str | None = None  # why the run refused this monitor, in place of a hello
-        self._latest: dict[str, Any] | None = None
-        self._replies: dict[Any, dict[str, Any]] = {}
+        self._latest: Telemetry | None = None
+        self._replies: dict[int | str, Reply] = {}
         self._ids = itertools.count(1)
         self._cond = threading.Condition()
         self._conn = _Connection(sock, self._on_line, self._on_close)
@@ -419,11 +430,11 @@ class ChannelClient:
     def alive(self) -> bool:
         return not self._conn.closed
 
-    def latest(self) -> dict[str, Any] | None:
+    def latest(self) -> Telemetry | None:
         """The newest telemetry message (never blocks)."""
         return self._latest
 
-    def request(self, cmd: str, timeout: float = 5.0, **fields: Any) -> dict[str, Any]:
+    def request(self, cmd: str, timeout: float = 5.0, **fields: Any) -> Reply:
         """Send a command and return the run's reply; ChannelError if none within `timeout`."""
         if not self.alive:
             raise ChannelError(f"the run at {self.path} has closed its channel")
@@ -445,22 +456,21 @@ class ChannelClient:
         if line is None:
             return
         try:
-            message = decode(line)
+            message = decode_message(line)
         except ProtocolError:
-            return  # a broken line from the run is skipped, the stream goes on
-        kind = message.get("type")
+            return  # a broken or malformed message is skipped; the last good one stands
         with self._cond:
-            if kind == "telemetry":
+            if isinstance(message, Telemetry):
                 self._latest = message
-            elif kind == "hello":
+            elif isinstance(message, Hello):
                 self.hello = message
-            elif kind == "reply" and message.get("id") is not None:
-                self._replies[message["id"]] = message
-            elif kind == "reply" and self.hello is None:
-                self.refusal = message.get("error")
-            elif kind == "error":
+            elif isinstance(message, Reply) and message.id is not None:
+                self._replies[message.id] = message
+            elif isinstance(message, Reply) and self.hello is None:
+                self.refusal = message.error
+            elif isinstance(message, ErrorReport):
                 self.last_error = message
-            elif kind == "bye":
+            elif isinstance(message, Bye):
                 self.bye = message
             self._cond.notify_all()
 

@@ -8,50 +8,141 @@ Monitor -> run (a command):
      "id": <echoed back: null, a string (at most 100 characters) or an integer within
             +-2**53>, "path": <str, optional, for "save">}
 
-Run -> monitor, each message has a "type":
-    "hello"      once per connection: {"pid", "run_id", "mode", "preset", "config": {...}}
-    "telemetry"  once per step (see TELEMETRY_FIELDS), pushed to every connected monitor
-    "reply"      {"id", "cmd", "ok": bool, "error": str | None, ...extra (e.g. "path")}, one per
-                 line received, in the order of the lines
-    "error"      the run raised: {"exc_type", "message", "traceback"}; the run then exits non-zero
-    "bye"        the run is exiting cleanly: {"exit_code": 0}
+Run -> monitor: the five messages below (`Message`), each a dataclass whose fields are the
+JSON object's keys, plus a "type" naming it. `encode` writes them and `decode_message` reads
+them back, checking every field's type on receipt: a malformed message is a ProtocolError
+naming the field, never a half-read report.
+    Hello        "hello", once per connection
+    Telemetry    "telemetry", once per step, pushed to every connected monitor
+    Reply        "reply", one per line received, in the order of the lines
+    ErrorReport  "error": the run raised; it then exits non-zero
+    Bye          "bye": the run is exiting cleanly
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import reprlib
-from typing import Any
+import types
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any, ClassVar, TypeAlias, Union, get_args, get_origin, get_type_hints
 
 COMMANDS = ("pause", "resume", "clear_cache", "reset", "save", "stop", "hello")
 
-# One telemetry message per step. Sizes are bytes, times milliseconds, losses bits per byte
-# (outer) or the inner loss (docs/ttt-maths.md). Per-block and per-layer fields: the last step on
-# the sampling schedule; "sampled_step" says which step that was.
-TELEMETRY_FIELDS = {
-    "t": "unix time of the report (s)",
-    "pid": "the run's process id",
-    "run_id": "random id of this run process",
-    "mode": "'train' or 'adapt'",
-    "preset": "preset name the config came from",
-    "paused": "true while the run is paused",
-    "step": "steps completed",
-    "tokens": "tokens (bytes) seen",
-    "tokens_per_s": "throughput over the last step",
-    "step_ms": "wall time of the last step",
-    "loss_bpb": "outer loss of the last step, bits per byte",
-    "warmup_ms": "wall time of this process's first step, which compiles (null before it); "
-    "that step's step_ms and tokens_per_s are null, and it is never the sampled step",
-    "inner_lr": "mean inner learning rate (eta) over the last sampled step",
-    "conversation": "conversation id; bumped by reset",
-    "sampled_step": "step whose per-block/per-layer figures are reported (null before one)",
-    "blocks": "list per block: {'fwd_ms', 'bwd_ms' (null in adapt mode)}",
-    "layers": "list per TTT layer: {'w_norm', 'update_norm', 'drift', 'inner_loss_before', "
-    "'inner_loss_after', 'exact_drift' (null unless exact accumulation is on)}",
-    "mlx": "{'active', 'cache', 'peak', 'limit', 'backend', 'device', 'memory_size', "
-    "'working_set' (Metal's recommended working set, null elsewhere)}",
-    "blas": "BLAS library the run's process has loaded, e.g. 'openblas' or 'bundled'",
+
+# Sizes are bytes, times milliseconds, losses bits per byte (outer) or the inner loss
+# (docs/ttt-maths.md). A figure that can come out NaN or infinite is optional: it travels as null.
+@dataclass(frozen=True)
+class BlockTiming:
+    """One block's times on the sampled step."""
+
+    fwd_ms: float | None
+    bwd_ms: float | None  # None in adapt mode (no backward)
+
+
+@dataclass(frozen=True)
+class LayerFigures:
+    """One TTT layer's fast-weight figures on the sampled step (docs/ttt-maths.md)."""
+
+    w_norm: float | None
+    update_norm: float | None
+    drift: float | None
+    inner_loss_before: float | None
+    inner_loss_after: float | None
+    exact_drift: float | None = None  # float32 vs exact accumulation; None when that is off
+
+
+@dataclass(frozen=True)
+class MlxReport:
+    """The run process's MLX memory (its own counters) and device."""
+
+    active: int
+    cache: int
+    peak: int
+    limit: int  # mx.get_memory_limit()
+    backend: str  # "cpu", "gpu" (Metal), "cuda"
+    device: str  # mx.device_info()'s device name
+    memory_size: int  # the device's memory, else the machine's
+    working_set: int | None  # Metal's recommended working set, None elsewhere
+
+
+@dataclass(frozen=True)
+class Hello:
+    TYPE: ClassVar[str] = "hello"
+    pid: int  # the run's process id
+    run_id: str  # random id of this run process
+    mode: str  # "train" or "adapt"
+    preset: str  # preset name the config came from
+    config: dict[str, Any]  # the whole run configuration (RunConfig.as_dict())
+    socket: str  # the socket path the run listens on
+
+
+@dataclass(frozen=True)
+class Telemetry:
+    """One report per step. Per-block and per-layer figures and inner_lr: the last step on the
+    sampling schedule, `sampled_step`."""
+
+    TYPE: ClassVar[str] = "telemetry"
+    t: float  # unix time of the report (s)
+    pid: int
+    run_id: str
+    mode: str
+    preset: str
+    paused: bool
+    step: int  # steps completed
+    tokens: int  # tokens (bytes) seen
+    tokens_per_s: float | None  # throughput over the last step
+    step_ms: float | None  # wall time of the last step
+    loss_bpb: float | None  # outer loss of the last step, bits per byte
+    # wall time of this process's first step, which compiles (None before it); that step's
+    # step_ms and tokens_per_s are None, and it is never the sampled step
+    warmup_ms: float | None
+    inner_lr: float | None  # mean inner learning rate (eta) over the sampled step
+    conversation: int  # conversation id; bumped by reset
+    sampled_step: int | None  # the step `blocks`, `layers` and `inner_lr` come from
+    blocks: tuple[BlockTiming, ...]
+    layers: tuple[LayerFigures, ...]  # one per block's TTT layer
+    mlx: MlxReport
+    blas: str  # BLAS library the run's process has loaded, e.g. "openblas" or "bundled"
+
+
+@dataclass(frozen=True)
+class Reply:
+    TYPE: ClassVar[str] = "reply"
+    id: int | str | None  # the command's, echoed (None when the line had none fit to echo)
+    cmd: str | None
+    ok: bool
+    error: str | None = None  # one line saying what was wrong
+    # what the command returns (save: "path"), flat beside the fields above on the wire
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        clash = set(self.extras) & {"type", *_field_names(Reply)}
+        if clash:
+            raise ValueError(f"a reply's extras may not be named {sorted(clash)}")
+
+
+@dataclass(frozen=True)
+class ErrorReport:
+    TYPE: ClassVar[str] = "error"
+    exc_type: str
+    message: str
+    traceback: str
+
+
+@dataclass(frozen=True)
+class Bye:
+    TYPE: ClassVar[str] = "bye"
+    exit_code: int
+    step: int
+
+
+Message: TypeAlias = Hello | Telemetry | Reply | ErrorReport | Bye
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls for cls in (Hello, Telemetry, Reply, ErrorReport, Bye)
 }
 
 
@@ -86,20 +177,34 @@ def valid_id(value: Any) -> bool:
     return value is None or (type(value) is int and abs(value) <= 2**53)  # bool is no id
 
 
-def _finite(value: Any) -> Any:
-    # JSON has no NaN/Inf; a diverged loss travels as null rather than breaking the stream.
+def nan_to_null(value: Any) -> Any:
+    """`value` as JSON data: every NaN or infinite float None (JSON has none), tuples lists."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: nan_to_null(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [nan_to_null(v) for v in value]
     return value
 
 
-def encode(message: dict[str, Any]) -> bytes:
-    """One message as a newline-terminated UTF-8 JSON line (non-finite floats become null)."""
-    return (json.dumps(_finite(message), separators=(",", ":"), allow_nan=False) + "\n").encode()
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def to_wire(message: Message) -> dict[str, Any]:
+    """A message as the JSON object that goes on the wire: "type" first, a reply's extras
+    beside its fields."""
+    data = dataclasses.asdict(message)
+    extras = data.pop("extras", {})
+    return {"type": message.TYPE, **data, **extras}
+
+
+def encode(message: Message | dict[str, Any]) -> bytes:
+    """A message (or a monitor's command, a plain dict) as a newline-terminated UTF-8 JSON line;
+    a diverged loss travels as null rather than breaking the stream."""
+    data = message if isinstance(message, dict) else to_wire(message)
+    return (json.dumps(nan_to_null(data), separators=(",", ":"), allow_nan=False) + "\n").encode()
 
 
 def decode(line: bytes | str) -> dict[str, Any]:
@@ -113,6 +218,85 @@ def decode(line: bytes | str) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise ProtocolError(f"expected a JSON object, got {type(message).__name__}")
     return message
+
+
+def decode_message(line: bytes | str) -> Message:
+    """One line from a run as its message, every field checked against its type; raise
+    ProtocolError naming the first field that is missing or of the wrong type."""
+    data = decode(line)
+    kind = data.get("type")
+    cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {reprlib.repr(kind)}")
+    try:
+        return _build(cls, data, "")
+    except _Mismatch as exc:
+        raise ProtocolError(f"{kind} message: {exc}") from None
+
+
+class _Mismatch(Exception):
+    """A field of a received message that its dataclass does not allow."""
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _build(cls: Any, data: Any, prefix: str) -> Any:
+    """An instance of the dataclass `cls` from JSON object `data`, its fields checked. Keys
+    it does not name are ignored, except in a Reply, whose extras they are."""
+    if not isinstance(data, dict):
+        where = prefix.rstrip(".") or "the message"
+        raise _Mismatch(f"{where!r} must be an object, got {type(data).__name__}")
+    names = _field_names(cls)
+    values = {}
+    for name in names:
+        if name == "extras":
+            values[name] = {k: v for k, v in data.items() if k != "type" and k not in names}
+        elif name in data:
+            values[name] = _conform(data[name], _hints(cls)[name], prefix + name)
+        elif cls.__dataclass_fields__[name].default is dataclasses.MISSING:
+            raise _Mismatch(f"{prefix + name!r} is missing")
+    return cls(**values)
+
+
+def _conform(value: Any, hint: Any, where: str) -> Any:
+    """`value` as the type `hint` says (an integer is a fine float; a list becomes a tuple)."""
+    origin = get_origin(hint)
+    if hint is Any or (hint is dict or origin is dict) and isinstance(value, dict):
+        return value
+    if origin in (Union, types.UnionType):
+        options = get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            try:
+                return _conform(value, option, where)
+            except _Mismatch:
+                continue
+    elif origin is tuple and isinstance(value, list):
+        item = get_args(hint)[0]
+        return tuple(_conform(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    elif dataclasses.is_dataclass(hint):
+        return _build(hint, value, where + ".")
+    elif hint is float and type(value) in (int, float):
+        return float(value)
+    elif hint in (int, str, bool) and type(value) is hint:  # bool is no int here
+        return value
+    raise _Mismatch(f"{where!r} must be {_describe(hint)}, got {type(value).__name__}")
+
+
+_KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+          type(None): "null"}  # fmt: skip
+
+
+def _describe(hint: Any) -> str:
+    if get_origin(hint) in (Union, types.UnionType):
+        return " or ".join(_describe(option) for option in get_args(hint))
+    if get_origin(hint) is tuple:
+        return "a list"
+    return _KINDS.get(hint, "an object")
 
 
 def parse_command(line: bytes | str) -> dict[str, Any]:

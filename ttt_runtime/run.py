@@ -1,6 +1,6 @@
 """The TTT run's driver: a loop that steps a learner (ttt_runtime.learners: the model and its
 learning state, in train or adapt mode), obeys the channel's commands between steps, saves
-checkpoints, and publishes one telemetry message per step (ttt_runtime.protocol.TELEMETRY_FIELDS).
+checkpoints, and publishes one telemetry message per step (ttt_runtime.protocol.Telemetry).
 
 Commands are handled on the loop's own thread, between steps, so MLX is only ever touched from
 one thread. A step in progress always finishes: `stop` (or SIGTERM) exits after it, with a
@@ -29,6 +29,15 @@ from ttt_runtime.device import device_info, memory_counters
 from ttt_runtime.figures import SampleFigures
 from ttt_runtime.learners import LEARNERS, Learner
 from ttt_runtime.model import TTTModel
+from ttt_runtime.protocol import (
+    BlockTiming,
+    Bye,
+    ErrorReport,
+    Hello,
+    LayerFigures,
+    MlxReport,
+    Telemetry,
+)
 from ttt_runtime.steps import LN2
 from ttt_runtime.stream import ByteStream
 
@@ -77,14 +86,14 @@ class TTTRun:
 
     # -- setup ----------------------------------------------------------------------------------
     def _open_channel(self, socket_path: str) -> None:
-        hello = {
-            "pid": os.getpid(),
-            "run_id": self.run_id,
-            "mode": self.config.mode,
-            "preset": self.config.preset,
-            "config": self.config.as_dict(),
-            "socket": socket_path,
-        }
+        hello = Hello(
+            pid=os.getpid(),
+            run_id=self.run_id,
+            mode=self.config.mode,
+            preset=self.config.preset,
+            config=self.config.as_dict(),
+            socket=socket_path,
+        )
         try:
             self.server = ChannelServer(socket_path, hello)
         except ChannelError as exc:
@@ -126,11 +135,10 @@ class TTTRun:
         except Exception as exc:
             text = traceback.format_exc()
             say(text.rstrip("\n"))
-            self.server.publish({"type": "error", "exc_type": type(exc).__name__,
-                                 "message": str(exc), "traceback": text})  # fmt: skip
+            self.server.publish(ErrorReport(type(exc).__name__, str(exc), text))
             self.close()
             return 1
-        self.server.publish({"type": "bye", "exit_code": 0, "step": self.step})
+        self.server.publish(Bye(exit_code=0, step=self.step))
         self.close()
         return 0
 
@@ -169,10 +177,9 @@ class TTTRun:
     def _record_sample(self, sample: SampleFigures) -> None:
         self.report = {
             "sampled_step": self.step,
-            "blocks": [
-                {"fwd_ms": f, "bwd_ms": b}
-                for f, b in zip(sample.fwd_ms, sample.bwd_ms, strict=True)
-            ],
+            "blocks": tuple(
+                BlockTiming(f, b) for f, b in zip(sample.fwd_ms, sample.bwd_ms, strict=True)
+            ),
             "layers": sample.layers,
             "inner_lr": sample.inner_lr,
         }
@@ -190,7 +197,8 @@ class TTTRun:
             self.publish()
 
     def _obey(self, peer, command: dict) -> None:
-        cmd, reply = command["cmd"], {}
+        cmd = command["cmd"]
+        reply: dict[str, Any] = {}  # what the command returns, beside "ok" in the reply
         if cmd == "pause":
             self.paused = True
         elif cmd == "resume":
@@ -228,24 +236,27 @@ class TTTRun:
         ))  # fmt: skip
 
     # -- reporting ------------------------------------------------------------------------------
-    def telemetry(self) -> dict:
-        return {
-            "type": "telemetry",
-            "t": time.time(),
-            "pid": os.getpid(),
-            "run_id": self.run_id,
-            "mode": self.config.mode,
-            "preset": self.config.preset,
-            "paused": self.paused,
-            "step": self.step,
-            "tokens": self.tokens,
+    def telemetry(self) -> Telemetry:
+        report = self.report
+        return Telemetry(
+            t=time.time(),
+            pid=os.getpid(),
+            run_id=self.run_id,
+            mode=self.config.mode,
+            preset=self.config.preset,
+            paused=self.paused,
+            step=self.step,
+            tokens=self.tokens,
             **self.last,
-            "warmup_ms": self.warmup_ms,
-            "conversation": self.conversation,
-            **self.report,
-            "mlx": {**self.device, **memory_counters()},
-            "blas": self.blas,
-        }
+            warmup_ms=self.warmup_ms,
+            inner_lr=report["inner_lr"],
+            conversation=self.conversation,
+            sampled_step=report["sampled_step"],
+            blocks=tuple(report["blocks"]),
+            layers=tuple(LayerFigures(**layer) for layer in report["layers"]),
+            mlx=MlxReport(**self.device, **memory_counters()),
+            blas=self.blas,
+        )
 
     def publish(self) -> None:
         if self.server.monitors:

@@ -24,7 +24,7 @@ from xltop import __version__
 from xltop.csvlog import CsvLogError, CsvSink, check_writable
 from xltop.jsonout import snapshot_to_line
 from xltop.monitor import MIN_INTERVAL_S, Monitor, RuntimeSource
-from xltop.snapshot import Snapshot
+from xltop.snapshot import RunState, Snapshot
 from xltop.sources import SystemSource
 from xltop.table import format_snapshot, status_line
 from xltop.watchdog import Threshold, Watchdog
@@ -211,7 +211,7 @@ def _wait_ready(monitor: Monitor, attached: bool, quiet: bool) -> None:
     if runtime.wait_ready(timeout):
         return
     info = runtime.sample()
-    if info.state == "dead":
+    if info.state == RunState.DEAD:
         _say(f"the run stopped (exit code {info.exit_code}): {info.last_error or 'no message'}")
         raise SystemExit(1)
     _say(f"no report from the run after {timeout:g} s; monitoring it anyway")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import os
 import threading
@@ -19,6 +20,7 @@ from pathlib import Path
 from stat import S_ISREG
 from typing import Any
 
+from ttt_runtime.protocol import BlockTiming, LayerFigures
 from xltop.snapshot import Snapshot
 from xltop.units import MIB
 
@@ -30,10 +32,8 @@ BASE_COLUMNS = (
     "sampled_step",
     "mlx_active_mib", "mlx_cache_mib", "mlx_peak_mib", "mlx_limit_mib",
 )  # fmt: skip
-BLOCK_FIELDS = ("fwd_ms", "bwd_ms")
-LAYER_FIELDS = (
-    "w_norm", "update_norm", "drift", "inner_loss_before", "inner_loss_after", "exact_drift",
-)  # fmt: skip
+BLOCK_FIELDS = tuple(f.name for f in dataclasses.fields(BlockTiming))
+LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(LayerFigures))
 
 
 class CsvLogError(Exception):

@@ -8,27 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from typing import Any
 
+from ttt_runtime.protocol import nan_to_null
 from xltop.snapshot import Snapshot
 
 SCHEMA_VERSION = 1
 
 
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
-
-
 def snapshot_to_json(snapshot: Snapshot) -> dict[str, Any]:
     """The Snapshot as plain JSON data (tuples become lists)."""
-    return {"schema_version": SCHEMA_VERSION, **_finite(dataclasses.asdict(snapshot))}
+    return {"schema_version": SCHEMA_VERSION, **nan_to_null(dataclasses.asdict(snapshot))}
 
 
 def snapshot_to_line(snapshot: Snapshot) -> str:

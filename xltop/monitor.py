@@ -12,7 +12,8 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from xltop.snapshot import ProcessInfo, RunInfo, Snapshot, SystemInfo
+from ttt_runtime.protocol import Reply
+from xltop.snapshot import ProcessInfo, RunInfo, RunState, Snapshot, SystemInfo
 from xltop.watchdog import Watchdog
 
 MIN_INTERVAL_S = 0.2  # the floor: the monitor must not eat the machine it watches
@@ -41,8 +42,8 @@ class RuntimeSource(Protocol):
     def wait_ready(self, timeout: float) -> bool:
         """Wait until the run has reported a step; False if it died or the time ran out."""
 
-    def send(self, cmd: str, **fields: Any) -> dict[str, Any]:
-        """The run's reply to a command, or {"ok": False, "error": ...}."""
+    def send(self, cmd: str, **fields: Any) -> Reply:
+        """The run's reply to a command, or a failed one saying why."""
 
     def restart(self) -> None:
         """Start a fresh run with the same flags; raises if this source cannot."""
@@ -55,18 +56,18 @@ def _state_change_event(
 ) -> str | None:
     if before is not None and before.state == after.state:
         return None
-    if after.state == "stalled":
+    if after.state == RunState.STALLED:
         return f"run stalled: no report for {report_age_s or 0:.0f} s (pid {after.pid})"
-    if before is not None and before.state == "stalled" and after.state != "dead":
+    if before is not None and before.state == RunState.STALLED and after.state != RunState.DEAD:
         return f"run {after.state} again"
-    if after.state == "dead":
+    if after.state == RunState.DEAD:
         code = "unknown" if after.exit_code is None else after.exit_code
         error = f": {after.last_error}" if after.last_error else ""
         return f"run stopped (exit code {code}){error}"
-    if after.state == "running":
-        was_paused = before is not None and before.state == "paused"
+    if after.state == RunState.RUNNING:
+        was_paused = before is not None and before.state == RunState.PAUSED
         return "run resumed" if was_paused else f"run running (pid {after.pid})"
-    if after.state == "paused":
+    if after.state == RunState.PAUSED:
         return "run paused"
     return None
 
@@ -143,7 +144,7 @@ class Monitor:
         if self.runtime is None:
             return None
         run = self.runtime.sample()
-        own = next((p for p in processes if p.pid == run.pid and run.state != "dead"), None)
+        own = next((p for p in processes if p.pid == run.pid and run.state != RunState.DEAD), None)
         if own is not None:
             run = dataclasses.replace(run, rss=own.rss, cpu_percent=own.cpu_percent)
         event = _state_change_event(self._last_run, run, self.runtime.report_age_s)

@@ -1,14 +1,14 @@
 """The TTT run as a source: hosted (xltop spawns it) or attached (started elsewhere).
 
 Both read the run's telemetry over its channel (ttt_runtime.channel, which never imports MLX)
-and turn the newest message into a RunInfo. `sample()` never blocks and never raises: a run
-that is gone is a RunInfo with state "dead", its exit code and its last error; one whose reports
-have stopped (SIGSTOPped, or stuck in a step) is "stalled" until they resume.
+and turn the newest report, checked on receipt (ttt_runtime.protocol.Telemetry), into a
+RunInfo. `sample()` never blocks and never raises: a run that is gone is a RunInfo with state
+"dead", its exit code and its last error; one whose reports have stopped (SIGSTOPped, or stuck
+in a step) is "stalled" until they resume.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import threading
 import time
@@ -17,11 +17,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ttt_runtime.channel import ChannelClient, ChannelError
-from xltop.snapshot import BlockStats, LayerStats, MlxMemory, RunInfo
+from ttt_runtime.protocol import BlockTiming, Hello, LayerFigures, MlxReport, Reply, Telemetry
+from xltop.snapshot import MlxMemory, RunInfo, RunState
 
 SEND_TIMEOUT_S = 5.0
 STOP_TIMEOUT_S = 10.0
-NOT_RUNNING = {"ok": False, "error": "run is not running"}
 
 # A run reports once per step, and once a second while paused (ttt_runtime.run's
 # PAUSED_REPORT_S). It is stalled when xltop has read no new report for
@@ -45,22 +45,16 @@ def validate_run_args(argv: list[str]) -> str | None:
     return check_run_args(argv)
 
 
-def _mlx_memory(mlx: dict[str, Any] | None) -> MlxMemory | None:
-    if not mlx:
-        return None
-    # The real ceiling: Metal's working set on Apple silicon, else the machine's memory.
-    limit = mlx.get("working_set") or mlx.get("memory_size") or mlx.get("limit") or 0
+def _mlx_memory(mlx: MlxReport) -> MlxMemory:
     return MlxMemory(
-        active=int(mlx.get("active") or 0),
-        cache=int(mlx.get("cache") or 0),
-        peak=int(mlx.get("peak") or 0),
-        limit=int(limit),
-        backend=str(mlx.get("backend") or ""),
-        device=str(mlx.get("device") or ""),
+        active=mlx.active,
+        cache=mlx.cache,
+        peak=mlx.peak,
+        # The real ceiling: Metal's working set on Apple silicon, else the machine's memory.
+        limit=mlx.working_set or mlx.memory_size or mlx.limit,
+        backend=mlx.backend,
+        device=mlx.device,
     )
-
-
-_LAYER_FIELDS = [f.name for f in dataclasses.fields(LayerStats)]
 
 
 def stall_after_s(recent_step_ms: Iterable[float]) -> float:
@@ -68,38 +62,32 @@ def stall_after_s(recent_step_ms: Iterable[float]) -> float:
     return max(STALL_MIN_S, STALL_STEPS * max(recent_step_ms, default=0.0) / 1e3)
 
 
-def run_info_from_telemetry(message: dict[str, Any]) -> RunInfo:
-    """One telemetry message (ttt_runtime.protocol.TELEMETRY_FIELDS) as a RunInfo."""
+def run_info_from_telemetry(report: Telemetry) -> RunInfo:
+    """One telemetry message as a RunInfo."""
     return RunInfo(
-        state="paused" if message.get("paused") else "running",
-        pid=message.get("pid"),
-        mode=str(message.get("mode") or ""),
-        preset=str(message.get("preset") or ""),
-        step=int(message.get("step") or 0),
-        tokens=int(message.get("tokens") or 0),
-        tokens_per_s=message.get("tokens_per_s"),
-        step_ms=message.get("step_ms"),
-        loss_bpb=message.get("loss_bpb"),
-        warmup_ms=message.get("warmup_ms"),
-        inner_lr=message.get("inner_lr"),
-        conversation=int(message.get("conversation") or 0),
-        sampled_step=message.get("sampled_step"),
-        blocks=tuple(
-            BlockStats(fwd_ms=b.get("fwd_ms"), bwd_ms=b.get("bwd_ms"))
-            for b in message.get("blocks") or ()
-        ),
-        layers=tuple(
-            LayerStats(**{f: layer.get(f) for f in _LAYER_FIELDS})
-            for layer in message.get("layers") or ()
-        ),
-        mlx=_mlx_memory(message.get("mlx")),
-        blas=str(message.get("blas") or ""),
+        state=RunState.PAUSED if report.paused else RunState.RUNNING,
+        pid=report.pid,
+        mode=report.mode,
+        preset=report.preset,
+        step=report.step,
+        tokens=report.tokens,
+        tokens_per_s=report.tokens_per_s,
+        step_ms=report.step_ms,
+        loss_bpb=report.loss_bpb,
+        warmup_ms=report.warmup_ms,
+        inner_lr=report.inner_lr,
+        conversation=report.conversation,
+        sampled_step=report.sampled_step,
+        blocks=report.blocks,
+        layers=report.layers,
+        mlx=_mlx_memory(report.mlx),
+        blas=report.blas,
     )
 
 
 def _error_text(client: ChannelClient | None) -> str | None:
     error = client.last_error if client is not None else None
-    return f"{error.get('exc_type')}: {error.get('message')}" if error else None
+    return f"{error.exc_type}: {error.message}" if error else None
 
 
 class _ChannelRun:
@@ -112,7 +100,7 @@ class _ChannelRun:
 
     def _forget_reports(self) -> None:
         self._last: RunInfo | None = None  # the newest good report
-        self._last_message: dict[str, Any] | None = None
+        self._last_report: Telemetry | None = None
         self._report_at: float | None = None  # monotonic time the newest report was first read
         self._step_ms: deque[float] = deque(maxlen=STALL_WINDOW)
 
@@ -128,51 +116,53 @@ class _ChannelRun:
     def sample(self) -> RunInfo:
         raise NotImplementedError
 
-    def _hello(self) -> dict[str, Any]:
-        return (self._client.hello if self._client is not None else None) or {}
+    def _hello(self) -> Hello | None:
+        return self._client.hello if self._client is not None else None
 
-    def _hello_info(self, state: str) -> RunInfo:
+    def _hello_info(self, state: RunState) -> RunInfo:
         hello = self._hello()
+        if hello is None:
+            return RunInfo(state=state, pid=self.pid)
         return self._with_layout(
-            RunInfo(state=state, pid=self.pid, mode=hello.get("mode", ""),
-                    preset=hello.get("preset", ""))
-        )  # fmt: skip
+            RunInfo(state=state, pid=self.pid, mode=hello.mode, preset=hello.preset)
+        )
 
     def _with_layout(self, info: RunInfo) -> RunInfo:
         """Empty stats for every block and layer until the run's first sampled step, so the
         layout (and a CSV's columns) is known from the start: one TTT layer per block."""
         if info.blocks:
             return info
-        config = self._hello().get("config") or {}
-        n = int(config.get("num_blocks") or 0)
+        hello = self._hello()
+        n = hello.config.get("num_blocks", 0) if hello is not None else 0
         return dataclasses.replace(
             info,
-            blocks=(BlockStats(None, None),) * n,
-            layers=(LayerStats(None, None, None, None, None),) * n,
+            blocks=(BlockTiming(None, None),) * n,
+            layers=(LayerFigures(None, None, None, None, None),) * n,
         )
 
     def _live_info(self) -> RunInfo:
         client = self._client
-        message = client.latest() if client is not None else None
-        if message is not None and message is not self._last_message:
-            self._last_message, self._report_at = message, time.monotonic()
-            # A malformed report is skipped (the last good one stands), but the run is alive.
-            with contextlib.suppress(TypeError, ValueError, AttributeError):
-                self._last = self._with_layout(run_info_from_telemetry(message))
-                self._step_ms.append(float(self._last.step_ms or self._last.warmup_ms or 0.0))
+        # the newest report that passed the channel's checks: a malformed one never gets here
+        report = client.latest() if client is not None else None
+        if report is not None and report is not self._last_report:
+            self._last_report, self._report_at = report, time.monotonic()
+            self._last = self._with_layout(run_info_from_telemetry(report))
+            self._step_ms.append(self._last.step_ms or self._last.warmup_ms or 0.0)
         if self._last is None:
-            return self._hello_info("starting")
+            return self._hello_info(RunState.STARTING)
         age = self.report_age_s  # known: a report was read
         if age is not None and age > stall_after_s(self._step_ms):
             # The last figures stand, but not the last step's throughput: no step completes.
-            return dataclasses.replace(self._last, state="stalled", tokens_per_s=None, step_ms=None)
+            return dataclasses.replace(
+                self._last, state=RunState.STALLED, tokens_per_s=None, step_ms=None
+            )
         return self._last
 
     def _dead_info(self, exit_code: int | None, fallback_error: str | None) -> RunInfo:
-        base = self._last or self._hello_info("dead")
+        base = self._last or self._hello_info(RunState.DEAD)
         return dataclasses.replace(
             base,
-            state="dead",
+            state=RunState.DEAD,
             exit_code=exit_code,
             last_error=_error_text(self._client) or fallback_error,
             rss=None,
@@ -184,21 +174,21 @@ class _ChannelRun:
         deadline = time.monotonic() + timeout
         while True:
             info = self.sample()
-            if info.state in ("running", "paused", "stalled"):  # it has reported
+            if info.state in (RunState.RUNNING, RunState.PAUSED, RunState.STALLED):  # reported
                 return True
-            if info.state == "dead" or time.monotonic() >= deadline:
+            if info.state == RunState.DEAD or time.monotonic() >= deadline:
                 return False
             time.sleep(0.05)
 
-    def send(self, cmd: str, **fields: Any) -> dict[str, Any]:
-        """Send a command; the reply, or {"ok": False, "error": ...} within the timeout."""
+    def send(self, cmd: str, **fields: Any) -> Reply:
+        """Send a command; the run's reply, or a failed one saying why, within the timeout."""
         client = self._client
         if client is None or not client.alive:
-            return dict(NOT_RUNNING)
+            return Reply(id=None, cmd=cmd, ok=False, error="run is not running")
         try:
             return client.request(cmd, timeout=SEND_TIMEOUT_S, **fields)
         except (ChannelError, OSError, TimeoutError) as exc:
-            return {"ok": False, "error": str(exc) or type(exc).__name__}
+            return Reply(id=None, cmd=cmd, ok=False, error=str(exc) or type(exc).__name__)
 
 
 class AttachedRun(_ChannelRun):
@@ -216,12 +206,13 @@ class AttachedRun(_ChannelRun):
 
     @property
     def pid(self) -> int | None:
-        return (self._client.hello or {}).get("pid")
+        hello = self._client.hello  # connect() waited for it
+        return hello.pid if hello is not None else None
 
     def sample(self) -> RunInfo:
         if not self._client.alive:
             bye = self._client.bye  # a clean exit says goodbye with its exit code
-            return self._dead_info(bye.get("exit_code") if bye else None, "channel closed")
+            return self._dead_info(bye.exit_code if bye else None, "channel closed")
         return self._live_info()
 
     def restart(self) -> None:

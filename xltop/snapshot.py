@@ -8,6 +8,10 @@ milliseconds unless a name says otherwise.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
+
+# one definition of a run's per-block and per-layer figures: the wire's
+from ttt_runtime.protocol import BlockTiming, LayerFigures
 
 
 @dataclass(frozen=True)
@@ -30,22 +34,6 @@ class ProcessInfo:
 
 
 @dataclass(frozen=True)
-class BlockStats:
-    fwd_ms: float | None
-    bwd_ms: float | None  # None in adapt mode (no backward)
-
-
-@dataclass(frozen=True)
-class LayerStats:
-    w_norm: float | None
-    update_norm: float | None
-    drift: float | None
-    inner_loss_before: float | None
-    inner_loss_after: float | None
-    exact_drift: float | None = None  # float32 vs exact accumulation; None when that is off
-
-
-@dataclass(frozen=True)
 class MlxMemory:
     active: int
     cache: int
@@ -55,14 +43,26 @@ class MlxMemory:
     device: str  # mx.device_info()["device_name"]
 
 
+class RunState(str, Enum):
+    """Where a run is, as xltop sees it; written as its value ("running") everywhere."""
+
+    STARTING = "starting"  # no report yet
+    RUNNING = "running"
+    PAUSED = "paused"
+    # alive, but no new report for max(5 s, 3 x its slowest recent step), see
+    # xltop.runsources.STALL_MIN_S; tokens_per_s and step_ms are then None
+    STALLED = "stalled"
+    DEAD = "dead"
+
+    def __str__(self) -> str:  # in f-strings and CSV cells too (a str Enum's str is its name)
+        return self.value
+
+
 @dataclass(frozen=True)
 class RunInfo:
     """The hosted or attached TTT run, as its telemetry and psutil describe it."""
 
-    # "starting" (no report yet) | "running" | "paused" | "stalled" (alive, but no new report for
-    # max(5 s, 3 x its slowest recent step), see xltop.runsources.STALL_MIN_S; tokens_per_s and
-    # step_ms are then None) | "dead"
-    state: str
+    state: RunState
     pid: int | None = None
     mode: str = ""
     preset: str = ""
@@ -79,8 +79,8 @@ class RunInfo:
     inner_lr: float | None = None
     conversation: int = 0
     sampled_step: int | None = None
-    blocks: tuple[BlockStats, ...] = ()
-    layers: tuple[LayerStats, ...] = ()
+    blocks: tuple[BlockTiming, ...] = ()
+    layers: tuple[LayerFigures, ...] = ()
     mlx: MlxMemory | None = None
     blas: str = ""
 

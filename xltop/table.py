@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import time
+from dataclasses import fields
 
-from xltop.snapshot import BlockStats, LayerStats, RunInfo, Snapshot
+from ttt_runtime.protocol import BlockTiming, LayerFigures
+from xltop.snapshot import RunInfo, RunState, Snapshot
 from xltop.units import MIB, size
 
 COMMAND_WIDTH = 60
-NO_BLOCK, NO_LAYER = BlockStats(None, None), LayerStats(None, None, None, None, None)  # '-' cells
+# the per-block table: a column per field of each, block times in ms, layer figures in general
+BLOCK_COLUMNS = [(f.name, ".2f") for f in fields(BlockTiming)]
+LAYER_COLUMNS = [(f.name, ".3g") for f in fields(LayerFigures)]
 
 
 def _num(value: float | None, spec: str = ".3g") -> str:
@@ -43,26 +47,17 @@ def _run_lines(run: RunInfo) -> list[str]:
             f"({run.mlx.backend} {run.mlx.device}, BLAS {run.blas or '-'})"
         )
     lines.append(memory)
-    if run.state == "dead" and run.last_error:
+    if run.state == RunState.DEAD and run.last_error:
         lines.append(f"     last error: {run.last_error}")
     if run.blocks or run.layers:
         rows = []
         for i in range(max(len(run.blocks), len(run.layers))):
-            block = run.blocks[i] if i < len(run.blocks) else NO_BLOCK
-            layer = run.layers[i] if i < len(run.layers) else NO_LAYER
-            rows.append(
-                [
-                    str(i),
-                    _num(block.fwd_ms, ".2f"),
-                    _num(block.bwd_ms, ".2f"),
-                    *(
-                        _num(getattr(layer, f))
-                        for f in ("w_norm", "update_norm", "drift", "inner_loss_before")
-                    ),
-                    _num(layer.inner_loss_after),
-                ]
-            )
-        headers = ["BLOCK", "FWD_MS", "BWD_MS", "W_NORM", "UPDATE", "DRIFT", "LOSS0", "LOSS1"]
+            row = [str(i)]
+            for stats, columns in ((run.blocks, BLOCK_COLUMNS), (run.layers, LAYER_COLUMNS)):
+                stat = stats[i] if i < len(stats) else None  # '-' cells
+                row += [_num(getattr(stat, name, None), spec) for name, spec in columns]
+            rows.append(row)
+        headers = ["BLOCK", *(name.upper() for name, _ in BLOCK_COLUMNS + LAYER_COLUMNS)]
         lines += ["", f"per block (sampled step {_num(run.sampled_step, 'd')}):"]
         lines += _aligned(headers, rows)
     return lines
@@ -106,7 +101,7 @@ def status_line(snapshot: Snapshot) -> str:
     run = snapshot.run
     if run is not None:
         parts.append(f"run {run.state}")
-        if run.state != "dead":
+        if run.state != RunState.DEAD:
             parts += [
                 f"step {run.step}",
                 f"{_num(run.tokens_per_s, '.0f')} tok/s",

@@ -12,7 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from xltop.snapshot import RunInfo, SystemInfo
+from ttt_runtime.protocol import Reply
+from xltop.snapshot import RunInfo, RunState, SystemInfo
 from xltop.units import MIB
 
 MAX_SIZE = 1 << 50  # 1 PiB: more than any machine's memory
@@ -20,7 +21,7 @@ _THRESHOLD = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(%|mib|m|gib|g)?\s*$", re.IGNO
 
 
 class Commandable(Protocol):
-    def send(self, cmd: str, **fields: Any) -> dict[str, Any]: ...
+    def send(self, cmd: str, **fields: Any) -> Reply: ...
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class _Limit:
             return None
         self.armed = False
         reply = runtime.send(self.cmd)
-        outcome = self.action if reply.get("ok") else f"{self.action} FAILED: {reply.get('error')}"
+        outcome = self.action if reply.ok else f"{self.action} FAILED: {reply.error}"
         return (
             f"watchdog: run memory {used / MIB:.0f} MiB >= {self.name} limit "
             f"{self.threshold} ({limit / MIB:.0f} MiB): {outcome}"
@@ -95,7 +96,7 @@ class Watchdog:
 
     def check(self, run: RunInfo | None, system: SystemInfo, runtime: Commandable) -> list[str]:
         """Act on this tick's figures; return the events to show and log."""
-        if run is None or run.state not in ("running", "paused"):
+        if run is None or run.state not in (RunState.RUNNING, RunState.PAUSED):
             return []
         used = run_memory(run)
         events = (limit.check(used, system.total, runtime) for limit in self._limits)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import random
@@ -15,6 +16,7 @@ import time
 from typing import Any
 
 import pytest
+from messages import HELLO, telemetry
 from polling import wait_until
 from test_run import connect, report, run_cli
 
@@ -25,9 +27,7 @@ from ttt_runtime.channel import (
     ChannelError,
     ChannelServer,
 )
-from ttt_runtime.protocol import decode, encode
-
-HELLO = {"pid": os.getpid(), "run_id": "test", "mode": "train", "preset": "tiny", "config": {}}
+from ttt_runtime.protocol import ErrorReport, Reply, decode, encode
 
 
 @pytest.fixture
@@ -111,13 +111,13 @@ def answer_one(server, **extra):
 
 def test_hello_and_telemetry_reach_every_client(server, clients):
     first, second = clients(server.path), clients(server.path)
-    assert first.hello["run_id"] == "test" and second.hello["pid"] == os.getpid()
+    assert first.hello == second.hello == HELLO
     assert first.latest() is None
     wait_until(lambda: server.monitors == 2)
     for step in (1, 2, 3):
-        server.publish({"type": "telemetry", "step": step})
+        server.publish(telemetry(step))
     for client in (first, second):
-        wait_until(lambda c=client: (c.latest() or {}).get("step") == 3)
+        wait_until(lambda c=client: c.latest() == telemetry(3))
 
 
 def test_request_gets_its_reply(server, clients):
@@ -128,15 +128,12 @@ def test_request_gets_its_reply(server, clients):
     command = answer_one(server, note="paused")
     thread.join(10)
     assert command["cmd"] == "pause"
-    assert replies == [
-        {"type": "reply", "id": command["id"], "cmd": "pause", "ok": True, "error": None,
-         "note": "paused"}
-    ]  # fmt: skip
+    assert replies == [Reply(command["id"], "pause", ok=True, extras={"note": "paused"})]
 
 
 def test_hello_command_is_answered_by_the_channel(server, clients):
     reply = clients(server.path).request("hello", timeout=10)
-    assert reply["ok"] and reply["run_id"] == "test"
+    assert reply.ok and reply.extras == dataclasses.asdict(HELLO)
     assert take(server, 0.1) is None  # never reaches the run loop
 
 
@@ -158,7 +155,7 @@ def test_malformed_commands_get_an_error_and_change_nothing(server, clients, pay
     assert take(server, 0.1) is None
     # the server still serves
     client = clients(server.path)
-    assert client.request("hello", timeout=10)["ok"]
+    assert client.request("hello", timeout=10).ok
 
 
 def test_an_overlong_line_is_refused(server):
@@ -223,7 +220,7 @@ def test_stale_socket_of_a_dead_run_is_replaced(tmp_path, clients):
         ChannelClient.connect(path, timeout=2)
     srv = ChannelServer(path, HELLO)
     try:
-        assert clients(path).hello["run_id"] == "test"
+        assert clients(path).hello == HELLO
     finally:
         srv.close()
     assert not os.path.exists(path)
@@ -249,10 +246,10 @@ def test_missing_socket_fails_fast(tmp_path):
 def test_closing_is_seen_at_once_and_requests_fail_cleanly(tmp_path, clients):
     srv = ChannelServer(str(tmp_path / "run.sock"), HELLO)
     client = clients(srv.path)
-    srv.publish({"type": "error", "exc_type": "RuntimeError", "message": "boom", "traceback": ""})
+    srv.publish(ErrorReport(exc_type="RuntimeError", message="boom", traceback=""))
     srv.close()
     wait_until(lambda: not client.alive, timeout=2)
-    assert client.last_error["message"] == "boom"
+    assert client.last_error.message == "boom"
     with pytest.raises(ChannelError, match="closed its channel"):
         client.request("pause", timeout=2)
 
@@ -270,9 +267,9 @@ def test_a_monitor_once_greeted_receives_everything_published_after(server, clie
     # message published in between would be lost to it (seen once as a missing error report).
     for i in range(100):
         client = clients(server.path)
-        server.publish({"type": "error", "exc_type": "E", "message": str(i), "traceback": ""})
+        server.publish(ErrorReport(exc_type="E", message=str(i), traceback=""))
         wait_until(lambda c=client: c.last_error is not None, timeout=2)
-        assert client.last_error["message"] == str(i)
+        assert client.last_error.message == str(i)
         client.close()
 
 
@@ -368,7 +365,7 @@ def test_monitors_beyond_the_cap_are_refused_with_the_reason(server, clients):
                                      "error": "too many monitors (64)"}]  # fmt: skip
     admitted[0].close()
     wait_until(lambda: server.monitors == 63)
-    assert clients(server.path).hello["run_id"] == "test"
+    assert clients(server.path).hello == HELLO
 
 
 def test_a_look_of_the_run_loop_takes_a_few_lines_at_most_the_peers_in_turn(server):
@@ -473,7 +470,7 @@ def test_fuzzing_the_channel_of_a_real_run_never_deafens_or_stops_it(spawned_run
     watcher = connect(run)
     peers: list[RawPeer] = []
     try:
-        report(watcher, lambda m: m["step"] >= 1)
+        report(watcher, lambda m: m.step >= 1)
         peers += [RawPeer(run.socket_path, timeout=60) for _ in range(3)]
         ids = itertools.count(1)
         lines = dropped = 0
@@ -500,10 +497,10 @@ def test_fuzzing_the_channel_of_a_real_run_never_deafens_or_stops_it(spawned_run
             peer.send(b'{"cmd":"hello","id":"last"}')  # no reply too many came before it
             assert [r["id"] for r in peer.replies(1)] == ["last"]
         assert lines > 300 and dropped > 0
-        assert watcher.request("resume")["ok"]
-        step = report(watcher)["step"]
-        report(watcher, lambda m: m["step"] > step + 3)
-        assert watcher.request("stop")["ok"]
+        assert watcher.request("resume").ok
+        step = report(watcher).step
+        report(watcher, lambda m: m.step > step + 3)
+        assert watcher.request("stop").ok
     finally:
         for peer in peers:
             peer.sock.close()

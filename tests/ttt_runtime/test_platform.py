@@ -9,13 +9,14 @@ import tempfile
 
 import mlx.core as mx
 import pytest
-from test_channel import HELLO
+from messages import HELLO, telemetry
 
 from ttt_runtime import channel
 from ttt_runtime.blas import find_optimized_blas, loaded_blas
 from ttt_runtime.channel import ChannelClient, ChannelServer, peer_uid
 from ttt_runtime.device import backend_name, describe_device, device_info, memory_counters
 from ttt_runtime.launch import private_socket_path
+from ttt_runtime.protocol import MlxReport
 from xltop.runsources import run_info_from_telemetry
 
 # mx.device_info() on an Apple M1 Pro with 16 GB, as MLX's Metal backend describes it
@@ -44,7 +45,8 @@ def test_a_metal_device_gives_its_working_set_as_the_runs_ceiling():
         "working_set": 11453251584,
     }
     # What the monitor makes of it: the working set, not the machine's memory, is the limit.
-    mlx = run_info_from_telemetry({"mlx": {**device, **memory_counters()}}).mlx
+    report = telemetry(3, mlx=MlxReport(**device, **memory_counters()))
+    mlx = run_info_from_telemetry(report).mlx
     assert mlx.limit == 11453251584 and (mlx.backend, mlx.device) == ("gpu", "Apple M1 Pro")
 
 
@@ -84,7 +86,7 @@ def _knock(path: str) -> str:
 def _greets_its_own_user(path: str) -> bool:
     client = ChannelClient.connect(path, timeout=5)
     try:
-        return client.hello["run_id"] == HELLO["run_id"]
+        return client.hello == HELLO
     finally:
         client.close()
 

@@ -20,7 +20,7 @@ from test_checkpoint import change_a_digit, crafted, unwritable_targets
 
 from ttt_runtime.blas import find_optimized_blas
 from ttt_runtime.channel import ChannelClient, ChannelError
-from ttt_runtime.protocol import TELEMETRY_FIELDS, decode, encode
+from ttt_runtime.protocol import Reply, Telemetry, decode_message, encode
 from ttt_runtime.run import PROGRESS_S
 
 READY_S = 90.0  # importing MLX and compiling on a loaded 2-core machine
@@ -40,7 +40,7 @@ def report(client, predicate=lambda m: True, timeout=READY_S, what="report"):
 
 
 def report_after(client, moment: float, predicate=lambda m: True, timeout=30.0):
-    return report(client, lambda m: m["t"] > moment and predicate(m), timeout)
+    return report(client, lambda m: m.t > moment and predicate(m), timeout)
 
 
 @pytest.fixture
@@ -60,25 +60,24 @@ def clients():
 def test_steps_advance_with_every_telemetry_field(spawned_run, clients):
     run = spawned_run()
     first, second = clients(run), clients(run)  # several monitors may watch one run
-    message = report(first, lambda m: m["step"] >= 3 and m["sampled_step"] is not None)
-    assert set(TELEMETRY_FIELDS) <= set(message)
-    assert message["mode"] == "train" and message["preset"] == "tiny"
-    assert message["tokens"] == message["step"] * 32  # tiny: seq_len 32, batch 1
-    assert message["sampled_step"] == 2 or message["sampled_step"] % 5 == 0  # 1: the warm-up
-    assert len(message["blocks"]) == 2 and len(message["layers"]) == 2
-    assert all(b["fwd_ms"] > 0 and b["bwd_ms"] > 0 for b in message["blocks"])
-    assert message["warmup_ms"] > 0
-    for layer in message["layers"]:
-        assert layer["w_norm"] > 0 and layer["inner_loss_before"] is not None
-        assert layer["exact_drift"] is None
-    assert message["mlx"]["active"] > 0 and message["mlx"]["backend"] in ("cpu", "gpu", "cuda")
-    assert message["mlx"]["device"] and message["mlx"]["memory_size"] > 0
-    assert message["blas"] == ("openblas" if find_optimized_blas() else "bundled")
-    later = report(second, lambda m: m["step"] > message["step"] + 5)
-    assert later["tokens"] > message["tokens"]
+    message = report(first, lambda m: m.step >= 3 and m.sampled_step is not None)
+    assert message.mode == "train" and message.preset == "tiny"
+    assert message.tokens == message.step * 32  # tiny: seq_len 32, batch 1
+    assert message.sampled_step == 2 or message.sampled_step % 5 == 0  # 1: the warm-up
+    assert len(message.blocks) == 2 and len(message.layers) == 2
+    assert all(b.fwd_ms > 0 and b.bwd_ms > 0 for b in message.blocks)
+    assert message.warmup_ms > 0
+    for layer in message.layers:
+        assert layer.w_norm > 0 and layer.inner_loss_before is not None
+        assert layer.exact_drift is None
+    assert message.mlx.active > 0 and message.mlx.backend in ("cpu", "gpu", "cuda")
+    assert message.mlx.device and message.mlx.memory_size > 0
+    assert message.blas == ("openblas" if find_optimized_blas() else "bundled")
+    later = report(second, lambda m: m.step > message.step + 5)
+    assert later.tokens > message.tokens
 
 
-def messages_until(raw: socket.socket, enough) -> list[dict]:
+def messages_until(raw: socket.socket, enough) -> list:
     """Every message read from a raw connection to a run, until `enough(messages)`."""
     messages, buffer = [], b""
     while not enough(messages):
@@ -86,11 +85,11 @@ def messages_until(raw: socket.socket, enough) -> list[dict]:
         assert data, "the run closed the connection"
         buffer += data
         *lines, buffer = buffer.split(b"\n")
-        messages += map(decode, filter(None, lines))
+        messages += map(decode_message, filter(None, lines))
     return messages
 
 
-def every_report(run, clients, until) -> list[dict]:
+def every_report(run, clients, until) -> list[Telemetry]:
     """Every telemetry message of a run started paused, from its first step on, until one
     satisfies `until`."""
     clients(run)  # waits until the run listens
@@ -99,23 +98,25 @@ def every_report(run, clients, until) -> list[dict]:
     raw.connect(run.socket_path)
     raw.sendall(encode({"cmd": "resume", "id": 1}))
     try:
-        messages = messages_until(raw, lambda ms: ms and ms[-1].get("step") and until(ms[-1]))
+        messages = messages_until(
+            raw, lambda ms: ms and isinstance(ms[-1], Telemetry) and ms[-1].step and until(ms[-1])
+        )
     finally:
         raw.close()
-    return [m for m in messages if m["type"] == "telemetry" and m["step"] >= 1]
+    return [m for m in messages if isinstance(m, Telemetry) and m.step >= 1]
 
 
 def test_the_warm_up_is_one_figure_and_stays_out_of_the_step_and_block_times(spawned_run, clients):
     # the issue's case: the mlp preset's sampled adapt path compiles for seconds in block 0
     run = spawned_run("--preset", "mlp", "--mode", "adapt", "--start-paused", "true")
-    reports = every_report(run, clients, lambda m: m["sampled_step"] is not None)
+    reports = every_report(run, clients, lambda m: m.sampled_step is not None)
     warm_up, sampled = reports[0], reports[-1]
-    assert warm_up["step"] == 1 and warm_up["warmup_ms"] > 0
-    assert warm_up["step_ms"] is None and warm_up["tokens_per_s"] is None
-    assert {m["warmup_ms"] for m in reports} == {warm_up["warmup_ms"]}  # one figure, kept
-    assert sampled["sampled_step"] == 2  # the first step after the warm-up
-    assert sampled["warmup_ms"] > sampled["step_ms"] > 0
-    fwd = [b["fwd_ms"] for b in sampled["blocks"]]
+    assert warm_up.step == 1 and warm_up.warmup_ms > 0
+    assert warm_up.step_ms is None and warm_up.tokens_per_s is None
+    assert {m.warmup_ms for m in reports} == {warm_up.warmup_ms}  # one figure, kept
+    assert sampled.sampled_step == 2  # the first step after the warm-up
+    assert sampled.warmup_ms > sampled.step_ms > 0
+    fwd = [b.fwd_ms for b in sampled.blocks]
     assert max(fwd) < 4 * min(fwd), fwd  # same work per block: none carries a compile
 
 
@@ -123,12 +124,12 @@ def test_every_block_of_a_sampled_train_step_reports_forward_and_backward_time(
     spawned_run, clients
 ):
     run = spawned_run("--layer-type", "mlp", "--sample-every", "1", "--start-paused", "true")
-    reports = every_report(run, clients, lambda m: m["step"] >= 30)
-    sampled = [m for m in reports if m["sampled_step"] == m["step"]]
+    reports = every_report(run, clients, lambda m: m.step >= 30)
+    sampled = [m for m in reports if m.sampled_step == m.step]
     assert len(sampled) >= 20
     for message in sampled:
-        blocks = message["blocks"]
-        assert all(b["fwd_ms"] > 0 and b["bwd_ms"] > 0 for b in blocks), message["step"]
+        blocks = message.blocks
+        assert all(b.fwd_ms > 0 and b.bwd_ms > 0 for b in blocks), message.step
 
 
 @pytest.mark.parametrize(
@@ -165,56 +166,56 @@ def test_the_warm_up_changes_no_update(tmp_path, overrides):
 
 def test_without_preload_the_bundled_blas_is_reported(spawned_run, clients):
     client = clients(spawned_run(preload_blas=False))
-    assert report(client)["blas"] in ("bundled", "accelerate")
+    assert report(client).blas in ("bundled", "accelerate")
 
 
 def test_pause_stops_steps_and_resume_restarts_them(spawned_run, clients):
     client = clients(spawned_run())
-    report(client, lambda m: m["step"] >= 2)
-    assert client.request("pause")["ok"]
-    paused = report(client, lambda m: m["paused"])
+    report(client, lambda m: m.step >= 2)
+    assert client.request("pause").ok
+    paused = report(client, lambda m: m.paused)
     time.sleep(1.5)  # a tiny step takes milliseconds: a paused run would have made hundreds
     still = client.latest()
-    assert still["paused"] and still["step"] == paused["step"]
-    assert client.request("resume")["ok"]
-    report(client, lambda m: not m["paused"] and m["step"] > paused["step"] + 3)
+    assert still.paused and still.step == paused.step
+    assert client.request("resume").ok
+    report(client, lambda m: not m.paused and m.step > paused.step + 3)
 
 
 def test_clear_cache_drops_the_reported_cache(spawned_run, clients):
     client = clients(spawned_run())
-    report(client, lambda m: m["mlx"]["cache"] > 0, what="a non-empty MLX cache")
-    assert client.request("pause")["ok"]
-    before = report(client, lambda m: m["paused"])["mlx"]["cache"]
+    report(client, lambda m: m.mlx.cache > 0, what="a non-empty MLX cache")
+    assert client.request("pause").ok
+    before = report(client, lambda m: m.paused).mlx.cache
     moment = time.time()
     reply = client.request("clear_cache")
-    after = report_after(client, moment)["mlx"]["cache"]
-    assert reply["ok"] and reply["cache"] == after
+    after = report_after(client, moment).mlx.cache
+    assert reply.ok and reply.extras["cache"] == after
     assert before > 0 and after <= before // 10
 
 
 def test_reset_brings_drift_back_to_zero(spawned_run, clients):
     client = clients(spawned_run("--mode", "adapt"))
-    drifted = report(client, lambda m: m["step"] > 5 and m["layers"]
-                     and all(x["drift"] > 0 for x in m["layers"]))  # fmt: skip
-    assert client.request("pause")["ok"]
+    drifted = report(client, lambda m: m.step > 5 and m.layers
+                     and all(x.drift > 0 for x in m.layers))  # fmt: skip
+    assert client.request("pause").ok
     moment = time.time()
     reply = client.request("reset")
-    assert reply["ok"] and reply["conversation"] == drifted["conversation"] + 1
+    assert reply.ok and reply.extras["conversation"] == drifted.conversation + 1
     reset = report_after(client, moment)
-    assert reset["conversation"] == reply["conversation"]
-    assert [x["drift"] for x in reset["layers"]] == [0.0, 0.0]
-    assert client.request("resume")["ok"]
-    report(client, lambda m: m["sampled_step"] > reset["step"] and m["layers"][0]["drift"] > 0)
+    assert reset.conversation == reply.extras["conversation"]
+    assert [x.drift for x in reset.layers] == [0.0, 0.0]
+    assert client.request("resume").ok
+    report(client, lambda m: m.sampled_step > reset.step and m.layers[0].drift > 0)
 
 
 @pytest.mark.parametrize("layer_type", ["linear", "mlp"])
 def test_exact_accumulation_reports_the_float32_error(spawned_run, clients, layer_type):
     run = spawned_run("--mode", "adapt", "--exact-accumulate", "true", "--layer-type", layer_type)
     client = clients(run)
-    message = report(client, lambda m: m["sampled_step"] and m["sampled_step"] >= 10)
-    for layer in message["layers"]:
+    message = report(client, lambda m: m.sampled_step and m.sampled_step >= 10)
+    for layer in message.layers:
         # float32 rounding over a few hundred updates: tiny next to the drift itself
-        assert 0.0 <= layer["exact_drift"] < 1e-3 * max(layer["drift"], 1e-3)
+        assert 0.0 <= layer.exact_drift < 1e-3 * max(layer.drift, 1e-3)
 
 
 @pytest.mark.parametrize("mode", ["train", "adapt"])
@@ -222,18 +223,18 @@ def test_save_then_resume_continues_at_the_same_step_with_identical_weights(
     spawned_run, clients, tmp_path, mode
 ):
     client = clients(spawned_run("--mode", mode))
-    report(client, lambda m: m["step"] >= 7)
-    assert client.request("pause")["ok"]
-    step = report(client, lambda m: m["paused"])["step"]
+    report(client, lambda m: m.step >= 7)
+    assert client.request("pause").ok
+    step = report(client, lambda m: m.paused).step
     saved = client.request("save", path=str(tmp_path / "a.safetensors"))
-    assert saved["ok"] and saved["path"] == str(tmp_path / "a.safetensors")
+    assert saved.ok and saved.extras["path"] == str(tmp_path / "a.safetensors")
 
-    resumed_run = spawned_run("--resume", saved["path"], "--start-paused", "true")
+    resumed_run = spawned_run("--resume", saved.extras["path"], "--start-paused", "true")
     resumed = clients(resumed_run)
     first = report(resumed)
-    assert first["step"] == step and first["paused"] and first["tokens"] == step * 32
+    assert first.step == step and first.paused and first.tokens == step * 32
     again = resumed.request("save", path=str(tmp_path / "b.safetensors"))
-    assert again["ok"]
+    assert again.ok
 
     import mlx.core as mx
 
@@ -241,24 +242,24 @@ def test_save_then_resume_continues_at_the_same_step_with_identical_weights(
     assert sorted(a) == sorted(b) and any(k.startswith(("optimizer.", "cache.")) for k in a)
     for name in a:
         assert mx.array_equal(a[name], b[name]).item(), name
-    assert resumed.request("resume")["ok"]
-    report(resumed, lambda m: m["step"] > step)  # adapt: a restored cache steps on
+    assert resumed.request("resume").ok
+    report(resumed, lambda m: m.step > step)  # adapt: a restored cache steps on
 
 
 def test_a_save_that_cannot_be_written_is_an_error_reply_and_the_run_goes_on(
     spawned_run, clients, tmp_path
 ):
     client = clients(spawned_run())
-    report(client, lambda m: m["step"] >= 1)
+    report(client, lambda m: m.step >= 1)
     for what, target in unwritable_targets(tmp_path).items():
         reply = client.request("save", path=target)
-        assert not reply["ok"], what
-        assert reply["error"].startswith(f"cannot write checkpoint {target}: "), reply
-        assert "\n" not in reply["error"], what
-    step = client.latest()["step"]
-    report(client, lambda m: m["step"] > step + 3)  # still training
+        assert not reply.ok, what
+        assert reply.error.startswith(f"cannot write checkpoint {target}: "), reply
+        assert "\n" not in reply.error, what
+    step = client.latest().step
+    report(client, lambda m: m.step > step + 3)  # still training
     good = tmp_path / "good.safetensors"
-    assert client.request("save", path=str(good))["ok"] and good.is_file()
+    assert client.request("save", path=str(good)).ok and good.is_file()
 
 
 @pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="Linux: another process's limits")
@@ -267,28 +268,28 @@ def test_a_full_disk_fails_the_save_keeps_the_old_file_and_the_run_goes_on(
 ):
     run = spawned_run()
     client = clients(run)
-    report(client, lambda m: m["step"] >= 1)
+    report(client, lambda m: m.step >= 1)
     path = tmp_path / "c.safetensors"
-    assert client.request("save", path=str(path))["ok"]
+    assert client.request("save", path=str(path)).ok
     before = path.read_bytes()
     limits = resource.prlimit(run.pid, resource.RLIMIT_FSIZE)
     # no file of the run may grow past 4 KiB: its writes fail (EFBIG, as ENOSPC on a full
     # disk) part way through the checkpoint; Python ignores the SIGXFSZ that comes with it
     resource.prlimit(run.pid, resource.RLIMIT_FSIZE, (4096, limits[1]))
     reply = client.request("save", path=str(path))
-    assert not reply["ok"] and reply["error"] == f"cannot write checkpoint {path}: File too large"
+    assert not reply.ok and reply.error == f"cannot write checkpoint {path}: File too large"
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["c.safetensors"]
-    step = client.latest()["step"]
-    report(client, lambda m: m["step"] > step + 3)  # still training
+    step = client.latest().step
+    report(client, lambda m: m.step > step + 3)  # still training
     resource.prlimit(run.pid, resource.RLIMIT_FSIZE, limits)  # space again
-    assert client.request("save", path=str(path))["ok"]
+    assert client.request("save", path=str(path)).ok
     assert path.read_bytes() != before and os.listdir(tmp_path) == ["c.safetensors"]
 
 
 def test_malformed_commands_get_an_error_and_the_run_continues(spawned_run, clients):
     run = spawned_run()
     client = clients(run)
-    step = report(client, lambda m: m["step"] >= 1)["step"]
+    step = report(client, lambda m: m.step >= 1).step
     raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     raw.settimeout(30)
     raw.connect(run.socket_path)
@@ -299,29 +300,29 @@ def test_malformed_commands_get_an_error_and_the_run_continues(spawned_run, clie
         assert data, "the run closed the connection"
         buffer += data
         *lines, buffer = buffer.split(b"\n")
-        replies += [m for m in map(decode, filter(None, lines)) if m["type"] == "reply"]
+        replies += [m for m in map(decode_message, filter(None, lines)) if isinstance(m, Reply)]
     raw.close()
-    assert [r["ok"] for r in replies] == [False, False]
-    assert "unknown command" in replies[0]["error"] and "not JSON" in replies[1]["error"]
+    assert [r.ok for r in replies] == [False, False]
+    assert "unknown command" in replies[0].error and "not JSON" in replies[1].error
     unknown = client.request("launch_missiles")
-    assert not unknown["ok"] and "unknown command" in unknown["error"]
-    report(client, lambda m: m["step"] > step + 3 and not m["paused"])
+    assert not unknown.ok and "unknown command" in unknown.error
+    report(client, lambda m: m.step > step + 3 and not m.paused)
 
 
 def test_stop_finishes_cleanly_with_exit_zero(spawned_run, clients):
     run = spawned_run()
     client = clients(run)
-    report(client, lambda m: m["step"] >= 1)
-    assert client.request("stop")["ok"]
+    report(client, lambda m: m.step >= 1)
+    assert client.request("stop").ok
     assert run.wait(30) == 0
     wait_until(lambda: not client.alive, 5)
-    assert client.bye == {"type": "bye", "exit_code": 0, "step": client.bye["step"]}
+    assert client.bye is not None and client.bye.exit_code == 0
     assert not os.path.exists(run.socket_path)
 
 
 def test_sigterm_stops_cleanly(spawned_run, clients):
     run = spawned_run()
-    report(clients(run), lambda m: m["step"] >= 1)
+    report(clients(run), lambda m: m.step >= 1)
     os.kill(run.pid, signal.SIGTERM)
     assert run.wait(30) == 0
 
@@ -329,7 +330,7 @@ def test_sigterm_stops_cleanly(spawned_run, clients):
 def test_sigkill_is_detected_within_two_intervals(spawned_run, clients):
     run = spawned_run()
     client = clients(run)
-    report(client, lambda m: m["step"] >= 1)
+    report(client, lambda m: m.step >= 1)
     os.kill(run.pid, signal.SIGKILL)
     killed = time.monotonic()
     wait_until(lambda: not client.alive, timeout=2.0, what="the client noticing the kill")
@@ -342,12 +343,12 @@ def test_sigkill_is_detected_within_two_intervals(spawned_run, clients):
 def test_stale_socket_of_a_killed_run_is_cleaned_up(spawned_run, clients, tmp_path):
     path = str(tmp_path / "run.sock")
     first = spawned_run(socket_path=path)
-    report(clients(first), lambda m: m["step"] >= 1)
+    report(clients(first), lambda m: m.step >= 1)
     os.kill(first.pid, signal.SIGKILL)
     first.wait(10)
     assert stat.S_ISSOCK(os.stat(path).st_mode)  # left behind by the dead run
     second = spawned_run(socket_path=path)
-    assert report(clients(second), lambda m: m["step"] >= 1)["pid"] == second.pid
+    assert report(clients(second), lambda m: m.step >= 1).pid == second.pid
 
 
 def test_socket_is_private(spawned_run, clients):
@@ -405,9 +406,9 @@ def test_a_closed_stderr_never_ends_the_run(own_folder_run):
     assert proc.poll() is None, f"the run exited {proc.returncode}"
     client = ChannelClient.connect(path)
     try:
-        step = report(client)["step"]
-        report(client, lambda m: m["step"] > step + 3)
-        assert client.request("stop")["ok"]
+        step = report(client).step
+        report(client, lambda m: m.step > step + 3)
+        assert client.request("stop").ok
     finally:
         client.close()
     assert proc.wait(30) == 0
@@ -440,7 +441,7 @@ def test_every_exit_removes_the_private_folder_the_run_made(own_folder_run, tmp_
     else:
         client = ChannelClient.connect(own_socket(proc, tmpdir))
         try:
-            report(client, lambda m: m["step"] >= 1)
+            report(client, lambda m: m.step >= 1)
             if how == "lifeline":
                 proc.stdin.close()  # the process that started the run is gone
             else:
@@ -459,14 +460,14 @@ def test_a_run_that_raises_sends_its_error_and_exits_nonzero(spawned_run, client
         (data / f"{i:02}.txt").write_text(f"file {i} " * 40)
     run = spawned_run("--data", str(data))
     client = clients(run)
-    report(client, lambda m: m["step"] >= 1)
+    report(client, lambda m: m.step >= 1)
     for file in data.iterdir():
         file.unlink()  # the data vanishes under the running stream
     assert run.wait(60) == 1
     wait_until(lambda: client.last_error is not None, 5, "the error message")
-    assert client.last_error["exc_type"] == "StreamError"
-    assert "unreadable" in client.last_error["message"]
-    assert "Traceback" in client.last_error["traceback"]
+    assert client.last_error.exc_type == "StreamError"
+    assert "unreadable" in client.last_error.message
+    assert "Traceback" in client.last_error.traceback
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -495,9 +496,9 @@ def test_bad_config_exits_2_with_one_line_naming_the_field(args, needle, tmp_pat
 
 def test_a_truncated_or_edited_checkpoint_is_refused_in_one_line(spawned_run, clients, tmp_path):
     client = clients(spawned_run())
-    report(client, lambda m: m["step"] >= 1)
+    report(client, lambda m: m.step >= 1)
     path = tmp_path / "whole.safetensors"
-    assert client.request("save", path=str(path))["ok"]
+    assert client.request("save", path=str(path)).ok
     data = path.read_bytes()
     half = tmp_path / "half.safetensors"
     half.write_bytes(data[: len(data) // 2])
@@ -524,8 +525,8 @@ def test_a_checkpoint_with_bad_metadata_is_refused_in_one_line(tmp_path, field, 
 def test_running_out_of_descriptors_never_locks_monitors_out(spawned_run, clients):
     run = spawned_run()
     client = clients(run)
-    report(client, lambda m: m["step"] >= 1)
-    assert client.request("pause")["ok"]  # no step opens a data file while descriptors run out
+    report(client, lambda m: m.step >= 1)
+    assert client.request("pause").ok  # no step opens a data file while descriptors run out
     limits = resource.prlimit(run.pid, resource.RLIMIT_NOFILE)
     in_use = len(os.listdir(f"/proc/{run.pid}/fd"))
     resource.prlimit(run.pid, resource.RLIMIT_NOFILE, (in_use + 8, limits[1]))
@@ -541,17 +542,17 @@ def test_running_out_of_descriptors_never_locks_monitors_out(spawned_run, client
         sock.close()
     assert run.poll() is None
     late = clients(run)  # with the low limit still in force
-    assert late.request("resume")["ok"]
-    step = report(late)["step"]
-    report(late, lambda m: m["step"] > step + 3)
-    assert late.request("stop")["ok"]
+    assert late.request("resume").ok
+    step = report(late).step
+    report(late, lambda m: m.step > step + 3)
+    assert late.request("stop").ok
     assert run.wait(30) == 0
 
 
 def test_a_flood_of_commands_neither_stops_the_steps_nor_grows_the_run(spawned_run, clients):
     run = spawned_run()
     watcher = clients(run)
-    report(watcher, lambda m: m["step"] >= 1)
+    report(watcher, lambda m: m.step >= 1)
     flood = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     flood.connect(run.socket_path)
     replies = []
@@ -573,10 +574,10 @@ def test_a_flood_of_commands_neither_stops_the_steps_nor_grows_the_run(spawned_r
     try:
         wait_until(lambda: sum(replies) > 1000, 60, "the first thousand replies")
         rss = psutil.Process(run.pid).memory_info().rss
-        step = watcher.latest()["step"]
+        step = watcher.latest().step
         time.sleep(8)
         grown = psutil.Process(run.pid).memory_info().rss - rss
-        stepped = watcher.latest()["step"] - step
+        stepped = watcher.latest().step - step
     finally:
         flood.shutdown(socket.SHUT_RDWR)
         flood.close()
@@ -585,5 +586,5 @@ def test_a_flood_of_commands_neither_stops_the_steps_nor_grows_the_run(spawned_r
     assert stepped >= 50, f"only {stepped} steps in 8 s of flood"
     assert grown < 20 << 20, f"the run grew by {grown >> 20} MiB in 8 s of flood"
     assert sum(replies) > 1000  # the flood was served (a few lines per step), not refused
-    assert watcher.request("stop")["ok"]
+    assert watcher.request("stop").ok
     assert run.wait(30) == 0

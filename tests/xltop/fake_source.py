@@ -11,15 +11,8 @@ import math
 import threading
 from typing import Any
 
-from xltop.snapshot import (
-    BlockStats,
-    LayerStats,
-    MlxMemory,
-    ProcessInfo,
-    RunInfo,
-    Snapshot,
-    SystemInfo,
-)
+from ttt_runtime.protocol import BlockTiming, LayerFigures, Reply
+from xltop.snapshot import MlxMemory, ProcessInfo, RunInfo, RunState, Snapshot, SystemInfo
 from xltop.units import MIB
 
 GIB = 1024 * MIB
@@ -43,12 +36,12 @@ def fake_processes(k: int) -> tuple[ProcessInfo, ...]:
     return tuple(processes)
 
 
-def fake_run(k: int, state: str = "running") -> RunInfo:
+def fake_run(k: int, state: RunState = RunState.RUNNING) -> RunInfo:
     blocks = tuple(
-        BlockStats(fwd_ms=2.0 + b + 0.1 * (k % 5), bwd_ms=4.0 + 2 * b) for b in range(N_BLOCKS)
+        BlockTiming(fwd_ms=2.0 + b + 0.1 * (k % 5), bwd_ms=4.0 + 2 * b) for b in range(N_BLOCKS)
     )  # noqa: E501
     layers = tuple(
-        LayerStats(
+        LayerFigures(
             w_norm=10.0 + b + 0.01 * k,
             update_norm=0.05 / (1 + 0.1 * k),
             drift=0.001 * k * (b + 1),
@@ -62,8 +55,8 @@ def fake_run(k: int, state: str = "running") -> RunInfo:
         pid=RUN_PID,
         mode="train",
         preset="default",
-        exit_code=1 if state == "dead" else None,
-        last_error="RuntimeError: out of memory" if state == "dead" else None,
+        exit_code=1 if state == RunState.DEAD else None,
+        last_error="RuntimeError: out of memory" if state == RunState.DEAD else None,
         rss=(900 + 3 * k) * MIB,
         cpu_percent=97.5,
         step=10 * k,
@@ -87,7 +80,7 @@ def fake_run(k: int, state: str = "running") -> RunInfo:
     )
 
 
-def fake_snapshot(k: int, interval: float = 1.0, state: str = "running") -> Snapshot:
+def fake_snapshot(k: int, interval: float = 1.0, state: RunState = RunState.RUNNING) -> Snapshot:
     return Snapshot(
         time=START + k * interval,
         interval=interval,
@@ -108,9 +101,9 @@ class FakeRuntime:
     def __init__(self) -> None:
         self.sent: list[str] = []
 
-    def send(self, cmd: str, **fields: Any) -> dict[str, Any]:
+    def send(self, cmd: str, **fields: Any) -> Reply:
         self.sent.append(cmd)
-        return {"ok": True, "cmd": cmd}
+        return Reply(id=None, cmd=cmd, ok=True)
 
     def restart(self) -> None:
         self.sent.append("restart")
@@ -120,7 +113,7 @@ class FakeRuntime:
 
 
 class FakeMonitor:
-    def __init__(self, ticks: int = 30, state: str = "running") -> None:
+    def __init__(self, ticks: int = 30, state: RunState = RunState.RUNNING) -> None:
         self.ticks, self.state = ticks, state
         self.interval = 1.0
         self.runtime = FakeRuntime()

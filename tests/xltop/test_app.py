@@ -24,6 +24,7 @@ from textual.geometry import Region
 
 from xltop.monitor import Monitor
 from xltop.runsources import AttachedRun, HostedRun
+from xltop.snapshot import RunState
 from xltop.sources import SystemSource
 from xltop.tui.app import XltopApp
 from xltop.tui.commands import COMMANDS
@@ -299,7 +300,7 @@ def test_each_style_selector_is_written_once():
 async def test_a_stalled_run_is_marked_in_its_own_colour_with_no_throughput():
     app = XltopApp(FakeMonitor(ticks=0), host="testhost")
     async with app.run_test(size=(120, 40)) as pilot:
-        snapshot = fake_snapshot(3, state="stalled")
+        snapshot = fake_snapshot(3, state=RunState.STALLED)
         # What a run source reports for a stalled run: no throughput, no step time.
         run = dataclasses.replace(snapshot.run, tokens_per_s=None, step_ms=None)
         app.show_snapshot(dataclasses.replace(snapshot, run=run))

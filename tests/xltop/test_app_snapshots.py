@@ -8,6 +8,7 @@ import pytest
 from fake_source import FakeMonitor
 
 from xltop.killer import KillTarget
+from xltop.snapshot import RunState
 from xltop.tui.app import XltopApp
 from xltop.tui.widgets.kill_dialog import KillDialog
 
@@ -19,7 +20,7 @@ def fake_app():
     """Factory: the app on a fake monitor whose ticks all land before the screenshot."""
     monitors: list[FakeMonitor] = []
 
-    def make(state: str = "running", readonly: bool = False) -> XltopApp:
+    def make(state: RunState = RunState.RUNNING, readonly: bool = False) -> XltopApp:
         monitor = FakeMonitor(ticks=TICKS, state=state)
         monitors.append(monitor)
         return XltopApp(monitor, readonly=readonly, host="testhost")
@@ -44,7 +45,8 @@ def test_main_screen_at_80x24(snap_compare, fake_app):
 
 
 def test_main_screen_with_a_dead_run(snap_compare, fake_app):
-    assert snap_compare(fake_app("dead"), terminal_size=(120, 36), run_before=all_ticks_shown)
+    dead = fake_app(RunState.DEAD)
+    assert snap_compare(dead, terminal_size=(120, 36), run_before=all_ticks_shown)
 
 
 def test_help_screen(snap_compare, fake_app):

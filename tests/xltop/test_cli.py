@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import signal
 import socket
@@ -14,6 +16,7 @@ import pytest
 from fake_source import fake_snapshot
 from xltop_helpers import kill_pid, process_gone, read_rows, run_xltop, wait_for_rows
 
+from xltop.jsonout import snapshot_to_line
 from xltop.table import format_snapshot, status_line
 
 SCHEMA = json.loads((Path(__file__).parent / "snapshot_schema.json").read_text())
@@ -32,6 +35,26 @@ def test_the_table_and_status_line_write_sizes_as_the_tui_does():
     assert "Mem: 24 GiB total  12 GiB used  11 GiB available" in format_snapshot(snapshot)
     assert " mem 12 GiB/24 GiB " in status_line(snapshot)
     assert " rss 900 MiB " in status_line(snapshot)
+
+
+def test_the_once_table_has_a_column_per_block_and_layer_figure():
+    lines = format_snapshot(fake_snapshot(3)).splitlines()
+    header = lines.index("per block (sampled step 30):") + 1
+    assert lines[header].split() == [
+        "BLOCK", "FWD_MS", "BWD_MS", "W_NORM", "UPDATE_NORM", "DRIFT", "INNER_LOSS_BEFORE",
+        "INNER_LOSS_AFTER", "EXACT_DRIFT",
+    ]  # fmt: skip
+    assert lines[header + 1].split() == ["0", "2.30", "4.00", "10", "0.0385", "0.003", "0.87",
+                                         "0.696", "-"]  # fmt: skip
+
+
+def test_json_writes_a_diverged_figure_as_null_wherever_it_sits():
+    snapshot = fake_snapshot(3)
+    layers = (dataclasses.replace(snapshot.run.layers[0], drift=math.nan),)
+    snapshot = dataclasses.replace(snapshot, run=dataclasses.replace(snapshot.run, layers=layers))
+    data = json.loads(snapshot_to_line(snapshot))
+    jsonschema.validate(data, SCHEMA)
+    assert data["run"]["layers"][0]["drift"] is None
 
 
 def test_plain_xltop_without_a_terminal_behaves_like_once():

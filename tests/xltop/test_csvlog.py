@@ -16,9 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from xltop_helpers import REPO, read_rows, run_xltop, wait_for_rows, xltop_env
 
+from ttt_runtime.protocol import BlockTiming, LayerFigures
 from xltop.csvlog import CsvLog, CsvLogError, CsvSink, csv_columns, snapshot_to_row
 from xltop.monitor import Monitor
-from xltop.snapshot import BlockStats, LayerStats, MlxMemory, RunInfo, Snapshot
+from xltop.snapshot import MlxMemory, RunInfo, RunState, Snapshot
 from xltop.sources import SystemSource
 
 
@@ -30,7 +31,7 @@ def machine_snapshot() -> Snapshot:
 def with_run(snapshot: Snapshot, n_blocks: int) -> Snapshot:
     """The machine snapshot plus a run of n_blocks blocks (plain data, as telemetry gives)."""
     run = RunInfo(
-        state="running",
+        state=RunState.RUNNING,
         pid=1,
         mode="adapt",
         preset="tiny",
@@ -38,8 +39,8 @@ def with_run(snapshot: Snapshot, n_blocks: int) -> Snapshot:
         step=7,
         tokens=7 * 64,
         loss_bpb=3.25,
-        blocks=tuple(BlockStats(fwd_ms=1.5 + i, bwd_ms=None) for i in range(n_blocks)),
-        layers=tuple(LayerStats(2.0, 0.1, 0.01, 1.0, 0.5) for _ in range(n_blocks)),
+        blocks=tuple(BlockTiming(fwd_ms=1.5 + i, bwd_ms=None) for i in range(n_blocks)),
+        layers=tuple(LayerFigures(2.0, 0.1, 0.01, 1.0, 0.5) for _ in range(n_blocks)),
         mlx=MlxMemory(active=10 << 20, cache=2 << 20, peak=12 << 20, limit=1 << 34,
                       backend="cpu", device="cpu"),
     )  # fmt: skip

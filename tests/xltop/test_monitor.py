@@ -12,13 +12,17 @@ import time
 from pathlib import Path
 
 import jsonschema
+from messages import HELLO, telemetry
 from polling import wait_until
 from xltop_helpers import process_gone, read_rows, wait_for_rows
 
+from ttt_runtime.channel import ChannelServer
 from xltop.jsonout import snapshot_to_line
 from xltop.monitor import MIN_INTERVAL_S, Monitor
-from xltop.runsources import STALL_MIN_S, HostedRun
+from xltop.runsources import STALL_MIN_S, AttachedRun, HostedRun
+from xltop.snapshot import RunState
 from xltop.sources import SystemSource
+from xltop.table import format_snapshot
 
 
 def test_interval_has_a_floor():
@@ -62,6 +66,29 @@ def test_a_late_first_tick_does_not_cause_a_burst():
     time.sleep(1.5)  # e.g. waiting for a run's first step
     first, second = monitor.tick(), monitor.tick()
     assert second.time - first.time >= 0.4
+
+
+def test_a_malformed_report_is_refused_and_the_monitor_keeps_the_last_good_one(tmp_path):
+    # the run's part played on the real channel; a report built with a wrong type (a bug in the
+    # run) is refused on receipt, so no view ever meets a string where a number belongs
+    server = ChannelServer(str(tmp_path / "run.sock"), HELLO)
+    monitor = Monitor(SystemSource(top_n=1), AttachedRun(server.path), interval=0.2)
+    try:
+        server.publish(telemetry(5))
+        wait_until(lambda: monitor.runtime.sample().step == 5, what="the good report")
+        server.publish(telemetry(6, tokens_per_s="fast", layers=({"w_norm": 1.0},)))
+        # the reply comes after that report on the same connection: it has been read by now
+        assert monitor.runtime.send("hello").ok
+        snapshot = monitor.tick()
+        assert snapshot.run.state == RunState.RUNNING
+        assert snapshot.run.step == 5 and snapshot.run.tokens_per_s == 640.0
+        assert "640 tok/s" in format_snapshot(snapshot)
+        assert json.loads(snapshot_to_line(snapshot))["run"]["step"] == 5
+        server.publish(telemetry(7))  # the stream goes on
+        wait_until(lambda: monitor.runtime.sample().step == 7, what="the next good report")
+    finally:
+        monitor.close()
+        server.close()
 
 
 def continue_pid(pid: int) -> None:

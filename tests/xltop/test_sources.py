@@ -15,6 +15,7 @@ import pytest
 from polling import wait_until
 from xltop_helpers import process_gone
 
+from ttt_runtime.protocol import Reply
 from xltop.snapshot import RunInfo
 from xltop.sources import SystemSource
 
@@ -153,7 +154,7 @@ def test_hosted_run_reports_commands_and_restarts(hosted):
     assert run.wait_ready(120)
     info = run.sample()
     assert info.state == "running" and info.pid == run.pid and info.preset == "tiny"
-    assert run.send("pause")["ok"]
+    assert run.send("pause").ok
     wait_for_state(run, "paused", 30)
     old_pid = run.pid
     run.restart()
@@ -162,7 +163,7 @@ def test_hosted_run_reports_commands_and_restarts(hosted):
     pid = run.pid
     run.close()
     assert run.sample().state == "dead" and run.sample().exit_code == 0
-    assert run.send("pause") == {"ok": False, "error": "run is not running"}
+    assert run.send("pause") == Reply(id=None, cmd="pause", ok=False, error="run is not running")
     assert process_gone(pid)
 
 

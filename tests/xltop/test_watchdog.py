@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from xltop_helpers import read_rows, run_xltop
 
-from xltop.snapshot import MlxMemory, RunInfo
+from xltop.snapshot import MlxMemory, RunInfo, RunState
 from xltop.units import MIB
 from xltop.watchdog import Threshold, run_memory
 
@@ -32,9 +32,9 @@ def test_bad_limits_name_the_value(text):
 
 def test_run_memory_is_the_larger_of_rss_and_mlx():
     mlx = MlxMemory(active=300 * MIB, cache=100 * MIB, peak=0, limit=0, backend="gpu", device="")
-    assert run_memory(RunInfo(state="running", rss=200 * MIB, mlx=mlx)) == 400 * MIB
-    assert run_memory(RunInfo(state="running", rss=900 * MIB, mlx=mlx)) == 900 * MIB
-    assert run_memory(RunInfo(state="running")) == 0
+    assert run_memory(RunInfo(state=RunState.RUNNING, rss=200 * MIB, mlx=mlx)) == 400 * MIB
+    assert run_memory(RunInfo(state=RunState.RUNNING, rss=900 * MIB, mlx=mlx)) == 900 * MIB
+    assert run_memory(RunInfo(state=RunState.RUNNING)) == 0
 
 
 def test_both_actions_fire_against_a_real_run(tmp_path):

@@ -21,7 +21,7 @@ from textual.worker import get_current_worker
 from xltop import __version__, killer
 from xltop.csvlog import CsvSink
 from xltop.monitor import Monitor
-from xltop.snapshot import RunInfo, Snapshot
+from xltop.snapshot import RunInfo, RunState, Snapshot
 from xltop.tui import commands
 from xltop.tui.widgets.blocks import BlocksTable
 from xltop.tui.widgets.charts import MetricCharts
@@ -171,16 +171,17 @@ class XltopApp(App[None]):
 
         def send() -> Outcome:
             reply = runtime.send(cmd)
-            if not reply.get("ok"):
-                return f"{cmd} failed: {reply.get('error') or 'no reason given'}", True
-            extra = f" -> {reply['path']}" if reply.get("path") else ""
+            if not reply.ok:
+                return f"{cmd} failed: {reply.error or 'no reason given'}", True
+            path = reply.extras.get("path")
+            extra = f" -> {path}" if path else ""
             return f"{cmd}: ok{extra}", False
 
         self._in_thread(send, cmd)
 
     def action_toggle_pause(self) -> None:
         run = self._run()
-        self._send("resume" if run is not None and run.state == "paused" else "pause")
+        self._send("resume" if run is not None and run.state == RunState.PAUSED else "pause")
 
     def action_toggle_freeze(self) -> None:
         self.frozen = not self.frozen
@@ -262,7 +263,7 @@ class XltopApp(App[None]):
         if runtime is None or run is None:
             self.say("not restarted: there is no run", True)
             return
-        if run.state != "dead":
+        if run.state != RunState.DEAD:
             self.say(f"not restarted: the run is {run.state}; R restarts a dead run", True)
             return
         self.say("restarting the run")

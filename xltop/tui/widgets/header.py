@@ -6,29 +6,27 @@ from rich.text import Text
 from textual.widgets import Static
 
 from xltop import units
-from xltop.snapshot import RunInfo, Snapshot
+from xltop.snapshot import RunInfo, RunState, Snapshot
 
 _STATE_STYLE = {
-    "running": "bold green",
-    "paused": "bold yellow",
-    "stalled": "bold magenta",  # alive but silent: neither paused's yellow nor dead's red
-    "dead": "bold red",
+    RunState.RUNNING: "bold green",
+    RunState.PAUSED: "bold yellow",
+    RunState.STALLED: "bold magenta",  # alive but silent: neither paused's yellow nor dead's red
+    RunState.DEAD: "bold red",
 }
 
 
 def _state_text(run: RunInfo | None) -> Text:
     if run is None:
         return Text("no run (--no-run)", style="dim")
-    if run.state == "dead":
+    if run.state == RunState.DEAD:
         code = "?" if run.exit_code is None else run.exit_code
-        return Text(f"DEAD exit {code} (R restarts)", style=_STATE_STYLE["dead"])
-    if run.state == "paused":
-        return Text("RUN PAUSED (p resumes)", style=_STATE_STYLE["paused"])
-    if run.state == "stalled":  # the events line says for how long and the pid
-        return Text("RUN STALLED (no report)", style=_STATE_STYLE["stalled"])
-    if run.state == "starting":
-        return Text("starting", style="bold")
-    return Text(run.state, style=_STATE_STYLE.get(run.state, "bold"))
+        return Text(f"DEAD exit {code} (R restarts)", style=_STATE_STYLE[run.state])
+    if run.state == RunState.PAUSED:
+        return Text("RUN PAUSED (p resumes)", style=_STATE_STYLE[run.state])
+    if run.state == RunState.STALLED:  # the events line says for how long and the pid
+        return Text("RUN STALLED (no report)", style=_STATE_STYLE[run.state])
+    return Text(str(run.state), style=_STATE_STYLE.get(run.state, "bold"))
 
 
 class RunHeader(Static):
@@ -68,7 +66,7 @@ class RunHeader(Static):
     def _run_line(run: RunInfo | None) -> Text:
         if run is None:
             return Text("")
-        if run.state == "dead":
+        if run.state == RunState.DEAD:
             return Text(f"last error: {run.last_error or 'none reported'}", style="red")
         return Text(
             f"pid {run.pid or '-'}  step {run.step}  {units.rate(run.tokens_per_s)} tok/s  "
