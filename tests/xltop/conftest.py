@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import psutil
 import pytest
+from ray_helpers import THREE_ACTORS, LocalRayCluster, RunningCluster, ray_missing
 from xltop_helpers import REPO, process_gone, read_rows, wait_for_socket, xltop_env
 
 __all__ = ["process_gone", "read_rows"]  # test_app.py imports these from here
@@ -79,3 +82,37 @@ def children() -> Callable[..., subprocess.Popen]:
         proc.wait()
         if proc.stdout:
             proc.stdout.close()
+
+
+@pytest.fixture
+def no_ray_settings(tmp_path, monkeypatch) -> Path:
+    """No token or address from the machine running the tests: a private HOME, no RAY_*. A
+    test module watching real clusters uses it everywhere (pytestmark usefixtures)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for name in list(os.environ):
+        if name.startswith("RAY_"):
+            monkeypatch.delenv(name)
+    return home
+
+
+def start_cluster(token: str | None = None) -> LocalRayCluster:
+    """A LocalRayCluster not started yet; the test is skipped where Ray is not installed."""
+    if reason := ray_missing():
+        pytest.skip(reason)
+    return LocalRayCluster(token=token)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[RunningCluster]:
+    """A head, a second raylet and a driver with three actors, one cluster for each test module
+    that asks (~10 s to start, ~2 GiB while it runs); stopped (process groups, temp dir) at the
+    end of that module, so a module may stop parts of it in its last tests."""
+    cluster = start_cluster()
+    try:
+        head = cluster.start_head()
+        node = cluster.add_node()
+        yield RunningCluster(cluster, head, node, cluster.start_driver(THREE_ACTORS))
+    finally:
+        cluster.stop()

@@ -19,10 +19,39 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 RAY_BIN = Path(sys.executable).with_name("ray")
 SHM = Path("/dev/shm")
 STOP_GRACE_S = 5.0  # Ray's own shutdown on SIGTERM often takes longer: then SIGKILL
+
+# A job with three actors for a two-node cluster of one CPU a node (argv[1]: the GCS address).
+THREE_ACTORS = """
+import sys, time
+import ray
+
+ray.init(address=sys.argv[1])
+
+
+@ray.remote(num_cpus=1)  # each node has one CPU: "left" and "right" land on different nodes
+class Pinned:
+    def ping(self):
+        return 1
+
+
+@ray.remote(num_cpus=0, max_restarts=5)
+class Phoenix:
+    def ping(self):
+        return 1
+
+
+actors = [Pinned.options(name="left").remote(), Pinned.options(name="right").remote(),
+          Phoenix.options(name="phoenix").remote()]
+ray.get([actor.ping.remote() for actor in actors])
+print("ready", flush=True)
+while True:
+    time.sleep(60)
+"""
 
 
 def ray_missing() -> str | None:
@@ -175,3 +204,12 @@ class LocalRayCluster:
             with contextlib.suppress(OSError):
                 (SHM / name).unlink()
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+class RunningCluster(NamedTuple):
+    """A two-node cluster running THREE_ACTORS: the cluster and each process group's leader."""
+
+    cluster: LocalRayCluster
+    head: subprocess.Popen
+    node: subprocess.Popen
+    driver: subprocess.Popen

@@ -15,11 +15,11 @@ import signal
 import socket
 import threading
 import time
-from typing import NamedTuple
 
 import psutil
 import pytest
-from ray_helpers import LocalRayCluster, ray_missing
+from conftest import start_cluster
+from ray_helpers import LocalRayCluster
 
 from xltop.raycluster import (
     TOKEN_HINT,
@@ -33,72 +33,7 @@ from xltop.raycluster import (
     resolve_address,
 )
 
-pytestmark = pytest.mark.slow
-
-DRIVER = """
-import sys, time
-import ray
-
-ray.init(address=sys.argv[1])
-
-
-@ray.remote(num_cpus=1)  # each node has one CPU: "left" and "right" land on different nodes
-class Pinned:
-    def ping(self):
-        return 1
-
-
-@ray.remote(num_cpus=0, max_restarts=5)
-class Phoenix:
-    def ping(self):
-        return 1
-
-
-actors = [Pinned.options(name="left").remote(), Pinned.options(name="right").remote(),
-          Phoenix.options(name="phoenix").remote()]
-ray.get([actor.ping.remote() for actor in actors])
-print("ready", flush=True)
-while True:
-    time.sleep(60)
-"""
-
-
-class Running(NamedTuple):
-    cluster: LocalRayCluster
-    head: object  # subprocess.Popen of each process group
-    node: object
-    driver: object
-
-
-def start_cluster(token: str | None = None) -> LocalRayCluster:
-    if reason := ray_missing():
-        pytest.skip(reason)
-    return LocalRayCluster(token=token)
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """A head, a second raylet and a driver with actors; stopped (process groups, temp dir) at
-    the end of this module: nothing else uses it, and it holds ~2 GiB while it runs."""
-    cluster = start_cluster()
-    try:
-        head = cluster.start_head()
-        node = cluster.add_node()
-        yield Running(cluster, head, node, cluster.start_driver(DRIVER))
-    finally:
-        cluster.stop()
-
-
-@pytest.fixture(autouse=True)
-def no_ray_settings(tmp_path, monkeypatch):
-    """No token or address from the machine running the tests: a private HOME, no RAY_*."""
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    for name in list(os.environ):
-        if name.startswith("RAY_"):
-            monkeypatch.delenv(name)
-    return home
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_ray_settings")]
 
 
 @pytest.fixture
