@@ -21,12 +21,15 @@ naming the field, never a half-read report.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import reprlib
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 from functools import cache
 from typing import Any, ClassVar, TypeAlias, Union, get_args, get_origin, get_type_hints
 
@@ -120,7 +123,7 @@ class Reply:
     extras: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        clash = set(self.extras) & {"type", *_field_names(Reply)}
+        clash = set(self.extras) & {"type", *(f.name for f in dataclasses.fields(Reply))}
         if clash:
             raise ValueError(f"a reply's extras may not be named {sorted(clash)}")
 
@@ -177,25 +180,28 @@ def valid_id(value: Any) -> bool:
     return value is None or (type(value) is int and abs(value) <= 2**53)  # bool is no id
 
 
-def nan_to_null(value: Any) -> Any:
-    """`value` as JSON data: every NaN or infinite float None (JSON has none), tuples lists."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
+def json_data(value: Any) -> Any:
+    """`value` as plain JSON data, in one walk: dataclasses as objects, tuples as lists, enums
+    as their values, and every NaN or infinite float None (JSON has none)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Enum):
+        return value.value
+    if value is None or isinstance(value, (str, int)):
+        return value
+    if dataclasses.is_dataclass(value):
+        return {f.name: json_data(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, dict):
-        return {k: nan_to_null(v) for k, v in value.items()}
+        return {k: json_data(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [nan_to_null(v) for v in value]
+        return [json_data(v) for v in value]
     return value
-
-
-def _field_names(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
 
 
 def to_wire(message: Message) -> dict[str, Any]:
     """A message as the JSON object that goes on the wire: "type" first, a reply's extras
     beside its fields."""
-    data = dataclasses.asdict(message)
+    data = json_data(message)
     extras = data.pop("extras", {})
     return {"type": message.TYPE, **data, **extras}
 
@@ -203,8 +209,8 @@ def to_wire(message: Message) -> dict[str, Any]:
 def encode(message: Message | dict[str, Any]) -> bytes:
     """A message (or a monitor's command, a plain dict) as a newline-terminated UTF-8 JSON line;
     a diverged loss travels as null rather than breaking the stream."""
-    data = message if isinstance(message, dict) else to_wire(message)
-    return (json.dumps(nan_to_null(data), separators=(",", ":"), allow_nan=False) + "\n").encode()
+    data = json_data(message) if isinstance(message, dict) else to_wire(message)
+    return (json.dumps(data, separators=(",", ":"), allow_nan=False) + "\n").encode()
 
 
 def decode(line: bytes | str) -> dict[str, Any]:
@@ -222,14 +228,15 @@ def decode(line: bytes | str) -> dict[str, Any]:
 
 def decode_message(line: bytes | str) -> Message:
     """One line from a run as its message, every field checked against its type; raise
-    ProtocolError naming the first field that is missing or of the wrong type."""
+    ProtocolError naming the first field that is missing or of the wrong type. Keys a message
+    does not know are ignored, except in a Reply, whose extras they are."""
     data = decode(line)
     kind = data.get("type")
-    cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
-    if cls is None:
+    read = _MESSAGE_READERS.get(kind) if isinstance(kind, str) else None
+    if read is None:
         raise ProtocolError(f"unknown message type {reprlib.repr(kind)}")
     try:
-        return _build(cls, data, "")
+        return read(data, "")
     except _Mismatch as exc:
         raise ProtocolError(f"{kind} message: {exc}") from None
 
@@ -238,57 +245,88 @@ class _Mismatch(Exception):
     """A field of a received message that its dataclass does not allow."""
 
 
+# Reads a JSON value as a type says: (the value, where it sits in the message) -> the value,
+# or _Mismatch naming that place. Made once per type: a report is read every step.
+Reader = Callable[[Any, str], Any]
+NoneType = type(None)
+
+
 @cache
-def _hints(cls: type) -> dict[str, Any]:
-    return get_type_hints(cls)
-
-
-def _build(cls: Any, data: Any, prefix: str) -> Any:
-    """An instance of the dataclass `cls` from JSON object `data`, its fields checked. Keys
-    it does not name are ignored, except in a Reply, whose extras they are."""
-    if not isinstance(data, dict):
-        where = prefix.rstrip(".") or "the message"
-        raise _Mismatch(f"{where!r} must be an object, got {type(data).__name__}")
-    names = _field_names(cls)
-    values = {}
-    for name in names:
-        if name == "extras":
-            values[name] = {k: v for k, v in data.items() if k != "type" and k not in names}
-        elif name in data:
-            values[name] = _conform(data[name], _hints(cls)[name], prefix + name)
-        elif cls.__dataclass_fields__[name].default is dataclasses.MISSING:
-            raise _Mismatch(f"{prefix + name!r} is missing")
-    return cls(**values)
-
-
-def _conform(value: Any, hint: Any, where: str) -> Any:
-    """`value` as the type `hint` says (an integer is a fine float; a list becomes a tuple)."""
-    origin = get_origin(hint)
-    if hint is Any or (hint is dict or origin is dict) and isinstance(value, dict):
-        return value
+def _reader(hint: Any) -> Reader:
+    if dataclasses.is_dataclass(hint):
+        return _object_reader(hint)
+    origin, args = get_origin(hint), get_args(hint)
     if origin in (Union, types.UnionType):
-        options = get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        for option in options:
-            try:
-                return _conform(value, option, where)
-            except _Mismatch:
-                continue
-    elif origin is tuple and isinstance(value, list):
-        item = get_args(hint)[0]
-        return tuple(_conform(v, item, f"{where}[{i}]") for i, v in enumerate(value))
-    elif dataclasses.is_dataclass(hint):
-        return _build(hint, value, where + ".")
-    elif hint is float and type(value) in (int, float):
-        return float(value)
-    elif hint in (int, str, bool) and type(value) is hint:  # bool is no int here
-        return value
-    raise _Mismatch(f"{where!r} must be {_describe(hint)}, got {type(value).__name__}")
+        nullable, options = NoneType in args, [_reader(a) for a in args if a is not NoneType]
+
+        def read_either(value: Any, where: str) -> Any:
+            if value is None and nullable:
+                return None
+            for read in options:
+                with contextlib.suppress(_Mismatch):
+                    return read(value, where)
+            raise _mismatch(hint, value, where)
+
+        return read_either
+    if origin is tuple:  # tuple[X, ...] travels as a list
+        read_item = _reader(args[0])
+
+        def read_list(value: Any, where: str) -> tuple:
+            if type(value) is not list:
+                raise _mismatch(hint, value, where)
+            return tuple(read_item(v, f"{where}[{i}]") for i, v in enumerate(value))
+
+        return read_list
+    if hint is Any:
+        return lambda value, where: value
+    # exact JSON types (a bool is no integer here), but an integer is a fine float
+    accepted = {float: (int, float)}.get(hint, (origin or hint,))
+
+    def read_plain(value: Any, where: str) -> Any:
+        if type(value) not in accepted:
+            raise _mismatch(hint, value, where)
+        return float(value) if hint is float else value
+
+    return read_plain
+
+
+def _object_reader(cls: Any) -> Reader:
+    hints = get_type_hints(cls)
+    missing = dataclasses.MISSING
+    fields = [
+        (f.name, _reader(hints[f.name]), f.default is missing and f.default_factory is missing)
+        for f in dataclasses.fields(cls)
+        if f.name != "extras"
+    ]
+    names = {name for name, _, _ in fields}
+    keeps_extras = "extras" in hints  # a Reply: the keys it does not name
+
+    def read_object(value: Any, where: str) -> Any:
+        if type(value) is not dict:
+            raise _mismatch(dict, value, where)
+        prefix = f"{where}." if where else ""
+        values = {}
+        for name, read, required in fields:
+            if name in value:
+                values[name] = read(value[name], prefix + name)
+            elif required:
+                raise _Mismatch(f"{prefix + name!r} is missing")
+        if keeps_extras:
+            values["extras"] = {k: v for k, v in value.items() if k != "type" and k not in names}
+        return cls(**values)
+
+    return read_object
+
+
+_MESSAGE_READERS = {kind: _object_reader(cls) for kind, cls in MESSAGE_TYPES.items()}
+
+
+def _mismatch(hint: Any, value: Any, where: str) -> _Mismatch:
+    return _Mismatch(f"{where!r} must be {_describe(hint)}, got {type(value).__name__}")
 
 
 _KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-          type(None): "null"}  # fmt: skip
+          NoneType: "null"}  # fmt: skip
 
 
 def _describe(hint: Any) -> str:

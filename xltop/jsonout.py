@@ -6,11 +6,10 @@ in unix seconds); non-finite numbers become null, since JSON has no NaN.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from typing import Any
 
-from ttt_runtime.protocol import nan_to_null
+from ttt_runtime.protocol import json_data
 from xltop.snapshot import Snapshot
 
 SCHEMA_VERSION = 1
@@ -18,7 +17,7 @@ SCHEMA_VERSION = 1
 
 def snapshot_to_json(snapshot: Snapshot) -> dict[str, Any]:
     """The Snapshot as plain JSON data (tuples become lists)."""
-    return {"schema_version": SCHEMA_VERSION, **nan_to_null(dataclasses.asdict(snapshot))}
+    return {"schema_version": SCHEMA_VERSION, **json_data(snapshot)}
 
 
 def snapshot_to_line(snapshot: Snapshot) -> str:
