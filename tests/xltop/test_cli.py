@@ -16,7 +16,9 @@ import pytest
 from fake_source import fake_snapshot
 from xltop_helpers import kill_pid, process_gone, read_rows, run_xltop, wait_for_rows
 
+from ttt_runtime.protocol import BlockTiming, LayerFigures
 from xltop.jsonout import snapshot_to_line
+from xltop.snapshot import RunState
 from xltop.table import format_snapshot, status_line
 
 SCHEMA = json.loads((Path(__file__).parent / "snapshot_schema.json").read_text())
@@ -55,6 +57,13 @@ def test_json_writes_a_diverged_figure_as_null_wherever_it_sits():
     data = json.loads(snapshot_to_line(snapshot))
     jsonschema.validate(data, SCHEMA)
     assert data["run"]["layers"][0]["drift"] is None
+
+
+def test_the_json_schema_names_every_run_state_and_every_figure():
+    schema = SCHEMA["$defs"]  # the published contract follows the one definition of each
+    assert schema["run"]["properties"]["state"]["enum"] == [state.value for state in RunState]
+    assert schema["block"]["required"] == [f.name for f in dataclasses.fields(BlockTiming)]
+    assert schema["layer"]["required"] == [f.name for f in dataclasses.fields(LayerFigures)]
 
 
 def test_plain_xltop_without_a_terminal_behaves_like_once():
