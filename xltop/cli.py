@@ -5,6 +5,7 @@ xltop --headless --csv F   no screen: a CSV row and a status line (stderr) per t
 xltop --once | --json      one snapshot as a text table / as JSON, then exit
 xltop --json-stream        one JSON line per tick on stdout
 xltop --no-run | --attach SOCKET   watch the machine only / a run started elsewhere
+xltop --ray ADDR           watch a Ray cluster too (and start no run unless run options ask)
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import psutil
 
@@ -29,11 +30,17 @@ from xltop.sources import SystemSource
 from xltop.table import format_snapshot, status_line
 from xltop.watchdog import Threshold, Watchdog
 
+if TYPE_CHECKING:  # imported where a cluster is watched: urllib's import is not light
+    from xltop.raycluster import RayCluster
+
 RUN_FLAGS = ("mode", "preset", "config", "data", "seed", "resume")
 MAX_INTERVAL_S = 86400.0  # a tick a day
 MAX_DURATION_S = 365 * 86400.0  # longer: leave --duration out
 READY_TIMEOUT_S = 120.0  # a run's first step includes importing MLX and building the model
 ATTACHED_READY_TIMEOUT_S = 10.0  # an attached run is up already (it may be paused and silent)
+# A cluster that does not answer: one line and exit 1 within 5 s, the interpreter's start included.
+RAY_CHECK_TIMEOUT_S = 4.0
+RAY_READY_TIMEOUT_S = 10.0  # the first whole poll: the lists, then each node's stats in turn
 
 
 class UsageError(Exception):
@@ -129,6 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--no-run", action="store_true", help="watch the machine, start no run")
     target.add_argument("--attach", metavar="SOCKET", help="watch a run started elsewhere")
+    ray = parser.add_argument_group("Ray cluster")
+    ray.add_argument(
+        "--ray",
+        metavar="ADDR",
+        help="watch a Ray cluster: its dashboard (http://HOST:8265) or auto (the local one); "
+        "starts no run unless run options or --attach are given",
+    )
+    ray.add_argument(
+        "--ray-token-file",
+        metavar="FILE",
+        help="the cluster's token (else RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)",
+    )
     run = parser.add_argument_group("run options (passed to the hosted TTT run)")
     run.add_argument("--mode", choices=("train", "adapt"))
     run.add_argument("--preset", metavar="NAME")
@@ -144,14 +163,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _given_run_flags(args: argparse.Namespace) -> list[str]:
+    return [f"--{f}" for f in RUN_FLAGS if getattr(args, f) is not None]
+
+
+def _hosts_no_run(args: argparse.Namespace) -> bool:
+    """--no-run, or --ray without run options or --attach: watching a cluster starts no run."""
+    watches_cluster_only = args.ray is not None and not args.attach
+    return args.no_run or (watches_cluster_only and not _given_run_flags(args))
+
+
 def _check_combinations(args: argparse.Namespace) -> None:
-    given = [f"--{f}" for f in RUN_FLAGS if getattr(args, f) is not None]
+    given = _given_run_flags(args)
     if given and (args.no_run or args.attach):
         other = "--no-run" if args.no_run else "--attach"
         raise UsageError(f"{', '.join(given)} configure a hosted run; not with {other}")
+    if args.ray_token_file is not None and args.ray is None:
+        raise UsageError("--ray-token-file needs --ray")
     watchdog = args.mem_soft or args.mem_hard
-    if watchdog and args.no_run:
-        raise UsageError("--mem-soft/--mem-hard act on a run; not with --no-run")
+    if watchdog and _hosts_no_run(args):
+        why = "not with --no-run" if args.no_run else "--ray alone starts none"
+        raise UsageError(f"--mem-soft/--mem-hard act on a run; {why} (add --attach or run options)")
     if watchdog and args.readonly:
         raise UsageError("--mem-soft/--mem-hard send commands to the run; not with --readonly")
     if args.mem_soft and args.mem_hard:
@@ -186,8 +218,31 @@ def _say(text: str) -> None:
     print(f"xltop: {text}", file=sys.stderr, flush=True)
 
 
+def _make_cluster(args: argparse.Namespace, interval: float) -> RayCluster | None:
+    """The watched cluster; a cluster that does not answer (or refuses the token) is one line
+    and exit 1, before any run starts."""
+    if args.ray is None:
+        return None
+    from xltop.raycluster import RayCluster, RayClusterError, check_reachable
+
+    try:
+        problem = check_reachable(args.ray, args.ray_token_file, timeout=RAY_CHECK_TIMEOUT_S)
+        if problem is None:
+            return RayCluster(args.ray, args.ray_token_file, interval=interval)
+    except RayClusterError as exc:  # a malformed address, an unreadable token file
+        raise UsageError(str(exc)) from None
+    _say(problem)
+    raise SystemExit(1)
+
+
+def _wait_cluster(cluster: RayCluster | None) -> None:
+    """Hold the first tick until the cluster's lists and node stats are in."""
+    if cluster is not None and not cluster.wait_polled(RAY_READY_TIMEOUT_S):
+        _say(f"the Ray cluster did not answer in whole in {RAY_READY_TIMEOUT_S:g} s; going on")
+
+
 def _make_runtime(args: argparse.Namespace) -> RuntimeSource | None:
-    if args.no_run:
+    if _hosts_no_run(args):
         return None
     from xltop.runsources import AttachedRun, HostedRun, RunSourceError
 
@@ -295,11 +350,14 @@ def main(argv: list[str] | None = None) -> int:
         count = 1 if mode in ("once", "json") else args.count
         limits = (args.mem_soft, args.mem_hard)
         watchdog = Watchdog(*limits) if any(limits) else None
+        cluster = _make_cluster(args, interval)
         runtime = _make_runtime(args)
     except UsageError as exc:
         print(f"xltop: {exc}", file=sys.stderr)
         return 2
-    monitor = Monitor(SystemSource(top_n=args.top), runtime, interval=interval, watchdog=watchdog)
+    monitor = Monitor(
+        SystemSource(top_n=args.top), runtime, interval=interval, watchdog=watchdog, cluster=cluster
+    )
     sinks = None
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
@@ -312,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
             _say("the TUI is not installed here: headless status lines instead")
         sinks = _Sinks(args, monitor, mode)
         _wait_ready(monitor, bool(args.attach), args.quiet or mode != "headless")
+        _wait_cluster(cluster)
         for snapshot in _ticks(monitor, count, args.duration):
             sinks.consume(snapshot)
     except KeyboardInterrupt:

@@ -1,7 +1,8 @@
 """The CSV sink: one schema, one row per Snapshot, every column named with its unit.
 
 The block and layer columns are fixed for the file by the first Snapshot (one column per block
-and per layer). Each row goes straight to the file (no buffer) and a write that fails or falls
+and per layer), and so are the cluster's (when a Ray cluster is watched: empty cells while it is
+unreachable). Each row goes straight to the file (no buffer) and a write that fails or falls
 short, as on a full disk, is cut back to the last whole row: the file holds whole rows only. A
 monitor killed mid-write can still leave half a row; reopening the file drops it. A file that
 does not begin with xltop's header is never modified.
@@ -32,6 +33,11 @@ BASE_COLUMNS = (
     "sampled_step",
     "mlx_active_mib", "mlx_cache_mib", "mlx_peak_mib", "mlx_limit_mib",
 )  # fmt: skip
+# The watched Ray cluster summed up (the full detail goes to JSON): CPU and memory of its hosts.
+CLUSTER_COLUMNS = (
+    "ray_nodes_alive", "ray_nodes_total", "ray_actors_alive", "ray_actors_total", "ray_restarts",
+    "ray_object_store_used_mib", "ray_cpu_pct", "ray_memory_used_mib",
+)  # fmt: skip
 BLOCK_FIELDS = tuple(f.name for f in dataclasses.fields(BlockTiming))
 LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(LayerFigures))
 
@@ -40,16 +46,18 @@ class CsvLogError(Exception):
     """A CSV log that cannot be opened or written; the message names the path and the cause."""
 
 
-def csv_columns(n_blocks: int, n_layers: int) -> list[str]:
+def csv_columns(n_blocks: int, n_layers: int, cluster: bool = False) -> list[str]:
     blocks = [f"block{i}_{f}" for i in range(n_blocks) for f in BLOCK_FIELDS]
     layers = [f"layer{i}_{f}" for i in range(n_layers) for f in LAYER_FIELDS]
-    return [*BASE_COLUMNS, *blocks, *layers, "event"]
+    return [*BASE_COLUMNS, *(CLUSTER_COLUMNS if cluster else ()), *blocks, *layers, "event"]
 
 
-def layout(snapshot: Snapshot) -> tuple[int, int]:
-    """(blocks, layers) of the run in `snapshot`: what fixes a file's columns."""
+def layout(snapshot: Snapshot) -> tuple[int, int, bool]:
+    """(blocks, layers, whether a cluster is watched) in `snapshot`: what fixes a file's
+    columns."""
     run = snapshot.run
-    return (len(run.blocks), len(run.layers)) if run else (0, 0)
+    blocks, layers = (len(run.blocks), len(run.layers)) if run else (0, 0)
+    return blocks, layers, snapshot.ray is not None
 
 
 def _mib(value: int | None) -> float | None:
@@ -61,10 +69,12 @@ def _number(value: float | None) -> Any:
     return None if value is None else float(f"{value:.6g}")
 
 
-def snapshot_to_row(snapshot: Snapshot, n_blocks: int, n_layers: int) -> dict[str, Any]:
-    """The CSV row of a Snapshot (None = empty cell) for a file with this many blocks/layers."""
-    system, run = snapshot.system, snapshot.run
-    row: dict[str, Any] = dict.fromkeys(csv_columns(n_blocks, n_layers))
+def snapshot_to_row(
+    snapshot: Snapshot, n_blocks: int, n_layers: int, cluster: bool = False
+) -> dict[str, Any]:
+    """The CSV row of a Snapshot (None = empty cell) for a file of this layout."""
+    system, run, ray = snapshot.system, snapshot.run, snapshot.ray
+    row: dict[str, Any] = dict.fromkeys(csv_columns(n_blocks, n_layers, cluster))
     row.update(
         ts=round(snapshot.time, 3),
         interval_s=snapshot.interval,
@@ -74,6 +84,17 @@ def snapshot_to_row(snapshot: Snapshot, n_blocks: int, n_layers: int) -> dict[st
         cpu_pct=system.cpu_percent,
         event=" | ".join(snapshot.events) or None,
     )
+    if cluster and ray is not None and ray.reachable:
+        row.update(
+            ray_nodes_alive=ray.nodes_alive,
+            ray_nodes_total=len(ray.nodes),
+            ray_actors_alive=ray.actors_alive,
+            ray_actors_total=len(ray.actors),
+            ray_restarts=ray.restarts,
+            ray_object_store_used_mib=_mib(ray.object_store_used),
+            ray_cpu_pct=_number(ray.cpu_percent),
+            ray_memory_used_mib=_mib(ray.memory_used),
+        )
     if run is None:
         return row
     row.update(
@@ -181,8 +202,8 @@ def _whole_rows_end(fd: int, header_size: int) -> int:
 class CsvLog:
     def __init__(self, path: str | os.PathLike, columns_from: Snapshot):
         self.path = Path(path)
-        self.n_blocks, self.n_layers = layout(columns_from)
-        self.columns = csv_columns(self.n_blocks, self.n_layers)
+        self.layout = layout(columns_from)
+        self.columns = csv_columns(*self.layout)
         header = _csv_line(self.columns).encode()
         check_writable(self.path)
         self._fd = _open_log(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, header)
@@ -209,7 +230,7 @@ class CsvLog:
     def write(self, snapshot: Snapshot) -> None:
         """Append one row; on a write error cut the file back to its last whole row, close it and
         raise CsvLogError."""
-        row = snapshot_to_row(snapshot, self.n_blocks, self.n_layers)
+        row = snapshot_to_row(snapshot, *self.layout)
         line = self._pending + _csv_line([row[c] for c in self.columns]).encode()
         written = 0
         try:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from ttt_runtime.protocol import Reply
-from xltop.snapshot import ProcessInfo, RunInfo, RunState, Snapshot, SystemInfo
+from xltop.snapshot import ClusterState, ProcessInfo, RunInfo, RunState, Snapshot, SystemInfo
 from xltop.watchdog import Watchdog
 
 MIN_INTERVAL_S = 0.2  # the floor: the monitor must not eat the machine it watches
@@ -51,6 +51,20 @@ class RuntimeSource(Protocol):
     def close(self, on_wait: Callable[[str], None] | None = None) -> None: ...
 
 
+class ClusterSource(Protocol):
+    """A watched Ray cluster (xltop.raycluster.RayCluster); polls every `interval` seconds."""
+
+    interval: float
+
+    def sample(self) -> ClusterState:
+        """The newest state; never blocks, never raises (an unreachable cluster says so)."""
+
+    def events(self) -> list[str]:
+        """Deaths, restarts and reachability changes since the last call, oldest first."""
+
+    def close(self) -> None: ...
+
+
 def _state_change_event(
     before: RunInfo | None, after: RunInfo, report_age_s: float | None
 ) -> str | None:
@@ -85,10 +99,12 @@ class Monitor:
         runtime: RuntimeSource | None = None,
         interval: float = 1.0,
         watchdog: Watchdog | None = None,
+        cluster: ClusterSource | None = None,
     ):
         self.system = system
         self.runtime = runtime
         self.watchdog = watchdog
+        self.cluster = cluster
         self.interval = interval
         self._events: list[str] = []
         self._lock = threading.Lock()
@@ -106,6 +122,8 @@ class Monitor:
     @interval.setter
     def interval(self, seconds: float) -> None:
         self._interval = max(MIN_INTERVAL_S, float(seconds))
+        if self.cluster is not None:  # its lists are polled at the tick's pace
+            self.cluster.interval = self._interval
 
     def post_event(self, text: str) -> None:
         """Deliver `text` in the next Snapshot's events (thread-safe)."""
@@ -129,6 +147,7 @@ class Monitor:
         if run is not None and self.runtime is not None and self.watchdog is not None:
             for event in self.watchdog.check(run, system, self.runtime):
                 self.post_event(event)
+        ray = self._sample_cluster()
         with self._lock:
             events, self._events = tuple(self._events), []
         return Snapshot(
@@ -137,8 +156,16 @@ class Monitor:
             system=system,
             processes=processes,
             run=run,
+            ray=ray,
             events=events,
         )
+
+    def _sample_cluster(self) -> ClusterState | None:
+        if self.cluster is None:
+            return None
+        for event in self.cluster.events():
+            self.post_event(event)
+        return self.cluster.sample()
 
     def _sample_run(self, processes: tuple[ProcessInfo, ...]) -> RunInfo | None:
         if self.runtime is None:
@@ -160,8 +187,10 @@ class Monitor:
         return run
 
     def close(self, on_wait: Callable[[str], None] | None = None) -> None:
-        """Wake a waiting tick and stop the run if this monitor hosts it; `on_wait(sentence)`
-        hears what the stop waits for, if it takes more than a second."""
+        """Wake a waiting tick, stop polling the cluster, and stop the run if this monitor hosts
+        it; `on_wait(sentence)` hears what the stop waits for, if it takes more than a second."""
         self._closed.set()
+        if self.cluster is not None:
+            self.cluster.close()
         if self.runtime is not None:
             self.runtime.close(on_wait)

@@ -7,8 +7,8 @@ apart because that endpoint is not a documented API.
 
 `RayCluster.sample()` never blocks and never raises: a worker thread polls the cheap lists every
 `interval` and the per-node detail every `DETAIL_INTERVAL_S`, each request bounded by a
-timeout, and `sample()` returns its newest `ClusterState`. Deaths, restarts and reachability
-changes are strings that `events()` hands out once each.
+timeout, and `sample()` returns its newest `ClusterState` (the Snapshot's, xltop.snapshot).
+Deaths, restarts and reachability changes are strings that `events()` hands out once each.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from xltop.snapshot import ClusterActor, ClusterNode, ClusterState
 
 DEFAULT_DASHBOARD_PORT = 8265
 REQUEST_TIMEOUT_S = 2.0
@@ -46,91 +48,6 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 class RayClusterError(Exception):
     """Bad input (an address that is not one, a token file that cannot be read): one line."""
-
-
-@dataclass(frozen=True)
-class ClusterNode:
-    node_id: str
-    ip: str
-    is_head: bool
-    alive: bool
-    state_message: str | None  # why a dead node died, as Ray says it
-    cpus: float  # logical CPU resource
-    gpus: float  # logical GPU resource
-    object_store_total: int  # bytes
-    # From the node's own stats (refreshed every DETAIL_INTERVAL_S; None until read, or dead):
-    cpu_percent: float | None = None  # the whole host, 0..100
-    memory_used: int | None = None  # bytes, the whole host (total - available, like top)
-    memory_total: int | None = None
-    object_store_used: int | None = None
-
-
-@dataclass(frozen=True)
-class ClusterActor:
-    actor_id: str
-    class_name: str
-    name: str  # "" for an unnamed actor
-    state: str  # Ray's: DEPENDENCIES_UNREADY, PENDING_CREATION, ALIVE, RESTARTING, DEAD
-    pid: int | None
-    node_id: str | None
-    num_restarts: int
-    death_cause: str | None  # one line: "REASON: first sentence of Ray's message"
-    rss: int | None = None  # bytes, from the node's process stats (None until read)
-    cpu_percent: float | None = None  # of one core, like top
-    # Our TTT workers only, joined from the run's telemetry by the monitor:
-    stage: int | None = None
-    replica: int | None = None
-    blocks: tuple[int, int] | None = None  # [first, end) block range the stage owns
-
-
-@dataclass(frozen=True)
-class ClusterState:
-    address: str  # the dashboard's URL
-    reachable: bool
-    nodes: tuple[ClusterNode, ...] = ()  # empty while unreachable: nothing stale is shown
-    actors: tuple[ClusterActor, ...] = ()
-    unreachable_since: float | None = None  # unix seconds
-    error: str | None = None  # one line: why nothing could be read (None before the first poll)
-    polled_at: float | None = None  # unix seconds of the newest answer
-
-    @property
-    def nodes_alive(self) -> int:
-        return sum(node.alive for node in self.nodes)
-
-    @property
-    def actors_alive(self) -> int:
-        return sum(actor.state == "ALIVE" for actor in self.actors)
-
-    @property
-    def restarts(self) -> int:
-        return sum(actor.num_restarts for actor in self.actors)
-
-    @property
-    def object_store_used(self) -> int:
-        return sum(node.object_store_used or 0 for node in self.nodes if node.alive)
-
-    def _hosts(self) -> list[ClusterNode]:
-        """One alive node with stats per host: nodes sharing a machine share its CPU and
-        memory, which must be counted once."""
-        hosts: dict[str, ClusterNode] = {}
-        for node in self.nodes:
-            if node.alive and node.memory_total is not None:
-                hosts.setdefault(node.ip, node)
-        return list(hosts.values())
-
-    @property
-    def memory_used(self) -> int:
-        return sum(node.memory_used or 0 for node in self._hosts())
-
-    @property
-    def memory_total(self) -> int:
-        return sum(node.memory_total or 0 for node in self._hosts())
-
-    @property
-    def cpu_percent(self) -> float | None:
-        """Mean CPU use of the cluster's hosts, 0..100; None before node stats are read."""
-        figures = [node.cpu_percent for node in self._hosts() if node.cpu_percent is not None]
-        return sum(figures) / len(figures) if figures else None
 
 
 # --- address and token -------------------------------------------------------------------
@@ -441,10 +358,6 @@ def _actor(row: dict[str, Any], details: dict[str, NodeDetail]) -> ClusterActor:
     )
 
 
-def _actor_label(actor: ClusterActor) -> str:
-    return f"{actor.class_name} {actor.name or actor.actor_id[:8]}"
-
-
 def _clock(unix_seconds: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(unix_seconds))
 
@@ -564,12 +477,10 @@ class RayCluster:
             if before is None:
                 continue
             if actor.num_restarts > before.num_restarts:
-                events.append(
-                    f"ray actor {_actor_label(actor)} restarted (restarts: {actor.num_restarts})"
-                )
+                events.append(f"ray actor {actor.label} restarted (restarts: {actor.num_restarts})")
             if actor.state == "DEAD" and before.state != "DEAD":
                 why = f": {actor.death_cause}" if actor.death_cause else ""
-                events.append(f"ray actor {_actor_label(actor)} died{why}")
+                events.append(f"ray actor {actor.label} died{why}")
         self._alive_nodes = {node.node_id: node.alive for node in nodes}
         self._actor_seen = {actor.actor_id: actor for actor in actors}
         return events

@@ -85,22 +85,118 @@ class RunInfo:
     blas: str = ""
 
 
+SHORT_ID = 8  # Ray's node and actor ids are 56 hex digits: 8 tell a cluster's apart
+
+
 @dataclass(frozen=True)
-class RayNode:
+class ClusterNode:
+    """A node of the watched Ray cluster (xltop.raycluster reads them)."""
+
     node_id: str
-    address: str
+    ip: str
+    is_head: bool
     alive: bool
-    cpus: float
-    memory: int  # bytes, logical resource
-    object_store: int  # bytes
+    state_message: str | None  # why a dead node died, as Ray says it
+    cpus: float  # logical CPU resource
+    gpus: float  # logical GPU resource
+    object_store_total: int  # bytes
+    # From the node's own stats (refreshed every ~5 s; None until read, or dead):
+    cpu_percent: float | None = None  # the whole host, 0..100
+    memory_used: int | None = None  # bytes, the whole host (total - available, like top)
+    memory_total: int | None = None
+    object_store_used: int | None = None
+
+    @property
+    def label(self) -> str:
+        """Its short id, "head" after the head node's."""
+        return f"{self.node_id[:SHORT_ID]}{' head' if self.is_head else ''}"
 
 
 @dataclass(frozen=True)
-class RayInfo:
-    address: str
-    nodes: tuple[RayNode, ...] = ()
-    actors: int = 0
-    error: str | None = None
+class ClusterActor:
+    actor_id: str
+    class_name: str
+    name: str  # "" for an unnamed actor
+    state: str  # Ray's: DEPENDENCIES_UNREADY, PENDING_CREATION, ALIVE, RESTARTING, DEAD
+    pid: int | None
+    node_id: str | None
+    num_restarts: int
+    death_cause: str | None  # one line: "REASON: first sentence of Ray's message"
+    rss: int | None = None  # bytes, from the node's process stats (None until read)
+    cpu_percent: float | None = None  # of one core, like top
+    # Our TTT workers only, joined from the run's telemetry by the monitor:
+    stage: int | None = None
+    replica: int | None = None
+    blocks: tuple[int, int] | None = None  # [first, end) block range the stage owns
+
+    @property
+    def label(self) -> str:
+        """Its class and name (an unnamed actor's id instead), as events and the panel say it."""
+        return f"{self.class_name} {self.name or self.actor_id[:SHORT_ID]}"
+
+
+@dataclass(frozen=True)
+class ClusterState:
+    """The watched Ray cluster (`--ray`) at its newest poll."""
+
+    address: str  # the dashboard's URL
+    reachable: bool
+    nodes: tuple[ClusterNode, ...] = ()  # empty while unreachable: nothing stale is shown
+    actors: tuple[ClusterActor, ...] = ()
+    unreachable_since: float | None = None  # unix seconds
+    error: str | None = None  # one line: why nothing could be read (None before the first poll)
+    polled_at: float | None = None  # unix seconds of the newest answer
+
+    @property
+    def nodes_alive(self) -> int:
+        return sum(node.alive for node in self.nodes)
+
+    @property
+    def actors_alive(self) -> int:
+        return sum(actor.state == "ALIVE" for actor in self.actors)
+
+    @property
+    def restarts(self) -> int:
+        return sum(actor.num_restarts for actor in self.actors)
+
+    def _alive(self) -> list[ClusterNode]:
+        return [node for node in self.nodes if node.alive]
+
+    @property
+    def object_store_total(self) -> int:
+        return sum(node.object_store_total for node in self._alive())
+
+    @property
+    def object_store_used(self) -> int | None:
+        """Bytes in the alive nodes' object stores; None before node stats are read."""
+        figures = [n.object_store_used for n in self._alive() if n.object_store_used is not None]
+        return sum(figures) if figures else None
+
+    def _hosts(self) -> list[ClusterNode]:
+        """One alive node with stats per host: nodes sharing a machine share its CPU and
+        memory, which must be counted once."""
+        hosts: dict[str, ClusterNode] = {}
+        for node in self._alive():
+            if node.memory_total is not None:
+                hosts.setdefault(node.ip, node)
+        return list(hosts.values())
+
+    @property
+    def memory_used(self) -> int | None:
+        """Bytes used on the cluster's hosts; None before node stats are read."""
+        hosts = self._hosts()
+        return sum(node.memory_used or 0 for node in hosts) if hosts else None
+
+    @property
+    def memory_total(self) -> int | None:
+        hosts = self._hosts()
+        return sum(node.memory_total or 0 for node in hosts) if hosts else None
+
+    @property
+    def cpu_percent(self) -> float | None:
+        """Mean CPU use of the cluster's hosts, 0..100; None before node stats are read."""
+        figures = [node.cpu_percent for node in self._hosts() if node.cpu_percent is not None]
+        return sum(figures) / len(figures) if figures else None
 
 
 @dataclass(frozen=True)
@@ -110,5 +206,5 @@ class Snapshot:
     system: SystemInfo
     processes: tuple[ProcessInfo, ...] = ()
     run: RunInfo | None = None  # None with --no-run
-    ray: RayInfo | None = None
+    ray: ClusterState | None = None  # None unless a Ray cluster is watched (--ray)
     events: tuple[str, ...] = field(default_factory=tuple)  # what happened since the last tick

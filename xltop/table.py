@@ -6,7 +6,7 @@ import time
 from dataclasses import fields
 
 from ttt_runtime.protocol import BlockTiming, LayerFigures
-from xltop.snapshot import RunInfo, RunState, Snapshot
+from xltop.snapshot import SHORT_ID, ClusterState, RunInfo, RunState, Snapshot
 from xltop.units import MIB, size
 
 COMMAND_WIDTH = 60
@@ -63,6 +63,62 @@ def _run_lines(run: RunInfo) -> list[str]:
     return lines
 
 
+def cluster_line(ray: ClusterState, sep: str = "  ") -> str:
+    """The watched cluster summed up in one line, or why nothing can be read from it."""
+    if ray.error is not None:
+        return ray.error
+    if not ray.reachable:
+        return f"ray {ray.address}: no answer yet"
+    figures = (
+        f"ray {ray.address}",
+        f"nodes {ray.nodes_alive}/{len(ray.nodes)}",
+        f"actors {ray.actors_alive}/{len(ray.actors)}",
+        f"restarts {ray.restarts}",
+        f"CPU {_num(ray.cpu_percent, '.0f')}%",
+        f"memory {size(ray.memory_used)}/{size(ray.memory_total)}",
+        f"object store {size(ray.object_store_used)}/{size(ray.object_store_total)}",
+    )
+    return sep.join(figures)
+
+
+def _cluster_lines(ray: ClusterState) -> list[str]:
+    lines = [cluster_line(ray)]
+    if ray.nodes:
+        rows = [
+            [
+                n.label,
+                n.ip,
+                "alive" if n.alive else "dead",
+                _num(n.cpu_percent, ".0f"),
+                f"{n.cpus:g}",
+                f"{size(n.memory_used)}/{size(n.memory_total)}",
+                f"{size(n.object_store_used)}/{size(n.object_store_total)}",
+                f"{n.gpus:g}",
+                n.state_message or "",
+            ]
+            for n in ray.nodes
+        ]
+        headers = ["NODE", "IP", "STATE", "CPU%", "CORES", "MEMORY", "OBJECT_STORE", "GPUS", "WHY"]
+        lines += ["", *_aligned(headers, rows, text=(0, 1, 2, 5, 6))]
+    if ray.actors:
+        rows = [
+            [
+                a.label,
+                a.state,
+                str(a.pid or "-"),
+                (a.node_id or "-")[:SHORT_ID],
+                size(a.rss),
+                _num(a.cpu_percent, ".1f"),
+                str(a.num_restarts),
+                a.death_cause or "",
+            ]
+            for a in ray.actors
+        ]
+        headers = ["ACTOR", "STATE", "PID", "NODE", "RSS", "CPU%", "RESTARTS", "DEATH_CAUSE"]
+        lines += ["", *_aligned(headers, rows, text=(0, 1, 3))]
+    return lines
+
+
 def format_snapshot(snapshot: Snapshot) -> str:
     """The whole Snapshot as a text table, for `xltop --once` (like `top -b -n 1`)."""
     system = snapshot.system
@@ -72,7 +128,9 @@ def format_snapshot(snapshot: Snapshot) -> str:
         f"Mem: {size(system.total)} total  {size(system.used)} used  "
         f"{size(system.available)} available  CPU {system.cpu_percent:.1f}%",
     ]
-    lines += _run_lines(snapshot.run) if snapshot.run else ["Run: none (--no-run)"]
+    lines += _run_lines(snapshot.run) if snapshot.run else ["Run: none"]
+    if snapshot.ray is not None:
+        lines += ["", *_cluster_lines(snapshot.ray)]
     lines += [f"event: {e}" for e in snapshot.events]
     rows = [
         [
@@ -110,4 +168,10 @@ def status_line(snapshot: Snapshot) -> str:
             ]
             if run.mlx is not None:
                 parts.append(f"mlx {size(run.mlx.active)}")
+    ray = snapshot.ray
+    if ray is not None and ray.reachable:
+        parts.append(f"ray {ray.nodes_alive}/{len(ray.nodes)} nodes")
+        parts.append(f"{ray.actors_alive}/{len(ray.actors)} actors")
+    elif ray is not None:
+        parts.append("ray unreachable")
     return "  ".join(parts)

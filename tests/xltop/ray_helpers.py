@@ -19,7 +19,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from xltop.snapshot import ClusterState
 
 RAY_BIN = Path(sys.executable).with_name("ray")
 SHM = Path("/dev/shm")
@@ -52,6 +55,17 @@ print("ready", flush=True)
 while True:
     time.sleep(60)
 """
+
+
+def three_actors_listed(state: ClusterState) -> bool:
+    """Both nodes and THREE_ACTORS' actors, with the figures the node stats bring (Ray's agents
+    list a new worker 5-20 s after it starts)."""
+    return (
+        state.nodes_alive == 2
+        and all(node.memory_total for node in state.nodes)
+        and state.actors_alive == 3
+        and all(actor.rss for actor in state.actors)
+    )
 
 
 def ray_missing() -> str | None:

@@ -19,7 +19,7 @@ import time
 import psutil
 import pytest
 from conftest import start_cluster
-from ray_helpers import LocalRayCluster
+from ray_helpers import LocalRayCluster, three_actors_listed
 
 from xltop.raycluster import (
     TOKEN_HINT,
@@ -217,17 +217,9 @@ def test_auto_finds_the_local_cluster_as_ray_does(ray_cluster, monkeypatch):
 
 
 def test_both_nodes_and_the_jobs_actors_with_real_figures(ray_cluster, watch):
-    def complete(state: ClusterState) -> bool:
-        return (
-            state.nodes_alive == 2
-            and all(node.memory_total for node in state.nodes)
-            and state.actors_alive == 3
-            and all(a.rss for a in state.actors)
-        )
-
     source = watch(ray_cluster.cluster.url)
     assert source.wait_polled(timeout=10)
-    state = wait_for(source, complete, timeout=40)
+    state = wait_for(source, three_actors_listed, timeout=40)
     assert state.reachable and state.error is None and state.polled_at <= time.time()
     machine = psutil.virtual_memory().total
     for node in state.nodes:

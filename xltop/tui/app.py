@@ -21,7 +21,7 @@ from textual.worker import get_current_worker
 from xltop import __version__, killer
 from xltop.csvlog import CsvSink
 from xltop.monitor import Monitor
-from xltop.snapshot import RunInfo, RunState, Snapshot
+from xltop.snapshot import ClusterState, RunInfo, RunState, Snapshot
 from xltop.tui import commands
 from xltop.tui.widgets.blocks import BlocksTable
 from xltop.tui.widgets.charts import MetricCharts
@@ -31,11 +31,14 @@ from xltop.tui.widgets.help_screen import HelpScreen
 from xltop.tui.widgets.kill_dialog import KillDialog
 from xltop.tui.widgets.memory import MemoryPanel
 from xltop.tui.widgets.processes import ProcessTable
+from xltop.tui.widgets.ray_panel import RayPanel
 
 Outcome = tuple[str, bool]  # a sentence for the events line, and whether it reports a failure
 NARROW_COLUMNS = 120  # below this, one chart at a time
 SHORT_ROWS = 30  # below this, one events line
 INTERVALS = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0)  # the ladder + and - climb
+# The processes table's title once a cluster is watched: its processes and `k` stay local.
+LOCAL_PROCESSES = "processes on this machine (k kills here only)"
 
 
 def readonly_from_env() -> bool:
@@ -73,6 +76,7 @@ class XltopApp(App[None]):
             yield MemoryPanel(id="memory")
             yield MetricCharts(id="charts")
         yield BlocksTable(id="blocks")
+        yield RayPanel(id="ray")  # hidden until a Snapshot carries a cluster
         yield ProcessTable(id="processes")
         yield EventLine(id="events")
         yield Footer(compact=True)
@@ -118,6 +122,16 @@ class XltopApp(App[None]):
         self.main_screen.query_one(MetricCharts).redraw()
         self.main_screen.query_one(BlocksTable).show(snapshot.run)
         self.main_screen.query_one(ProcessTable).show(snapshot.processes)
+        if snapshot.ray is not None:
+            self._show_cluster(snapshot.ray)
+
+    def _show_cluster(self, cluster: ClusterState) -> None:
+        panel = self.main_screen.query_one(RayPanel)
+        if not panel.display:  # the first Snapshot with a cluster
+            panel.display = True
+            self.main_screen.add_class("ray")
+            self.main_screen.query_one(ProcessTable).border_title = LOCAL_PROCESSES
+        panel.show(cluster)
 
     def _show_header(self) -> None:
         if self.last is None:

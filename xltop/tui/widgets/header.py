@@ -18,7 +18,7 @@ _STATE_STYLE = {
 
 def _state_text(run: RunInfo | None) -> Text:
     if run is None:
-        return Text("no run (--no-run)", style="dim")
+        return Text("no run", style="dim")
     if run.state == RunState.DEAD:
         code = "?" if run.exit_code is None else run.exit_code
         return Text(f"DEAD exit {code} (R restarts)", style=_STATE_STYLE[run.state])
