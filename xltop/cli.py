@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import os
 import signal
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -192,6 +193,8 @@ def _check_combinations(args: argparse.Namespace) -> None:
             raise UsageError(f"--mem-soft {args.mem_soft} must be below --mem-hard {args.mem_hard}")
     if args.attach and not os.path.exists(args.attach):
         raise UsageError(f"--attach {args.attach}: no such socket")
+    if args.attach and not stat.S_ISSOCK(os.stat(args.attach).st_mode):
+        raise UsageError(f"--attach {args.attach}: not a socket")
     if args.csv:
         try:
             check_writable(args.csv)

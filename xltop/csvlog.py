@@ -165,7 +165,10 @@ def _open_log(path: Path, flags: int, header: bytes) -> int:
     try:
         if not S_ISREG(os.fstat(fd).st_mode):
             raise CsvLogError(f"cannot log to {path}: not a regular file")
-        start = os.pread(fd, len(header) + (1 << 16), 0)
+        try:
+            start = os.pread(fd, len(header) + (1 << 16), 0)
+        except OSError as exc:  # a "regular" file that cannot be read back: /proc/self/mem
+            raise CsvLogError(f"cannot log to {path}: {exc.strerror}") from None
         if start and not start.startswith(header):
             raise CsvLogError(_refusal(path, start, header))
     except BaseException:

@@ -276,6 +276,13 @@ def test_a_path_that_is_not_a_regular_file_is_refused_at_once(tmp_path, kind):
     assert result.stderr == f"xltop: cannot log to {path}: not a regular file\n"
 
 
+def test_a_regular_file_that_cannot_be_read_back_is_refused():
+    """/proc/self/mem passes for a regular file but reading it fails: one line, exit 2."""
+    result = run_xltop("--no-run", "--json", "--csv", "/proc/self/mem", timeout=60)
+    assert result.returncode == 2
+    assert result.stderr == "xltop: cannot log to /proc/self/mem: Input/output error\n"
+
+
 def test_a_symlink_to_our_log_is_followed(tmp_path, machine_snapshot):
     target = tmp_path / "log.csv"
     link = tmp_path / "current.csv"
