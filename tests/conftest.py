@@ -79,7 +79,7 @@ def unusable_run_inputs(tmp_path) -> list[tuple[list[str], str]]:
     """Run flags that xltop and ttt-run alike must refuse before a run starts, each with words
     its one-line message must hold: out-of-range numbers, a FIFO (opening it would block),
     /dev/zero (reading it never ends), an oversized or non-UTF-8 settings file, a folder with
-    nothing to stream, one of binary files only, and a device as data."""
+    nothing to stream, one of binary files only, a device as data, and empty paths."""
     fifo, empty, binary = tmp_path / "fifo", tmp_path / "empty", tmp_path / "binary"
     os.mkfifo(fifo)
     empty.mkdir()
@@ -100,4 +100,8 @@ def unusable_run_inputs(tmp_path) -> list[tuple[list[str], str]]:
         (["--data", str(empty)], f"data path {empty} holds no non-empty text files"),
         (["--data", str(binary)], f"data path {binary} holds no non-empty text files"),
         (["--data", "/dev/urandom"], "data path /dev/urandom is neither a file nor a folder"),
+        # an empty path is a mistake, never "not given" (--data '' would stream the cwd)
+        (["--data", ""], "--data: empty value"),
+        (["--config", ""], "--config: empty value"),
+        (["--resume", ""], "--resume: empty value"),
     ]

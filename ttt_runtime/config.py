@@ -371,6 +371,9 @@ def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = Non
 def parse_run_args(argv: list[str]) -> tuple[argparse.Namespace, RunConfig]:
     """Parse `ttt-run run` flags; ConfigError (one line) for anything wrong."""
     args = run_arg_parser().parse_args(argv)
+    for name, value in vars(args).items():
+        if value == "":  # `--data ''` would stream the current folder, `--config ''` be ignored
+            raise ConfigError(f"--{name.replace('_', '-')}: empty value")
     if args.resume:
         check_regular_file(args.resume, "checkpoint")
     base = checkpoint_config(args.resume) if args.resume else None

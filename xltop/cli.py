@@ -195,7 +195,7 @@ def _check_combinations(args: argparse.Namespace) -> None:
         raise UsageError(f"--attach {args.attach}: no such socket")
     if args.attach and not stat.S_ISSOCK(os.stat(args.attach).st_mode):
         raise UsageError(f"--attach {args.attach}: not a socket")
-    if args.csv:
+    if args.csv is not None:
         try:
             check_writable(args.csv)
         except CsvLogError as exc:

@@ -136,6 +136,8 @@ HEADER_START = _csv_line([*BASE_COLUMNS, ""]).rstrip("\n").encode()
 
 def check_writable(path: str | os.PathLike) -> None:
     """Fail early, before a run starts, if `path` can never be a CSV log."""
+    if not os.fspath(path):
+        raise CsvLogError("cannot log to '': the path is empty")
     path = Path(path)
     if path.is_dir():
         raise CsvLogError(f"{path} is a directory, not a CSV file")

@@ -57,11 +57,11 @@ def dashboard_url(address: str) -> str:
     """`http://HOST:PORT` from a dashboard address given with or without its scheme and port
     (Ray's default dashboard port, 8265)."""
     text = address.strip()
-    parsed = urllib.parse.urlsplit(text if "://" in text else f"http://{text}")
     try:
+        parsed = urllib.parse.urlsplit(text if "://" in text else f"http://{text}")
         port = DEFAULT_DASHBOARD_PORT if parsed.port is None else parsed.port
-    except ValueError:
-        port = 0  # out of range or not a number
+    except ValueError:  # an unclosed IPv6 bracket; a port out of range or not a number
+        parsed, port = urllib.parse.urlsplit(""), 0
     hostname = parsed.hostname or ""
     if parsed.scheme not in ("http", "https") or not HOSTNAME.match(hostname) or not port:
         raise RayClusterError(

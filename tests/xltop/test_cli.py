@@ -153,6 +153,7 @@ def test_quiet_headless_prints_nothing(tmp_path):
         (["--attach", "/nonexistent/run.sock"], "/nonexistent/run.sock"),
         (["--attach", "/etc/passwd"], "--attach /etc/passwd: not a socket"),
         (["--csv", "/nonexistent/dir/log.csv", "--no-run"], "/nonexistent/dir"),
+        (["--csv", "", "--no-run"], "cannot log to '': the path is empty"),
         # numbers: a range each, and NaN or an infinity is outside every range
         (["--no-run", "--interval", "1e10"], "'1e10' must be between 0.2 and 86400 seconds"),
         (["--no-run", "--interval", "inf"], "--interval: 'inf' must be between"),

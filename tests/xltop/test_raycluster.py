@@ -80,7 +80,9 @@ def test_dashboard_addresses_are_normalized_and_bad_ones_named_in_one_line():
     assert dashboard_url(" http://head:9000/ ") == "http://head:9000"
     assert dashboard_url("head") == "http://head:8265"  # Ray's default dashboard port
     assert dashboard_url("[::1]:9") == "http://[::1]:9"
-    for bad in ("", "http://", "ftp://head:1", "head:99999", "head:0", "head:port", "a b"):
+    bad_addresses = ("", "http://", "ftp://head:1", "head:99999", "head:0", "head:port", "a b",
+                     "http://[::1", "[::1")  # fmt: skip
+    for bad in bad_addresses:
         with pytest.raises(RayClusterError, match=re.escape(repr(bad))) as error:
             dashboard_url(bad)
         one_line(str(error.value))
