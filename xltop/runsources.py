@@ -10,14 +10,23 @@ in a step) is "stalled" until they resume.
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ttt_runtime.channel import ChannelClient, ChannelError
-from ttt_runtime.protocol import BlockTiming, Hello, LayerFigures, MlxReport, Reply, Telemetry
+from ttt_runtime.channel import MAX_LINE, ChannelClient, ChannelError
+from ttt_runtime.protocol import (
+    BlockTiming,
+    Hello,
+    LayerFigures,
+    MlxReport,
+    Reply,
+    Telemetry,
+    json_data,
+)
 from xltop.snapshot import MlxMemory, RunInfo, RunState
 
 SEND_TIMEOUT_S = 5.0
@@ -32,6 +41,12 @@ STOP_TIMEOUT_S = 10.0
 STALL_MIN_S = 5.0
 STALL_STEPS = 3
 STALL_WINDOW = 32  # more than `sample_every` (20) steps: a slower sampled step is among them
+
+_EMPTY_BLOCK = (BlockTiming(None, None), LayerFigures(None, None, None, None, None))
+# A report is one line of at most MAX_LINE bytes carrying every block's timing and figures: a
+# hello claiming more blocks than one line could carry (or a count that is not an integer) is
+# not believed, and lays out no blocks, rather than rows (and CSV columns) by the billion.
+MAX_LAYOUT_BLOCKS = MAX_LINE // len(json.dumps(json_data(_EMPTY_BLOCK), separators=(",", ":")))
 
 
 class RunSourceError(Exception):
@@ -133,12 +148,11 @@ class _ChannelRun:
         if info.blocks:
             return info
         hello = self._hello()
-        n = hello.config.get("num_blocks", 0) if hello is not None else 0
-        return dataclasses.replace(
-            info,
-            blocks=(BlockTiming(None, None),) * n,
-            layers=(LayerFigures(None, None, None, None, None),) * n,
-        )
+        n = hello.config.get("num_blocks") if hello is not None else None
+        if type(n) is not int or not 0 < n <= MAX_LAYOUT_BLOCKS:  # bool is no count
+            return info
+        timing, figures = _EMPTY_BLOCK
+        return dataclasses.replace(info, blocks=(timing,) * n, layers=(figures,) * n)
 
     def _live_info(self) -> RunInfo:
         client = self._client

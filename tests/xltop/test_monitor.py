@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -169,3 +170,28 @@ def wait_for_row(path, predicate, timeout: float) -> dict[str, str]:
         f"such a row in {path}",
         interval=0.1,
     )
+
+
+def test_a_hello_with_an_absurd_block_count_lays_out_no_blocks(tmp_path):
+    # The layout before the first report comes from the hello's config, which is the peer's
+    # word: a count no report could carry, or not an integer, must not allocate or raise.
+    for num_blocks in (10**12, 2.5, "3", True, -4):
+        hello = dataclasses.replace(HELLO, config={"num_blocks": num_blocks})
+        server = ChannelServer(str(tmp_path / "run.sock"), hello)
+        source = AttachedRun(server.path)
+        try:
+            info = source.sample()
+            assert info.state == RunState.STARTING
+            assert info.blocks == () and info.layers == (), num_blocks
+        finally:
+            source.close()
+            server.close()
+    server = ChannelServer(
+        str(tmp_path / "run.sock"), dataclasses.replace(HELLO, config={"num_blocks": 3})
+    )
+    source = AttachedRun(server.path)
+    try:
+        assert len(source.sample().blocks) == 3  # a real run's count is believed
+    finally:
+        source.close()
+        server.close()
