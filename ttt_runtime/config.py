@@ -378,12 +378,35 @@ def parse_run_args(argv: list[str]) -> tuple[argparse.Namespace, RunConfig]:
         check_regular_file(args.resume, "checkpoint")
     base = checkpoint_config(args.resume) if args.resume else None
     config = config_from_args(args, base)
+    if args.resume:
+        _check_same_shapes(args.resume, RunConfig().with_overrides(**base), config)
     if config.data is not None:
         try:
             check_data(config.data)  # before MLX is imported or anything is built
         except StreamError as exc:
             raise ConfigError(str(exc)) from None
     return args, config
+
+
+# The settings that shape a checkpoint's arrays: a resumed run cannot change them. An adapt
+# run's caches are also shaped by batch_size (one fast weight per row).
+SHAPE_SETTINGS = (
+    "layer_type", "num_blocks", "hidden_size", "num_heads", "mini_batch_size",
+    "intermediate_size", "use_gate",
+)  # fmt: skip
+
+
+def _check_same_shapes(path: str, saved: RunConfig, config: RunConfig) -> None:
+    """ConfigError naming the first setting by which `config` would need other arrays than
+    those the checkpoint at `path` (saved with `saved`) holds."""
+    caches = saved.mode == config.mode == "adapt"
+    for name in SHAPE_SETTINGS + (("batch_size",) if caches else ()):
+        before, after = getattr(saved, name), getattr(config, name)
+        if before != after:
+            raise ConfigError(
+                f"checkpoint {path} was saved with {name}={before!r}; {name}={after!r} needs "
+                "arrays of other shapes (resume with its settings, or start a new run)"
+            )
 
 
 CHECKPOINT_FORMAT = "xltop-ttt-checkpoint/2"

@@ -180,3 +180,35 @@ def test_an_integer_too_large_for_a_number_setting_is_refused(tmp_path):
     toml.write_text("lr = 1" + "0" * 400 + "\n")  # not a float: math.isfinite overflowed
     with pytest.raises(ConfigError, match=r"^lr=10+: must be a positive finite number$"):
         RunConfig.from_toml(str(toml))
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--hidden-size", "64", "--num-heads", "2"], "hidden_size=32; hidden_size=64"),
+        (["--num-blocks", "3"], "num_blocks=2; num_blocks=3"),
+        (["--layer-type", "mlp"], "layer_type='linear'; layer_type='mlp'"),
+        (["--use-gate", "true"], "use_gate=False; use_gate=True"),
+        (["--num-heads", "4"], "num_heads=2; num_heads=4"),
+        (["--mini-batch-size", "4"], "mini_batch_size=8; mini_batch_size=4"),
+        (["--preset", "default"], "num_blocks=2; num_blocks=4"),
+        (["--batch-size", "2"], "batch_size=1; batch_size=2"),  # an adapt run's caches
+    ],
+)
+def test_resuming_with_settings_that_change_the_model_shapes_is_one_line(tmp_path, flags, needle):
+    from ttt_runtime.checkpoint import Checkpoint, save
+
+    saved = RunConfig.from_preset("tiny").with_overrides(mode="adapt").as_dict()
+    path = save(str(tmp_path / "c.safetensors"), Checkpoint({}, saved, 3, 96, 96, 0, [0, 0]))
+    socket = tmp_path / "s"  # never made: the run must not start
+    command = [sys.executable, "-m", "ttt_runtime", "run", "--socket", str(socket)]
+    result = subprocess.run([*command, "--resume", path, *flags], capture_output=True,
+                            text=True, timeout=60, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert result.returncode == 2, result
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"checkpoint {path} was saved with {needle}" in lines[0], lines[0]
+    assert not socket.exists()
+    # what does not change a shape may change: the learning rates, the length of a row
+    assert check_run_args(["--resume", path, "--lr", "0.01", "--seq-len", "16"]) is None
+    assert check_run_args(["--resume", path, "--mode", "train", "--batch-size", "2"]) is None
