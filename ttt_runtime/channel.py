@@ -109,6 +109,15 @@ def _remove_stale(path: str) -> None:
     raise ChannelError(f"another run is already listening at {path}")
 
 
+def _file_identity(path: str) -> tuple[int, int] | None:
+    """The (device, inode) of the file at `path` itself (not a link's target), or None."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
 class _Connection:
     """One socket with an ordered outbox drained by a writer thread."""
 
@@ -235,6 +244,7 @@ class ChannelServer:
         finally:
             os.umask(old_umask)
         os.chmod(socket_path, 0o600)
+        self._identity = _file_identity(socket_path)  # what close() may remove
         listener.listen(16)
         listener.settimeout(0.2)  # so that close() is noticed without a wake-up trick
         self._listener = listener
@@ -292,9 +302,13 @@ class ChannelServer:
         with self._queued:
             self._queued.notify_all()  # readers waiting for room give up
         self._accepter.join(2.0)
+        # only our own socket: once it was deleted, another run may listen at the same path.
+        # Checked while the listener is open: until then no other file can have its inode.
+        if _file_identity(self.path) == self._identity:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
         self._listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        self._identity = None  # a second close() finds no file of ours
         with self._lock:
             peers = list(self._peers)
         deadline = time.monotonic() + flush_timeout

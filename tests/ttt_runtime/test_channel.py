@@ -236,6 +236,18 @@ def test_live_socket_or_other_file_is_not_replaced(server, tmp_path):
     assert other.read_text() == "keep me"
 
 
+def test_a_run_leaving_removes_only_its_own_socket_never_a_newer_runs(server, clients):
+    # its socket deleted (by hand, or a cleanup), a second run may listen at the same path
+    os.unlink(server.path)
+    newer = ChannelServer(server.path, dataclasses.replace(HELLO, pid=HELLO.pid + 1))
+    try:
+        server.close()  # the first run exits
+        assert clients(server.path).hello.pid == HELLO.pid + 1  # the newer one is still there
+    finally:
+        newer.close()
+    assert not os.path.exists(server.path)  # which removed its own
+
+
 def test_missing_socket_fails_fast(tmp_path):
     start = time.monotonic()
     with pytest.raises(ChannelError, match="no such socket"):
