@@ -21,7 +21,8 @@ import numpy as np
 _SNIFF_BYTES = 8192
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", ".git"}
 _DEFAULT_SUFFIXES = (".py", ".txt", ".rst")
-_OPEN_FILES = 8  # files kept in memory: consecutive chunks mostly fall in the same file
+_BLOCK_BYTES = 1 << 20  # files are read and kept this much at a time
+_CACHED_BLOCKS = 8  # blocks kept in memory: consecutive chunks mostly fall in the same one
 CHECK_FILES = 1000  # check_data sniffs at most this many files (8 MiB) before a run starts
 
 
@@ -125,7 +126,7 @@ class ByteStream:
         self.files, sizes = self._collect(path)
         self.ends = np.cumsum(sizes).tolist()
         self.total = self.ends[-1]
-        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, int], bytes] = OrderedDict()
 
     def _collect(self, path: str | None) -> tuple[list[Path], list[int]]:
         source = _Source(path)
@@ -162,28 +163,34 @@ class ByteStream:
         offset = start % self.total
         while count > 0:
             index = bisect.bisect_right(self.ends, offset)
-            file_start = self.ends[index - 1] if index else 0
-            data = self._file_bytes(index)
-            piece = data[offset - file_start : offset - file_start + count]
+            within = offset - (self.ends[index - 1] if index else 0)
+            block_start, data = self._block(index, within // _BLOCK_BYTES)
+            piece = data[within - block_start : within - block_start + count]
             out.append(piece)
             count -= len(piece)
             offset = (offset + len(piece)) % self.total
         return b"".join(out)
 
-    def _file_bytes(self, index: int) -> bytes:
-        if index in self._cache:
-            self._cache.move_to_end(index)
-            return self._cache[index]
-        size = self.ends[index] - (self.ends[index - 1] if index else 0)
+    def _block(self, index: int, number: int) -> tuple[int, bytes]:
+        """Block `number` of file `index`: its offset in the file and its bytes. Files are read
+        a block at a time, so that a file larger than memory streams all the same."""
+        start = number * _BLOCK_BYTES
+        if (index, number) in self._cache:
+            self._cache.move_to_end((index, number))
+            return start, self._cache[index, number]
+        size = min(_BLOCK_BYTES, self.ends[index] - (self.ends[index - 1] if index else 0) - start)
         try:
-            data = self.files[index].read_bytes()
+            with self.files[index].open("rb") as handle:
+                handle.seek(start)
+                data = handle.read(size)
         except OSError as err:
             raise StreamError(
                 f"data file {self.files[index]} is unreadable: {err.strerror}"
             ) from None
         # a file that changed size since the scan keeps its scanned length: offsets stay valid
-        data = data[:size].ljust(size, b"\n")
-        self._cache[index] = data
-        if len(self._cache) > _OPEN_FILES:
+        data = data.ljust(size, b"\n")
+        self._cache[index, number] = data
+        # every row reads its own lane: one block each, and the next a row runs into
+        if len(self._cache) > max(_CACHED_BLOCKS, 2 * self.batch_size):
             self._cache.popitem(last=False)
-        return data
+        return start, data

@@ -131,3 +131,19 @@ def test_bad_sizes_are_errors(tmp_path, kwargs):
     (tmp_path / "t.txt").write_bytes(b"text")
     with pytest.raises(StreamError, match=next(iter(k for k, v in kwargs.items() if v == 0))):
         ByteStream(str(tmp_path / "t.txt"), **kwargs)
+
+
+def test_a_file_larger_than_memory_is_streamed_a_window_at_a_time(tmp_path):
+    # 1 TiB, sparse: text at both ends, a hole between (a huge corpus costs no disk here).
+    # Read whole, it could never fit in memory; a run must stream it all the same.
+    big = tmp_path / "corpus.txt"
+    with big.open("wb") as handle:
+        handle.write(b"the beginning " * 1000)  # more than the 8 KiB sniffed
+        handle.truncate(1 << 40)
+        handle.seek((1 << 40) - 6)
+        handle.write(b"!end\n\n")
+    stream = ByteStream(str(big), seq_len=16, batch_size=2)
+    inputs, _ = next(stream)
+    assert bytes(inputs[0].astype(np.uint8)) == b"the beginning th"
+    assert bytes(inputs[1].astype(np.uint8)) == bytes(16)  # the middle of the hole
+    assert stream.read((1 << 40) - 6, 10) == b"!end\n\nthe "  # its end, then around
