@@ -1,7 +1,7 @@
 """`python -m ttt_runtime run --socket PATH ...` (console script `ttt-run`): a TTT run that
 streams telemetry to any monitor that attaches (`xltop --attach PATH`).
 
-Exit codes: 0 after `stop` (or SIGTERM, or Ctrl-C), 2 with a one-line message for a bad
+Exit codes: 0 after `stop` (or SIGTERM, SIGHUP, or Ctrl-C), 2 with a one-line message for a bad
 configuration, 1 after sending an "error" message when the run raises.
 
 Without --socket the run listens in a private folder it makes; that folder, or the socket's
@@ -15,7 +15,7 @@ import sys
 
 from ttt_runtime.config import ConfigError, parse_run_args
 from ttt_runtime.console import say
-from ttt_runtime.launch import private_socket_path, remove_private_socket
+from ttt_runtime.launch import STOP_SIGNALS, private_socket_path, remove_private_socket
 
 
 def _fail(message: str) -> int:
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         args, config = parse_run_args(argv)
     except ConfigError as exc:
         return _fail(str(exc))
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in STOP_SIGNALS:
         signal.signal(signum, _stop_during_setup)
     socket_path, private = args.socket, args.remove_socket_dir
     if socket_path is None:

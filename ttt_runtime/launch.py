@@ -26,6 +26,8 @@ from ttt_runtime.config import ConfigError, parse_run_args
 
 _TAIL_LINES = 200
 SLOW_STOP_S = 1.0  # a stop that takes longer says what it waits for
+# What a run takes as `stop`: SIGTERM, Ctrl-C, and SIGHUP (the terminal it was started in closed)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def private_socket_path() -> str:

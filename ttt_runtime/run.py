@@ -27,6 +27,7 @@ from ttt_runtime.config import ConfigError, RunConfig
 from ttt_runtime.console import say
 from ttt_runtime.device import device_info, memory_counters
 from ttt_runtime.figures import SampleFigures
+from ttt_runtime.launch import STOP_SIGNALS
 from ttt_runtime.learners import LEARNERS, Learner
 from ttt_runtime.model import TTTModel
 from ttt_runtime.protocol import (
@@ -114,7 +115,7 @@ class TTTRun:
     # -- the loop -------------------------------------------------------------------------------
     def serve(self) -> int:
         """Run until stopped; the process's exit code."""
-        for signum in (signal.SIGTERM, signal.SIGINT):  # Ctrl-C in a terminal: the same clean stop
+        for signum in STOP_SIGNALS:  # the same clean stop as the command
             signal.signal(signum, lambda *_: setattr(self, "stopping", True))
         last_progress = time.monotonic()
         try:

@@ -320,11 +320,17 @@ def test_stop_finishes_cleanly_with_exit_zero(spawned_run, clients):
     assert not os.path.exists(run.socket_path)
 
 
-def test_sigterm_stops_cleanly(spawned_run, clients):
+@pytest.mark.parametrize(
+    "signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name
+)
+def test_a_stop_signal_stops_cleanly(spawned_run, clients, signum):
+    # SIGHUP: the terminal of a run started by hand was closed
     run = spawned_run()
-    report(clients(run), lambda m: m.step >= 1)
-    os.kill(run.pid, signal.SIGTERM)
+    client = clients(run)
+    report(client, lambda m: m.step >= 1)
+    os.kill(run.pid, signum)
     assert run.wait(30) == 0
+    wait_until(lambda: client.bye is not None, 5, "the bye")
 
 
 def test_sigkill_is_detected_within_two_intervals(spawned_run, clients):
@@ -415,7 +421,7 @@ def test_a_closed_stderr_never_ends_the_run(own_folder_run):
     assert list(tmpdir.glob("ttt-run-*")) == []
 
 
-@pytest.mark.parametrize("how", ["sigterm", "lifeline", "error", "setup"])
+@pytest.mark.parametrize("how", ["sigterm", "sighup", "lifeline", "error", "setup"])
 def test_every_exit_removes_the_private_folder_the_run_made(own_folder_run, tmp_path, how):
     data = tmp_path / "data"
     data.mkdir()
@@ -431,12 +437,12 @@ def test_every_exit_removes_the_private_folder_the_run_made(own_folder_run, tmp_
     proc, tmpdir = own_folder_run(*args, stdin=stdin)
     if how == "setup":
         assert proc.wait(READY_S) == 2
-    elif how == "sigterm":
+    elif how in ("sigterm", "sighup"):
         # as early as can be: the folder exists, the run may still be setting up
         wait_until(
             lambda: proc.poll() is None and list(tmpdir.glob("ttt-run-*")), READY_S, "folder"
         )
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGHUP if how == "sighup" else signal.SIGTERM)
         assert proc.wait(READY_S) == 0
     else:
         client = ChannelClient.connect(own_socket(proc, tmpdir))
