@@ -10,6 +10,7 @@ folder given with --remove-socket-dir, is removed at every exit the process live
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -21,6 +22,14 @@ from ttt_runtime.launch import STOP_SIGNALS, private_socket_path, remove_private
 def _fail(message: str) -> int:
     say(f"ttt-run: error: {message}")
     return 2
+
+
+def _stdin_is_open() -> bool:
+    try:
+        os.fstat(0)
+    except OSError:
+        return False
+    return True
 
 
 def _stop_during_setup(_signum, _frame) -> None:
@@ -36,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         args, config = parse_run_args(argv)
     except ConfigError as exc:
         return _fail(str(exc))
+    if args.exit_with_parent and not _stdin_is_open():
+        # else the lifeline would watch whatever file is opened next as fd 0 (our socket)
+        return _fail("--exit-with-parent: stdin is closed; it must be the starting process's pipe")
     for signum in STOP_SIGNALS:
         signal.signal(signum, _stop_during_setup)
     socket_path, private = args.socket, args.remove_socket_dir

@@ -500,6 +500,21 @@ def test_bad_config_exits_2_with_one_line_naming_the_field(args, needle, tmp_pat
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.stderr
 
 
+def test_a_lifeline_on_a_closed_stdin_is_one_line_and_exit_2(tmp_path):
+    socket_path = tmp_path / "s.sock"
+    command = [sys.executable, "-m", "ttt_runtime", "run", "--preset", "tiny", "--socket",
+               str(socket_path), "--exit-with-parent", "--max-steps", "3"]  # fmt: skip
+    # stdin closed: there is no parent's pipe to watch, and fd 0 would be the next file opened
+    result = subprocess.run(["bash", "-c", 'exec "$@" <&-', "bash", *command],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        "ttt-run: error: --exit-with-parent: stdin is closed; it must be the starting "
+        "process's pipe"
+    ]
+    assert not socket_path.exists()
+
+
 def test_a_truncated_or_edited_checkpoint_is_refused_in_one_line(spawned_run, clients, tmp_path):
     client = clients(spawned_run())
     report(client, lambda m: m.step >= 1)
