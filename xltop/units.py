@@ -3,6 +3,8 @@ the CSV and the watchdog): short, fixed-width friendly, '-' for unknown."""
 
 from __future__ import annotations
 
+import re
+
 MIB = 1024 * 1024  # the CSV's and the limits' unit
 MISSING = "-"
 
@@ -17,6 +19,16 @@ def size(value: int | float | None) -> str:
             break
         value /= 1024
     return f"{value:.0f} {unit}" if unit == "B" or value >= 100 else f"{value:.3g} {unit}"
+
+
+# Control characters (C0, DEL, C1): written raw, a string from elsewhere (a process's command line,
+# a run's error, an actor's name) would move the cursor, clear or retitle the terminal.
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` with each control character written as its escape (`\\x1b`), never obeyed."""
+    return CONTROL_CHARACTERS.sub(lambda match: repr(match.group())[1:-1], text)
 
 
 def number(value: float | None, digits: int = 3) -> str:

@@ -13,6 +13,7 @@ import inspect
 import os
 import re
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -398,3 +399,26 @@ async def test_tables_redraw_exactly_the_cells_a_tick_changed():
         assert " 0.005 " in after[0].splitlines()[block0]  # block 0's drift
         lines = zip(before[1].splitlines(), after[1].splitlines(), strict=True)
         assert sum(a != b for a, b in lines) == 1  # only the run's row: no other process changed
+
+
+# a command line as a hostile user can write it: terminal escapes (retitle, clear the screen) and
+# text that Rich or Textual markup would take for tags (an unbalanced closing tag included)
+HOSTILE_ARG = "\x1b]0;PWNED\x07\x1b[2J[bold]B[/bold] [/x] [link=http://e]L[/link]"
+
+
+@pilot_test
+async def test_a_hostile_command_line_is_shown_literally_in_the_table_and_kill_dialog(
+    monitors, children
+):
+    victim = children(sys.executable, "-c", "import time; time.sleep(300)", HOSTILE_ARG)
+    app = XltopApp(monitors(top_n=ALL_PROCESSES))
+    async with app.run_test(size=(250, 40)) as pilot:
+        table = await open_kill_dialog(pilot, app, victim.pid, "k")
+        shown = drawn(app.screen.query_one("#kill-command"))
+        assert "\x1b" not in shown and "\x07" not in shown
+        assert "\\x1b]0;PWNED\\x07\\x1b[2J[bold]B[/bold] [/x]" in shown
+        await pilot.press("n")
+        await until(pilot, lambda: not isinstance(app.screen, KillDialog), "the dialog to close")
+        table.select_pid(victim.pid)
+        row = next(line for line in drawn(table).splitlines() if str(victim.pid) in line)
+        assert "\x1b" not in row and "\\x1b]0;PWNED" in row

@@ -7,6 +7,8 @@ from collections import deque
 from rich.text import Text
 from textual.widgets import Static
 
+from xltop.units import printable
+
 
 class EventLine(Static):
     def __init__(self, **kwargs) -> None:
@@ -18,5 +20,5 @@ class EventLine(Static):
             return
         self.events.extend(events)
         newest = list(self.events)[-max(1, self.size.height) :]  # as many as there are rows
-        text = Text("\n").join(Text(f"> {event}") for event in newest)
+        text = Text("\n").join(Text(f"> {printable(event)}") for event in newest)
         self.update(text, layout=False)  # fixed size: no re-layout

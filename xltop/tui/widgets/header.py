@@ -45,19 +45,19 @@ class RunHeader(Static):
         line = Text.assemble((f"xltop {version}", "bold"), " | ", no_wrap=True, overflow="crop")
         line.append_text(_state_text(run))
         if run is not None and (run.mode or run.preset):
-            line.append(f" | {run.mode or '?'}/{run.preset or '?'}")
+            line.append(units.printable(f" | {run.mode or '?'}/{run.preset or '?'}"))
         if run is not None and run.mlx is not None:
             device = "" if run.mlx.device in ("", run.mlx.backend) else f" {run.mlx.device}"
-            line.append(f" | MLX {run.mlx.backend}{device}")
+            line.append(units.printable(f" | MLX {run.mlx.backend}{device}"))
         if run is not None and run.blas:
-            line.append(f" | BLAS {run.blas}")
+            line.append(units.printable(f" | BLAS {run.blas}"))
         line.append(f" | {snapshot.interval:g}s")
-        line.append(f" | CSV {csv}" if csv else " | CSV off")
+        line.append(units.printable(f" | CSV {csv}") if csv else " | CSV off")
         if frozen:
             line.append(" | FROZEN", style="reverse")
         if readonly:
             line.append(" | readonly", style="italic")
-        line.append(f" | {host}")
+        line.append(units.printable(f" | {host}"))
         line.append("\n")
         line.append_text(self._run_line(run))
         self.update(line, layout=False)  # fixed size: no re-layout
@@ -67,7 +67,8 @@ class RunHeader(Static):
         if run is None:
             return Text("")
         if run.state == RunState.DEAD:
-            return Text(f"last error: {run.last_error or 'none reported'}", style="red")
+            error = units.printable(run.last_error or "none reported")
+            return Text(f"last error: {error}", style="red")
         return Text(
             f"pid {run.pid or '-'}  step {run.step}  {units.rate(run.tokens_per_s)} tok/s  "
             f"{units.ms(run.step_ms)} ms/step  loss {units.number(run.loss_bpb)} bpb  "

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Static
 
 from xltop.killer import GRACE_S, KillTarget
+from xltop.units import printable
 
 
 class KillDialog(ModalScreen[bool]):
@@ -20,8 +22,12 @@ class KillDialog(ModalScreen[bool]):
     def compose(self) -> ComposeResult:
         t = self.target
         with Vertical(id="kill-box"):
-            yield Static(f"Kill pid {t.pid} ({t.name})?", id="kill-title")
-            yield Static(f"user {t.user}\ncommand {t.command}", id="kill-command")
+            # Text, not a str: Static reads a str as markup, and a process names itself
+            yield Static(Text(printable(f"Kill pid {t.pid} ({t.name})?")), id="kill-title")
+            yield Static(
+                Text(f"user {printable(t.user)}\ncommand {printable(t.command)}"),
+                id="kill-command",
+            )
             yield Static(
                 f"SIGTERM now, SIGKILL if it is still there after {GRACE_S:g} s.", id="kill-how"
             )

@@ -72,7 +72,12 @@ ACTOR_COLUMNS: tuple[Column[ClusterActor], ...] = (
 def title(cluster: ClusterState) -> Text:
     """One line: the cluster summed up, or (in red) why nothing can be read from it."""
     style = "bold red" if cluster.error else "" if cluster.reachable else "dim"
-    return Text(cluster_line(cluster, " | "), style=style, no_wrap=True, overflow="ellipsis")
+    return Text(
+        units.printable(cluster_line(cluster, " | ")),
+        style=style,
+        no_wrap=True,
+        overflow="ellipsis",
+    )
 
 
 class RayPanel(Vertical):

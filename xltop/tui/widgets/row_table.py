@@ -10,12 +10,14 @@ private caches (textual 8.2); tests/xltop/test_app.py checks what it draws.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from rich.cells import set_cell_size
 from rich.segment import Segment
 from rich.style import Style
+from rich.text import Text
 from textual._two_way_dict import TwoWayDict
 from textual._types import SegmentLines
 from textual.cache import LRUCache
@@ -24,7 +26,19 @@ from textual.strip import Strip
 from textual.widgets import DataTable
 from textual.widgets.data_table import CellDoesNotExist, CellType, ColumnKey, RowKey
 
+from xltop.units import CONTROL_CHARACTERS, printable
+
 CacheKey = TypeVar("CacheKey")
+_CONTROL_OR_MARKUP = re.compile(rf"\[|{CONTROL_CHARACTERS.pattern}")
+
+
+def literal(value: CellType) -> CellType:
+    """A cell shown as written: DataTable reads a str as markup when it measures or draws it (a
+    process's "[/x]" raised MarkupError and ended the app), so a str that markup or the terminal
+    would misread is a Text; any other stays a str, for the one-Segment drawing below."""
+    if isinstance(value, str) and _CONTROL_OR_MARKUP.search(value):
+        return Text(printable(value), end="")
+    return value
 
 
 class RowTable(DataTable):
@@ -40,6 +54,7 @@ class RowTable(DataTable):
         *,
         update_width: bool = False,
     ) -> None:
+        value = literal(value)
         if update_width:  # a width change re-renders everything anyway
             super().update_cell(row_key, column_key, value, update_width=True)
             return
@@ -51,6 +66,9 @@ class RowTable(DataTable):
         self._data[row][column] = value
         self._changed_rows.add(row)
         self.refresh_row(row_index)
+
+    def add_row(self, *cells: CellType, **kwargs: Any) -> RowKey:
+        return super().add_row(*map(literal, cells), **kwargs)
 
     def order_rows(self, keys: list[str]) -> None:
         """Put the rows in the order of `keys` (each row's key once). DataTable.sort orders by
