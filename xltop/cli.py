@@ -29,6 +29,7 @@ from xltop.monitor import MIN_INTERVAL_S, Monitor, RuntimeSource
 from xltop.snapshot import RunState, Snapshot
 from xltop.sources import SystemSource
 from xltop.table import format_snapshot, status_line
+from xltop.units import printable
 from xltop.watchdog import Threshold, Watchdog
 
 if TYPE_CHECKING:  # imported where a cluster is watched: urllib's import is not light
@@ -218,7 +219,8 @@ def _run_args(args: argparse.Namespace) -> list[str]:
 
 
 def _say(text: str) -> None:
-    print(f"xltop: {text}", file=sys.stderr, flush=True)
+    # the text may carry a run's error or a process's name: printed, never obeyed by a terminal
+    print(f"xltop: {printable(text)}", file=sys.stderr, flush=True)
 
 
 def _make_cluster(args: argparse.Namespace, interval: float) -> RayCluster | None:

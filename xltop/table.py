@@ -7,7 +7,7 @@ from dataclasses import fields
 
 from ttt_runtime.protocol import BlockTiming, LayerFigures
 from xltop.snapshot import SHORT_ID, ClusterState, RunInfo, RunState, Snapshot
-from xltop.units import MIB, size
+from xltop.units import MIB, printable, size
 
 COMMAND_WIDTH = 60
 # the per-block table: a column per field of each, block times in ms, layer figures in general
@@ -145,7 +145,8 @@ def format_snapshot(snapshot: Snapshot) -> str:
     ]
     headers = ["PID", "USER", "RSS_MIB", "CPU%", "NAME", "COMMAND"]
     lines += ["", *_aligned(headers, rows, text=(1, 4))]
-    return "\n".join(lines) + "\n"
+    # Commands, names and errors come from elsewhere: shown, never obeyed by the terminal.
+    return "\n".join(map(printable, lines)) + "\n"
 
 
 def status_line(snapshot: Snapshot) -> str:
@@ -174,4 +175,4 @@ def status_line(snapshot: Snapshot) -> str:
         parts.append(f"{ray.actors_alive}/{len(ray.actors)} actors")
     elif ray is not None:
         parts.append("ray unreachable")
-    return "  ".join(parts)
+    return printable("  ".join(parts))

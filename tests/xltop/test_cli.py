@@ -8,15 +8,28 @@ import math
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import jsonschema
 import pytest
 from fake_source import fake_snapshot
-from xltop_helpers import kill_pid, process_gone, read_rows, run_xltop, wait_for_rows
+from messages import HELLO, telemetry
+from polling import wait_until
+from xltop_helpers import (
+    REPO,
+    kill_pid,
+    process_gone,
+    read_rows,
+    run_xltop,
+    wait_for_rows,
+    xltop_env,
+)
 
-from ttt_runtime.protocol import BlockTiming, LayerFigures
+from ttt_runtime.channel import ChannelServer
+from ttt_runtime.protocol import BlockTiming, ErrorReport, LayerFigures
 from xltop.jsonout import snapshot_to_line
 from xltop.snapshot import RunState
 from xltop.table import format_snapshot, status_line
@@ -316,3 +329,34 @@ def test_a_resume_checkpoint_with_bad_metadata_exits_2_before_starting(tmp_path)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and str(path) in lines[0] and "config" in lines[0]
     assert result.stdout == ""
+
+
+# terminal escapes (retitle, clear the screen) where xltop prints text that is not its own
+HOSTILE = "\x1b]0;PWNED\x07\x1b[2J"
+
+
+def test_text_output_writes_control_characters_as_escapes_never_raw(tmp_path, children):
+    victim = children("sh", "-c", "sleep 300; :", HOSTILE)  # short: the table cuts commands
+    once = run_xltop("--once", "--no-run", "--top", "1000000")
+    row = next(line for line in once.stdout.splitlines() if line.startswith(f"{victim.pid} "))
+    assert "\x1b" not in once.stdout and "\x07" not in once.stdout
+    assert row.endswith("\\x1b]0;PWNED\\x07\\x1b[2J")
+    # headless: an attached run's error, the run's own words, is an event on stderr
+    server = ChannelServer(str(tmp_path / "run.sock"), HELLO)
+    xltop = subprocess.Popen(
+        [sys.executable, "-m", "xltop", "--attach", server.path, "--headless", "--interval",
+         "0.2", "--duration", "6"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=xltop_env(), cwd=REPO, text=True,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: server._peers, what="xltop to attach")
+        server.publish(telemetry(1))
+        server.publish(ErrorReport("RuntimeError", f"bad {HOSTILE} day", "tb"))
+        server.close()
+        _, stderr = xltop.communicate(timeout=60)
+    finally:
+        kill_pid(xltop.pid)
+        server.close()
+    assert "run stopped" in stderr and "\x1b" not in stderr
+    assert "RuntimeError: bad \\x1b]0;PWNED\\x07\\x1b[2J day" in stderr
