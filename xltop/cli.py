@@ -49,9 +49,17 @@ class UsageError(Exception):
     """A bad flag or value: one line on stderr, exit 2."""
 
 
+def _to_stderr(line: str) -> None:
+    """One line on stderr. A closed stderr (2>&-: sys.stderr is None) or a broken one (its
+    reader gone) never stops xltop's logging or its run, and nothing goes to stdout instead."""
+    if sys.stderr is not None:
+        with contextlib.suppress(OSError):  # BrokenPipeError, or EIO from a closed terminal
+            print(line, file=sys.stderr, flush=True)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        print(f"xltop: {message} (see xltop --help)", file=sys.stderr)
+        _to_stderr(f"xltop: {message} (see xltop --help)")
         raise SystemExit(2)
 
 
@@ -220,7 +228,7 @@ def _run_args(args: argparse.Namespace) -> list[str]:
 
 def _say(text: str) -> None:
     # the text may carry a run's error or a process's name: printed, never obeyed by a terminal
-    print(f"xltop: {printable(text)}", file=sys.stderr, flush=True)
+    _to_stderr(f"xltop: {printable(text)}")
 
 
 def _make_cluster(args: argparse.Namespace, interval: float) -> RayCluster | None:
@@ -298,15 +306,16 @@ class _Sinks:
 
     def consume(self, snapshot: Snapshot) -> None:
         self.csv.write(snapshot)
-        if self.mode == "once":
-            sys.stdout.write(format_snapshot(snapshot))
-        elif self.mode in ("json", "json-stream"):
-            sys.stdout.write(snapshot_to_line(snapshot) + "\n")
-        else:
+        if self.mode == "headless":  # stdout unused: it may be closed
             for event in snapshot.events:
                 _say(event)
             if not self.args.quiet:
-                print(status_line(snapshot), file=sys.stderr, flush=True)
+                _to_stderr(status_line(snapshot))
+            return
+        if self.mode == "once":
+            sys.stdout.write(format_snapshot(snapshot))
+        else:
+            sys.stdout.write(snapshot_to_line(snapshot) + "\n")
         sys.stdout.flush()
 
     def _csv_failed(self, message: str) -> None:
@@ -324,9 +333,12 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 def _output_mode(args: argparse.Namespace) -> str:
+    headless = args.headless or args.poll
+    if sys.stdout is None and not headless:  # started with >&-
+        raise UsageError("stdout is closed: only --headless writes nowhere but stderr and --csv")
     if args.once or args.json or args.json_stream:
         return "once" if args.once else "json" if args.json else "json-stream"
-    if args.headless or args.poll:
+    if headless:
         return "headless"
     if not sys.stdout.isatty():
         _say("stdout is not a terminal: printing one snapshot (as --once)")
@@ -358,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         cluster = _make_cluster(args, interval)
         runtime = _make_runtime(args)
     except UsageError as exc:
-        print(f"xltop: {exc}", file=sys.stderr)
+        _to_stderr(f"xltop: {exc}")
         return 2
     monitor = Monitor(
         SystemSource(top_n=args.top), runtime, interval=interval, watchdog=watchdog, cluster=cluster

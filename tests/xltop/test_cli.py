@@ -360,3 +360,41 @@ def test_text_output_writes_control_characters_as_escapes_never_raw(tmp_path, ch
         server.close()
     assert "run stopped" in stderr and "\x1b" not in stderr
     assert "RuntimeError: bad \\x1b]0;PWNED\\x07\\x1b[2J day" in stderr
+
+
+def xltop_with(redirect: str, *args: str) -> subprocess.CompletedProcess:
+    """`xltop ARGS` started by a shell with `redirect` (e.g. 2>&- closes its stderr)."""
+    command = f'exec "$@" {redirect}'
+    return subprocess.run(
+        ["sh", "-c", command, "sh", sys.executable, "-m", "xltop", *args],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+        env=xltop_env(), cwd=REPO,
+    )  # fmt: skip
+
+
+def test_a_closed_or_broken_stderr_never_stops_headless_logging(tmp_path):
+    logging = ("--no-run", "--headless", "--interval", "0.2", "--count", "8", "--csv")
+    # closed: nothing said goes to stdout in its place
+    closed = xltop_with("2>&-", *logging, str(tmp_path / "closed.csv"))
+    assert closed.returncode == 0 and closed.stdout == ""
+    assert len(read_rows(tmp_path / "closed.csv")) == 8
+    # broken: its reader went away after the first line
+    reader = "head -c 1 >/dev/null"
+    broken = xltop_with(f"2>&1 >/dev/null | {reader}", *logging, str(tmp_path / "broken.csv"))
+    assert broken.returncode == 0
+    assert len(read_rows(tmp_path / "broken.csv")) == 8
+
+
+@pytest.mark.parametrize("mode", ["--once", "--json", "--json-stream", None])
+def test_a_closed_stdout_is_one_line_and_exit_2(mode):
+    result = xltop_with(">&-", "--no-run", *([mode] if mode else []))
+    assert result.returncode == 2
+    assert result.stderr.startswith("xltop: ") and "stdout is closed" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_headless_logs_with_stdout_closed(tmp_path):
+    args = ("--no-run", "--headless", "--interval", "0.2", "--count", "3", "--csv")
+    result = xltop_with(">&-", *args, str(tmp_path / "log.csv"))
+    assert result.returncode == 0, result.stderr
+    assert len(read_rows(tmp_path / "log.csv")) == 3
