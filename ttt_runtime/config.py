@@ -61,7 +61,6 @@ INT_RANGES = {
 }
 # and a number (float) is finite and above 0, or at least 0 where named here.
 ZERO_ALLOWED = {"weight_decay"}
-_TYPE_NAMES = {bool: "true or false", str: "a string"}
 
 
 _FIELD_TYPES: dict[type, dict[str, Any]] = {}
@@ -100,8 +99,10 @@ def _rule(name: str, kind: Any, value: Any) -> tuple[bool, str]:
         zero_ok = name in ZERO_ALLOWED
         must = "a finite number >= 0" if zero_ok else "a positive finite number"
         return _finite_number(value, zero_ok), must
-    if kind in _TYPE_NAMES:
-        return isinstance(value, kind), _TYPE_NAMES[kind]
+    if kind is str:  # an empty path or name is a mistake: data '' would stream the cwd
+        return isinstance(value, str) and value != "", "a non-empty string"
+    if kind is bool:
+        return isinstance(value, bool), "true or false"
     return isinstance(value, kind), f"a {kind.__name__}"  # a nested configuration
 
 

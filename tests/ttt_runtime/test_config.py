@@ -122,7 +122,12 @@ def test_check_run_args_catches_missing_paths(tmp_path):
 
 def test_ttt_run_refuses_bad_input_before_it_starts(unusable_run_inputs, tmp_path):
     socket = tmp_path / "s"  # never made: the run must not start
+    empty_data, empty_folder = tmp_path / "empty_data.toml", tmp_path / "empty_folder.toml"
+    empty_data.write_text('data = ""\n')  # streamed the current folder, as --data '' did
+    empty_folder.write_text('checkpoint_dir = ""\n')
     for args, needle in unusable_run_inputs + [
+        (["--config", str(empty_data)], "data='': must be a non-empty string"),
+        (["--config", str(empty_folder)], "checkpoint_dir='': must be a non-empty string"),
         (["--max-steps", "inf"], "max_steps='inf': must be an integer"),
         (["--lr", "inf"], "lr=inf: must be a positive finite number"),
         (["--weight-decay", "nan"], "weight_decay=nan: must be a finite number >= 0"),
