@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import os
+import stat
 import sys
 import sysconfig
 from collections import OrderedDict
@@ -64,14 +65,20 @@ class _Source:
             self.root = default_corpus_root()
             self.candidates = _walk(self.root, _DEFAULT_SUFFIXES)
             self.where = f"the Python standard library at {self.root}"
+            self.is_file = False
             return
         self.root = Path(path).expanduser()
         self.where = f"data path {path}"
-        if not self.root.exists():
-            raise StreamError(f"{self.where} does not exist")
-        if self.root.is_file():
+        try:
+            mode = self.root.stat().st_mode
+        except FileNotFoundError:
+            raise StreamError(f"{self.where} does not exist") from None
+        except OSError as err:  # a name too long, a symlink loop, a folder we may not enter
+            raise StreamError(f"{self.where}: {err.strerror}") from None
+        self.is_file = stat.S_ISREG(mode)
+        if self.is_file:
             self.candidates = iter([self.root])
-        elif self.root.is_dir():
+        elif stat.S_ISDIR(mode):
             self.candidates = _walk(self.root, None)
         else:  # a device such as /dev/urandom, a FIFO, a socket
             raise StreamError(f"{self.where} is neither a file nor a folder")
@@ -83,14 +90,14 @@ class _Source:
                 size = file.stat().st_size
                 text = size > 0 and _is_text(file)
             except OSError as err:
-                if self.root.is_file():
+                if self.is_file:
                     raise StreamError(f"{self.where} is unreadable: {err.strerror}") from None
                 continue  # one unreadable file in a folder is skipped, like a binary one
             if text:
                 yield file, size
 
     def nothing_to_stream(self) -> StreamError:
-        if self.root.is_file():
+        if self.is_file:
             reason = "is empty" if self.root.stat().st_size == 0 else "is not a text file"
             return StreamError(f"{self.where} {reason}")
         return StreamError(f"{self.where} holds no non-empty text files")

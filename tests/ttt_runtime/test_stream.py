@@ -81,8 +81,10 @@ def test_default_is_the_running_pythons_standard_library():
         (lambda d: (d / "x.bin").write_bytes(b"\0\1\2") and None or d / "x.bin", "not a text"),
         (lambda d: (d / "sub").mkdir() or d / "sub", "no non-empty text files"),
         (lambda d: Path("/dev/urandom"), "neither a file nor a folder"),
+        (lambda d: d / ("a" * 300), "File name too long"),  # was an OSError traceback
+        (lambda d: (d / "loop").symlink_to("loop") or d / "loop", "Too many levels of symbolic"),
     ],
-    ids=["missing", "empty-file", "binary-file", "empty-folder", "device"],
+    ids=["missing", "empty-file", "binary-file", "empty-folder", "device", "too-long", "loop"],
 )
 @pytest.mark.parametrize(
     "open_data", [lambda p: ByteStream(p, seq_len=4), check_data], ids=["stream", "check"]
