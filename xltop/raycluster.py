@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import re
+import stat
 import threading
 import time
 import urllib.error
@@ -40,6 +41,7 @@ TOKEN_HINT = "set RAY_AUTH_TOKEN_PATH or pass --ray-token-file FILE"
 DASHBOARD_LOG_LINE = re.compile(rb"Dashboard head http address: (\S+)")
 HOSTNAME = re.compile(r"[A-Za-z0-9._:%-]+\Z")  # names, IPv4, IPv6 (with a zone)
 DASHBOARD_LOG_HEAD_BYTES = 64 * 1024
+TOKEN_MAX_BYTES = 64 * 1024  # Ray's tokens are tens of bytes
 
 # The dashboard lives on the cluster's network: an http_proxy meant for the internet must not
 # carry requests for 127.0.0.1 or a cluster-internal host.
@@ -153,10 +155,23 @@ def find_token(token_file: str | os.PathLike | None = None) -> Token | None:
 
 
 def _read_token(path: Path, source: str) -> Token:
+    def unreadable(reason: str) -> RayClusterError:
+        return RayClusterError(f"cannot read the Ray token file {source}: {reason}")
+
     try:
-        value = path.read_text().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RayClusterError(f"cannot read the Ray token file {source}: {_reason(exc)}") from None
+        # O_NONBLOCK: opening a FIFO with no writer must not wait for one
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # a FIFO, /dev/zero: no end
+                raise unreadable("not a regular file")
+            data = f.read(TOKEN_MAX_BYTES + 1)
+    except OSError as exc:
+        raise unreadable(_reason(exc)) from None
+    if len(data) > TOKEN_MAX_BYTES:
+        raise unreadable(f"over {TOKEN_MAX_BYTES} bytes, not a token")
+    try:
+        value = data.decode().strip()
+    except UnicodeDecodeError as exc:
+        raise unreadable(_reason(exc)) from None
     if not value:
         raise RayClusterError(f"the Ray token file {source} is empty")
     return Token(value, source)

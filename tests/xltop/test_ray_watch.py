@@ -251,3 +251,17 @@ def test_a_killed_actor_restarts_as_an_event_on_stderr_and_in_the_csv(cluster, x
     _, stderr = proc.communicate(timeout=20)
     assert proc.returncode == 0
     assert f"xltop: {event}\n" in stderr
+
+
+@pytest.mark.parametrize("kind", ["a FIFO", "a character device"])
+def test_a_token_file_that_is_no_regular_file_is_refused_before_it_is_read(tmp_path, kind):
+    # read, a FIFO with no writer would block forever and /dev/zero never ends
+    path = tmp_path / "token" if kind == "a FIFO" else "/dev/zero"
+    if kind == "a FIFO":
+        os.mkfifo(path)
+    result = run_xltop("--ray", "head", "--ray-token-file", str(path), "--json", timeout=20)
+    assert result.returncode == 2 and result.stdout == ""
+    assert (
+        one_line(result.stderr)
+        == f"xltop: cannot read the Ray token file {path}: not a regular file"
+    )
