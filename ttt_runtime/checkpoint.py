@@ -60,7 +60,13 @@ def _digest(arrays: dict[str, mx.array], fields: dict[str, str]) -> str:
 def save(path: str, checkpoint: Checkpoint) -> str:
     """Write atomically; returns the absolute path. CheckpointError, in one line naming the
     path and the reason, if it cannot be written; the target is then untouched."""
-    path = os.path.abspath(path)
+    try:
+        path = os.path.abspath(path)
+    except FileNotFoundError:  # os.getcwd() of a deleted folder; the run goes on without it
+        raise CheckpointError(
+            f"cannot write checkpoint {path}: the path is relative and the run's working "
+            "folder no longer exists; give an absolute path"
+        ) from None
     if os.path.exists(path) and not os.path.isfile(path):  # never rename over a device or FIFO
         raise CheckpointError(f"cannot write checkpoint {path}: not a regular file")
     mx.eval(list(checkpoint.arrays.values()))

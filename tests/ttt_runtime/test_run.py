@@ -262,6 +262,25 @@ def test_a_save_that_cannot_be_written_is_an_error_reply_and_the_run_goes_on(
     assert client.request("save", path=str(good)).ok and good.is_file()
 
 
+def test_a_relative_save_after_the_runs_folder_was_deleted_is_an_error_reply(
+    spawned_run, clients, tmp_path, monkeypatch
+):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    run = spawned_run()  # its working folder: `work`
+    monkeypatch.chdir(tmp_path)
+    client = clients(run)
+    report(client, lambda m: m.step >= 1)
+    work.rmdir()
+    for path in (None, "a.safetensors"):  # the default is relative too: checkpoints/step-N
+        reply = client.request("save", **({"path": path} if path else {}))
+        assert not reply.ok and "the run's working folder no longer exists" in reply.error
+    step = client.latest().step
+    report(client, lambda m: m.step > step + 3)  # still training
+    assert client.request("save", path=str(tmp_path / "b.safetensors")).ok
+
+
 @pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="Linux: another process's limits")
 def test_a_full_disk_fails_the_save_keeps_the_old_file_and_the_run_goes_on(
     spawned_run, clients, tmp_path
