@@ -43,9 +43,18 @@ HOSTNAME = re.compile(r"[A-Za-z0-9._:%-]+\Z")  # names, IPv4, IPv6 (with a zone)
 DASHBOARD_LOG_HEAD_BYTES = 64 * 1024
 TOKEN_MAX_BYTES = 64 * 1024  # Ray's tokens are tens of bytes
 
+
 # The dashboard lives on the cluster's network: an http_proxy meant for the internet must not
 # carry requests for 127.0.0.1 or a cluster-internal host.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A dashboard's API never redirects; urllib would follow one to any host, the token's
+    Authorization header included. A redirect is an HTTPError instead."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects())
 
 
 class RayClusterError(Exception):
@@ -211,6 +220,8 @@ def _get_json(url: str, path: str, token: Token | None, timeout: float) -> Any:
                 f"the cluster at {url} refused the token from {source}: {TOKEN_HINT} "
                 f"naming the cluster's token"
             ) from None
+        if 300 <= exc.code < 400:
+            raise _NoAnswer(f"HTTP {exc.code} redirects to {exc.headers.get('Location')}") from None
         raise _NoAnswer(f"HTTP {exc.code} {exc.reason}") from None
     except (OSError, ValueError) as exc:  # URLError and timeouts are OSErrors; bad JSON
         raise _NoAnswer(_reason(exc)) from None

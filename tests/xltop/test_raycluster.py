@@ -166,6 +166,46 @@ def test_a_web_server_that_is_not_a_ray_dashboard_is_named(tmp_path):
         server.shutdown()
 
 
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    """Answers 200 {} and keeps each request's Authorization header in the server's `seen`."""
+
+    def do_GET(self):
+        self.server.seen.append(self.headers.get("Authorization"))
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_redirect_is_not_followed_and_the_token_goes_nowhere_else(tmp_path):
+    # a dashboard's API never redirects; following one would hand the token to another host
+    token = tmp_path / "token"
+    token.write_text("secret-token")
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder) as elsewhere:
+        elsewhere.seen = []
+        target = f"http://127.0.0.1:{elsewhere.server_address[1]}"
+
+        class Redirect(_Recorder):
+            def do_GET(self):
+                self.send_response(302)
+                self.send_header("Location", target + self.path)
+                self.end_headers()
+
+        with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect) as dashboard:
+            for server in (elsewhere, dashboard):
+                threading.Thread(target=server.serve_forever, daemon=True).start()
+            url = f"http://127.0.0.1:{dashboard.server_address[1]}"
+            problem = check_reachable(url, token)
+            dashboard.shutdown()
+        elsewhere.shutdown()
+    assert (
+        problem == f"no Ray dashboard answers at {url}: HTTP 302 redirects to {target}/api/version"
+    )
+    assert elsewhere.seen == []
+
+
 # --- token authentication (a cluster of its own) ----------------------------------------
 
 
