@@ -32,7 +32,7 @@ CacheKey = TypeVar("CacheKey")
 _CONTROL_OR_MARKUP = re.compile(rf"\[|{CONTROL_CHARACTERS.pattern}")
 
 
-def literal(value: CellType) -> CellType:
+def literal(value: Any) -> Any:
     """A cell shown as written: DataTable reads a str as markup when it measures or draws it (a
     process's "[/x]" raised MarkupError and ended the app), so a str that markup or the terminal
     would misread is a Text; any other stays a str, for the one-Segment drawing below."""
@@ -67,7 +67,7 @@ class RowTable(DataTable):
         self._changed_rows.add(row)
         self.refresh_row(row_index)
 
-    def add_row(self, *cells: CellType, **kwargs: Any) -> RowKey:
+    def add_row(self, *cells: Any, **kwargs: Any) -> RowKey:
         return super().add_row(*map(literal, cells), **kwargs)
 
     def order_rows(self, keys: list[str]) -> None:
