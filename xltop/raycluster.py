@@ -42,6 +42,7 @@ DASHBOARD_LOG_LINE = re.compile(rb"Dashboard head http address: (\S+)")
 HOSTNAME = re.compile(r"[A-Za-z0-9._:%-]+\Z")  # names, IPv4, IPv6 (with a zone)
 DASHBOARD_LOG_HEAD_BYTES = 64 * 1024
 TOKEN_MAX_BYTES = 64 * 1024  # Ray's tokens are tens of bytes
+MAX_REPLY_BYTES = 128 << 20  # MAX_ROWS actors in detail are a few tens of MiB
 
 
 # The dashboard lives on the cluster's network: an http_proxy meant for the internet must not
@@ -209,7 +210,10 @@ def _get_json(url: str, path: str, token: Token | None, timeout: float) -> Any:
     request = urllib.request.Request(url + path, headers=headers)
     try:
         with _OPENER.open(request, timeout=timeout) as response:
-            return json.loads(response.read())
+            reply = response.read(MAX_REPLY_BYTES + 1)  # a reply that never ends, too
+        if len(reply) > MAX_REPLY_BYTES:
+            raise _NoAnswer(f"a reply over {MAX_REPLY_BYTES} bytes")
+        return json.loads(reply)
     except urllib.error.HTTPError as exc:
         exc.close()
         if exc.code == 401:

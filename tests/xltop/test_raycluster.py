@@ -7,6 +7,7 @@ token test runs first, on a cluster of its own, so that two clusters never run a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import os
@@ -22,6 +23,7 @@ from conftest import start_cluster
 from ray_helpers import LocalRayCluster, three_actors_listed
 
 from xltop.raycluster import (
+    MAX_REPLY_BYTES,
     TOKEN_HINT,
     ClusterState,
     NodeDetail,
@@ -204,6 +206,26 @@ def test_a_redirect_is_not_followed_and_the_token_goes_nowhere_else(tmp_path):
         problem == f"no Ray dashboard answers at {url}: HTTP 302 redirects to {target}/api/version"
     )
     assert elsewhere.seen == []
+
+
+def test_a_reply_too_big_for_any_cluster_is_not_read_to_its_end():
+    # a stream that never ends would otherwise fill xltop's memory; this one ends past the cap
+    chunk = b" " * (1 << 20)
+
+    class Endless(_Recorder):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            with contextlib.suppress(OSError):  # xltop hangs up at the cap
+                for _ in range(MAX_REPLY_BYTES // len(chunk) + 2):
+                    self.wfile.write(chunk)
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Endless) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        problem = check_reachable(url, timeout=30)
+        server.shutdown()
+    assert problem == f"no Ray dashboard answers at {url}: a reply over {MAX_REPLY_BYTES} bytes"
 
 
 # --- token authentication (a cluster of its own) ----------------------------------------
