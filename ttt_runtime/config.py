@@ -42,6 +42,8 @@ class ConfigError(ValueError):
 
 CONFIG_MAX_BYTES = 1 << 20  # a settings file is a few lines; /dev/zero would never end
 INT_MAX = 2**31 - 1  # MLX shapes are 32-bit; no count needs more
+# a path's most (Linux's PATH_MAX); the run's hello, which holds them, must fit a channel line
+MAX_STRING = 4096
 
 # The rule of each setting, by name: a name means the same in every configuration that has it.
 # The type is the field's annotation; an integer is also in its range (smallest, largest),
@@ -84,7 +86,13 @@ def check_fields(config: object) -> None:
             (kind,) = (arg for arg in get_args(kind) if arg is not type(None))
         allowed, must = _rule(name, kind, value)
         if not allowed:
-            raise ConfigError(f"{name}={value!r}: must be {must}")
+            # a string may be a whole file's worth: its start names it well enough
+            shown = (
+                repr(value[:40] + "...")
+                if isinstance(value, str) and len(value) > 60
+                else repr(value)
+            )
+            raise ConfigError(f"{name}={shown}: must be {must}")
 
 
 def _rule(name: str, kind: Any, value: Any) -> tuple[bool, str]:
@@ -100,7 +108,8 @@ def _rule(name: str, kind: Any, value: Any) -> tuple[bool, str]:
         must = "a finite number >= 0" if zero_ok else "a positive finite number"
         return _finite_number(value, zero_ok), must
     if kind is str:  # an empty path or name is a mistake: data '' would stream the cwd
-        return isinstance(value, str) and value != "", "a non-empty string"
+        fits = isinstance(value, str) and 0 < len(value.encode(errors="replace")) <= MAX_STRING
+        return fits, f"a non-empty string of at most {MAX_STRING} bytes"
     if kind is bool:
         return isinstance(value, bool), "true or false"
     return isinstance(value, kind), f"a {kind.__name__}"  # a nested configuration

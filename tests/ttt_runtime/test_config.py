@@ -125,9 +125,15 @@ def test_ttt_run_refuses_bad_input_before_it_starts(unusable_run_inputs, tmp_pat
     empty_data, empty_folder = tmp_path / "empty_data.toml", tmp_path / "empty_folder.toml"
     empty_data.write_text('data = ""\n')  # streamed the current folder, as --data '' did
     empty_folder.write_text('checkpoint_dir = ""\n')
+    long_folder = tmp_path / "long_folder.toml"  # its hello was too long for any monitor
+    long_folder.write_text(f'checkpoint_dir = "{"c" * 300_000}"\n')
     for args, needle in unusable_run_inputs + [
         (["--config", str(empty_data)], "data='': must be a non-empty string"),
         (["--config", str(empty_folder)], "checkpoint_dir='': must be a non-empty string"),
+        (
+            ["--config", str(long_folder)],
+            f"checkpoint_dir='{'c' * 40}...': must be a non-empty string of at most 4096 bytes",
+        ),  # fmt: skip
         (["--max-steps", "inf"], "max_steps='inf': must be an integer"),
         (["--lr", "inf"], "lr=inf: must be a positive finite number"),
         (["--weight-decay", "nan"], "weight_decay=nan: must be a finite number >= 0"),
