@@ -43,6 +43,9 @@ HOSTNAME = re.compile(r"[A-Za-z0-9._:%-]+\Z")  # names, IPv4, IPv6 (with a zone)
 DASHBOARD_LOG_HEAD_BYTES = 64 * 1024
 TOKEN_MAX_BYTES = 64 * 1024  # Ray's tokens are tens of bytes
 MAX_REPLY_BYTES = 128 << 20  # MAX_ROWS actors in detail are a few tens of MiB
+# A whole reply's time: the socket's timeout bounds each read only, and a reply trickling in a
+# byte at a time would hold the poll (and the last figures on screen) for ever.
+REPLY_DEADLINE_S = 10.0
 
 
 # The dashboard lives on the cluster's network: an http_proxy meant for the internet must not
@@ -203,6 +206,18 @@ def _reason(exc: BaseException) -> str:
     return str(reason) or type(exc).__name__
 
 
+def _read_reply(response: Any, deadline: float) -> bytes:
+    """The reply's body, at most MAX_REPLY_BYTES of it and by `deadline` (monotonic)."""
+    body = bytearray()
+    while chunk := response.read1(1 << 20):  # what has come, at most a MiB
+        body += chunk
+        if len(body) > MAX_REPLY_BYTES:  # a reply that never ends, too
+            raise _NoAnswer(f"a reply over {MAX_REPLY_BYTES} bytes")
+        if time.monotonic() > deadline:
+            raise _NoAnswer(f"no whole reply within {REPLY_DEADLINE_S:g} s")
+    return bytes(body)
+
+
 def _get_json(url: str, path: str, token: Token | None, timeout: float) -> Any:
     headers = {"Accept": "application/json"}
     if token is not None:
@@ -210,10 +225,7 @@ def _get_json(url: str, path: str, token: Token | None, timeout: float) -> Any:
     request = urllib.request.Request(url + path, headers=headers)
     try:
         with _OPENER.open(request, timeout=timeout) as response:
-            reply = response.read(MAX_REPLY_BYTES + 1)  # a reply that never ends, too
-        if len(reply) > MAX_REPLY_BYTES:
-            raise _NoAnswer(f"a reply over {MAX_REPLY_BYTES} bytes")
-        return json.loads(reply)
+            return json.loads(_read_reply(response, time.monotonic() + REPLY_DEADLINE_S))
     except urllib.error.HTTPError as exc:
         exc.close()
         if exc.code == 401:

@@ -24,6 +24,7 @@ from ray_helpers import LocalRayCluster, three_actors_listed
 
 from xltop.raycluster import (
     MAX_REPLY_BYTES,
+    REPLY_DEADLINE_S,
     TOKEN_HINT,
     ClusterState,
     NodeDetail,
@@ -226,6 +227,32 @@ def test_a_reply_too_big_for_any_cluster_is_not_read_to_its_end():
         problem = check_reachable(url, timeout=30)
         server.shutdown()
     assert problem == f"no Ray dashboard answers at {url}: a reply over {MAX_REPLY_BYTES} bytes"
+
+
+def test_a_reply_that_trickles_in_is_given_up_like_a_silent_one(watch):
+    # a byte every half second never trips the socket's timeout: only a whole-reply deadline does
+    stop = threading.Event()
+
+    class Trickle(_Recorder):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                while not stop.wait(0.5):
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        try:
+            source = watch(url, interval=0.5)
+            limit = REPLY_DEADLINE_S + 10  # the deadline, and a loaded machine
+            state = wait_for(source, lambda s: s.error is not None, timeout=limit)
+            assert f"no whole reply within {REPLY_DEADLINE_S:g} s" in state.error
+        finally:
+            stop.set()
+            server.shutdown()
 
 
 # --- token authentication (a cluster of its own) ----------------------------------------
