@@ -156,6 +156,14 @@ class AdaptLearner(_WholeModel):
         self._new_conversation()
         saved = restored.group("cache") if restored else {}
         if saved and restored is not None and restored.config.get("mode") == "adapt":
+            names = {
+                f"{i}.{j}" for i, cache in enumerate(self.caches) for j in range(len(cache.state))
+            }
+            if set(saved) != names or len(restored.cache_offsets) != len(self.caches):
+                raise ValueError(
+                    f"its caches ({len(saved)} arrays, {len(restored.cache_offsets)} offsets) are "
+                    f"not those of this model ({len(names)} arrays, {len(self.caches)} offsets)"
+                )
             for i, cache in enumerate(self.caches):
                 cache.state = [saved[f"{i}.{j}"] for j in range(len(cache.state))]
                 cache.offset = restored.cache_offsets[i]
