@@ -23,7 +23,7 @@ from typing import Any
 
 from ttt_runtime.protocol import BlockTiming, LayerFigures
 from xltop.snapshot import Snapshot
-from xltop.units import MIB
+from xltop.units import MIB, printable
 
 BASE_COLUMNS = (
     "ts", "interval_s",
@@ -125,8 +125,11 @@ def snapshot_to_row(
 
 
 def _csv_line(values: list[Any]) -> str:
+    """One row, on one line: a string's control characters (a run error's newlines) are written
+    as escapes, so the last newline of a torn file always ends a whole row."""
+    cells = ["" if v is None else printable(v) if isinstance(v, str) else v for v in values]
     buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerow(["" if v is None else v for v in values])
+    csv.writer(buffer, lineterminator="\n").writerow(cells)
     return buffer.getvalue()
 
 

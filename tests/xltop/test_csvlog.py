@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import os
 import resource
@@ -346,3 +347,19 @@ def test_reopening_keeps_whole_rows_and_never_touches_a_foreign_file(
     assert all(len(row) == N_COLUMNS for row in rows)
     added = list(csv.reader(io.StringIO(data[len(whole) :].decode(), newline="")))
     assert len(added) == n_new and all(float(row[0]) > 0 for row in added)
+
+
+def test_every_row_is_one_line_whatever_its_strings_hold(tmp_path, machine_snapshot):
+    # A run's error (often several lines) in a row's event: were a row to span lines,
+    # a tear after its inner newline would pass for a whole row, and its open quote would then
+    # swallow every row appended after it. Control characters are written as escapes.
+    snapshot = with_run(machine_snapshot, 2)
+    snapshot = dataclasses.replace(snapshot, events=("run stopped: a\nb\r \x1b[2J",))
+    path = tmp_path / "log.csv"
+    log = CsvLog.open(path, snapshot)
+    for _ in range(3):
+        log.write(snapshot)
+    log.close()
+    assert len(path.read_bytes().splitlines()) == 4  # the header and three rows
+    rows = read_rows(path)
+    assert rows[0]["event"] == "run stopped: a\\nb\\r \\x1b[2J"
