@@ -111,9 +111,12 @@ class TrainLearner(_WholeModel):
         super().__init__(model, restored)
         self.optimizer = make_optimizer(config)
         saved = restored.group("optimizer") if restored else {}
-        if saved and restored is not None and restored.config.get("mode") == "train":
-            self.optimizer.state = tree_unflatten(list(saved.items()))
         self.optimizer.init(model.trainable_parameters())
+        if saved and restored is not None and restored.config.get("mode") == "train":
+            fresh = {k: v.shape for k, v in tree_flatten(self.optimizer.state)}
+            if {k: v.shape for k, v in saved.items()} != fresh:
+                raise ValueError("its optimizer state is not that of this model's parameters")
+            self.optimizer.state = tree_unflatten(list(saved.items()))
         self.train_step = make_train_step(model, self.optimizer, config.compile)
 
     def _advance(

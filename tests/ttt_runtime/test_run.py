@@ -561,28 +561,37 @@ def test_a_checkpoint_with_bad_metadata_is_refused_in_one_line(tmp_path, field, 
     assert len(lines) == 1 and path in lines[0] and field in lines[0]
 
 
-def test_an_adapt_checkpoint_whose_caches_do_not_fit_is_refused_in_one_line(
-    spawned_run, clients, tmp_path
+@pytest.mark.parametrize("mode", ["train", "adapt"])
+def test_a_checkpoint_whose_learning_state_does_not_fit_is_refused_in_one_line(
+    spawned_run, clients, tmp_path, mode
 ):
     import dataclasses
 
+    import mlx.core as mx
+
     from ttt_runtime import checkpoint as ckpt
 
-    client = clients(spawned_run("--mode", "adapt"))
+    client = clients(spawned_run("--mode", mode))
     report(client, lambda m: m.step >= 1)
     path = str(tmp_path / "whole.safetensors")
     assert client.request("save", path=path).ok
     whole = ckpt.load(path)
     # crafted, with a checksum made by the same code: an unkeyed hash guards only mistakes
-    without_offsets = dataclasses.replace(whole, cache_offsets=[])
-    lost_block = {k: v for k, v in whole.arrays.items() if not k.startswith("cache.1.")}
-    for broken in (without_offsets, dataclasses.replace(whole, arrays=lost_block)):
+    if mode == "adapt":  # an offset, or a block's cache arrays, missing
+        lost = {k: v for k, v in whole.arrays.items() if not k.startswith("cache.1.")}
+        brokens, needle = [{"cache_offsets": []}, {"arrays": lost}], "caches"
+    else:  # an optimizer array missing, or of another shape
+        lost = {k: v for k, v in whole.arrays.items() if k != "optimizer.embed.weight.m"}
+        reshaped = {**whole.arrays, "optimizer.step": mx.zeros((3, 3))}
+        brokens, needle = [{"arrays": lost}, {"arrays": reshaped}], "optimizer state"
+    for changes in brokens:
+        broken = dataclasses.replace(whole, **changes)
         target = ckpt.save(str(tmp_path / "broken.safetensors"), broken)
         result = run_cli("--socket", str(tmp_path / "s.sock"), "--resume", target)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and f"checkpoint {target}: " in lines[0], lines
-        assert "caches" in lines[0]
+        assert needle in lines[0]
 
 
 @pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="Linux: another process's limits")
