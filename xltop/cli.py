@@ -335,7 +335,10 @@ def _on_sigterm(signum: int, frame: object) -> None:
 def _output_mode(args: argparse.Namespace) -> str:
     headless = args.headless or args.poll
     if sys.stdout is None and not headless:  # started with >&-
-        raise UsageError("stdout is closed: only --headless writes nowhere but stderr and --csv")
+        raise UsageError(
+            "stdout is closed: --once, --json, --json-stream and the TUI write there"
+            " (--headless does not)"
+        )
     if args.once or args.json or args.json_stream:
         return "once" if args.once else "json" if args.json else "json-stream"
     if headless:
