@@ -45,6 +45,7 @@ from ttt_runtime.protocol import (
 )
 
 MAX_LINE = 1 << 16  # bytes; a longer line is an error and the peer is dropped
+MAX_ERROR = 1000  # characters of a reply's error: 6 bytes each at most in JSON, well in a line
 _MAX_QUEUED = 1000  # messages waiting for a peer that does not read; beyond it, drop the peer
 MAX_MONITORS = 64  # peers of one run; one more is refused with a reply saying so
 MAX_PENDING = 16  # lines of one peer waiting for the run loop; its reader pauses beyond that
@@ -204,7 +205,10 @@ class _Connection:
 
 def reply_line(command: dict[str, Any], ok: bool = True, error: str | None = None,
                **extra: Any) -> bytes:  # fmt: skip
-    """The encoded reply to `command` (its "id" and "cmd" echoed)."""
+    """The encoded reply to `command` (its "id" and "cmd" echoed). An error is cut to
+    MAX_ERROR characters: one that echoes a long argument (a path) must still fit a line."""
+    if error is not None and len(error) > MAX_ERROR:
+        error = error[:MAX_ERROR] + "..."
     return encode(Reply(command.get("id"), command.get("cmd"), ok, error, extras=extra))
 
 

@@ -281,6 +281,18 @@ def test_a_relative_save_after_the_runs_folder_was_deleted_is_an_error_reply(
     assert client.request("save", path=str(tmp_path / "b.safetensors")).ok
 
 
+def test_a_save_to_a_path_too_long_is_a_short_error_and_the_monitor_stays_attached(
+    spawned_run, clients, tmp_path
+):
+    client = clients(spawned_run())
+    report(client, lambda m: m.step >= 1)
+    path = str(tmp_path / ("é" * 20_000))  # 40 kB in, 120 kB echoed as JSON escapes
+    reply = client.request("save", path=path)
+    assert not reply.ok and reply.error.startswith(f"cannot write checkpoint {tmp_path}")
+    assert reply.error.endswith("...") and len(reply.error) <= 1003
+    assert client.alive and client.request("hello").ok  # the reply fit a line: still attached
+
+
 @pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="Linux: another process's limits")
 def test_a_full_disk_fails_the_save_keeps_the_old_file_and_the_run_goes_on(
     spawned_run, clients, tmp_path
