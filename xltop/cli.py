@@ -357,7 +357,11 @@ def _run_tui(monitor: Monitor, args: argparse.Namespace) -> bool:
         if exc.name != "xltop.tui.app":
             raise
         return False
-    XltopApp(monitor, readonly=args.readonly, csv_path=args.csv).run()
+    app = XltopApp(monitor, readonly=args.readonly, csv_path=args.csv)
+    # SIGTERM quits as `q` does: raising KeyboardInterrupt wherever the event loop stands (a
+    # widget half mounted) would print Textual's traceback.
+    signal.signal(signal.SIGTERM, lambda *_: app.exit())
+    app.run()
     return True
 
 

@@ -6,6 +6,8 @@ import dataclasses
 import json
 import math
 import os
+import pty
+import select
 import signal
 import socket
 import subprocess
@@ -266,6 +268,42 @@ def test_signals_close_the_log_and_stop_the_hosted_run(tmp_path, xltop_process, 
     assert len(rows) >= 3 and path.read_text().endswith("\n")
     assert all(r["run_state"] == "running" for r in rows)
     assert process_gone(run_pid)
+
+
+def _tui_in_a_terminal_until_sigterm(delay: float) -> tuple[int, bytes]:
+    """Start the TUI (`--no-run`) on a real pseudo-terminal, SIGTERM it after `delay` s, and
+    return its exit code and everything it wrote."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "xltop", "--no-run"], stdin=slave,
+                            stdout=slave, stderr=slave, env=dict(xltop_env(), TERM="xterm"),
+                            cwd=REPO, start_new_session=True)  # fmt: skip
+    os.close(slave)
+    output, start = b"", time.monotonic()
+    try:
+        while time.monotonic() - start < 60:
+            if delay is not None and time.monotonic() - start > delay:
+                proc.send_signal(signal.SIGTERM)
+                delay = None
+            if select.select([master], [], [], 0.05)[0]:
+                try:
+                    output += os.read(master, 65536)
+                except OSError:  # the terminal's other end is gone: xltop has exited
+                    break
+            elif proc.poll() is not None:
+                break
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+    return proc.wait(), output
+
+
+def test_sigterm_while_the_tui_starts_quits_as_q_does():
+    """SIGTERM at any moment of the TUI's start (mid-mount included) exits 0 without a
+    traceback: before, about one start in three printed Textual's KeyboardInterrupt."""
+    for delay in (0.5, 0.7, 0.9, 1.1, 1.4, 2.0):
+        code, output = _tui_in_a_terminal_until_sigterm(delay)
+        assert code == 0 and b"Traceback" not in output, (delay, output[-2000:])
 
 
 def test_sigkill_leaves_a_parseable_file(tmp_path, xltop_process):
