@@ -44,6 +44,11 @@ def _is_text(path: Path) -> bool:
     return True
 
 
+def _open_nonblocking(path: str, flags: int) -> int:
+    # a FIFO put in a data file's place would block the opening until someone writes
+    return os.open(path, flags | os.O_NONBLOCK)
+
+
 def _walk(root: Path, suffixes: tuple[str, ...] | None) -> Iterator[Path]:
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith("."))
@@ -187,7 +192,9 @@ class ByteStream:
             return start, self._cache[index, number]
         size = min(_BLOCK_BYTES, self.ends[index] - (self.ends[index - 1] if index else 0) - start)
         try:
-            with self.files[index].open("rb") as handle:
+            with open(self.files[index], "rb", opener=_open_nonblocking) as handle:
+                if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):  # replaced since the scan
+                    raise OSError(0, "no longer a regular file")
                 handle.seek(start)
                 data = handle.read(size)
         except OSError as err:

@@ -490,7 +490,10 @@ def test_every_exit_removes_the_private_folder_the_run_made(own_folder_run, tmp_
     assert list(tmpdir.glob("ttt-run-*")) == []
 
 
-def test_a_run_that_raises_sends_its_error_and_exits_nonzero(spawned_run, clients, tmp_path):
+@pytest.mark.parametrize("replaced_by", [None, "fifo"])
+def test_a_run_that_raises_sends_its_error_and_exits_nonzero(
+    spawned_run, clients, tmp_path, replaced_by
+):
     data = tmp_path / "data"
     data.mkdir()
     for i in range(12):  # more files than the stream keeps in memory
@@ -500,6 +503,8 @@ def test_a_run_that_raises_sends_its_error_and_exits_nonzero(spawned_run, client
     report(client, lambda m: m.step >= 1)
     for file in data.iterdir():
         file.unlink()  # the data vanishes under the running stream
+        if replaced_by == "fifo":
+            os.mkfifo(file)  # opening it to read would wait for a writer forever
     assert run.wait(60) == 1
     wait_until(lambda: client.last_error is not None, 5, "the error message")
     assert client.last_error.exc_type == "StreamError"
