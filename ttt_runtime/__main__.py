@@ -32,11 +32,6 @@ def _stdin_is_open() -> bool:
     return True
 
 
-def _stop_during_setup(_signum, _frame) -> None:
-    # until the loop takes SIGTERM/SIGINT over (stop after the step), stop at once, cleaning up
-    raise SystemExit(0)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["run"]:  # `python -m ttt_runtime run ...`; `ttt-run ...` works too
@@ -48,11 +43,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.exit_with_parent and not _stdin_is_open():
         # else the lifeline would watch whatever file is opened next as fd 0 (our socket)
         return _fail("--exit-with-parent: stdin is closed; it must be the starting process's pipe")
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, _stop_during_setup)
     socket_path, private = args.socket, args.remove_socket_dir
     if socket_path is None:
         socket_path, private = private_socket_path(), True
+
+    def stop_during_setup(_signum, _frame) -> None:
+        # Until the loop takes these signals over (stop after the step), stop at once. Not by
+        # raising SystemExit: landing amid MLX's import or setup, the interpreter's teardown
+        # can abort (SIGABRT was seen); nothing is open yet that needs more than this cleanup.
+        if private:
+            remove_private_socket(socket_path)
+        os._exit(0)
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, stop_during_setup)
     try:
         return _run(args, config, socket_path)
     finally:

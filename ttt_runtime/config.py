@@ -388,7 +388,7 @@ def parse_run_args(argv: list[str]) -> tuple[argparse.Namespace, RunConfig]:
         check_regular_file(args.resume, "checkpoint")
     base = checkpoint_config(args.resume) if args.resume else None
     config = config_from_args(args, base)
-    if args.resume:
+    if args.resume and base is not None:
         _check_same_shapes(args.resume, RunConfig().with_overrides(**base), config)
     if config.data is not None:
         try:

@@ -113,7 +113,7 @@ class TrainLearner(_WholeModel):
         saved = restored.group("optimizer") if restored else {}
         self.optimizer.init(model.trainable_parameters())
         if saved and restored is not None and restored.config.get("mode") == "train":
-            fresh = {k: v.shape for k, v in tree_flatten(self.optimizer.state)}
+            fresh = {k: v.shape for k, v in dict(tree_flatten(self.optimizer.state)).items()}
             if {k: v.shape for k, v in saved.items()} != fresh:
                 raise ValueError("its optimizer state is not that of this model's parameters")
             self.optimizer.state = tree_unflatten(list(saved.items()))
