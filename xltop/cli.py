@@ -34,6 +34,7 @@ from xltop.watchdog import Threshold, Watchdog
 
 if TYPE_CHECKING:  # imported where a cluster is watched: urllib's import is not light
     from xltop.raycluster import RayCluster
+    from xltop.tui.app import XltopApp  # imported for the TUI only: Textual is not light
 
 RUN_FLAGS = ("mode", "preset", "config", "data", "seed", "resume")
 MAX_INTERVAL_S = 86400.0  # a tick a day
@@ -350,7 +351,21 @@ def _output_mode(args: argparse.Namespace) -> str:
 
 
 def _run_tui(monitor: Monitor, args: argparse.Namespace) -> bool:
-    """Run the TUI; False if it is not installed (headless status lines instead)."""
+    """Run the TUI; False if it is not installed (headless status lines instead).
+
+    SIGTERM quits as `q` does, from the moment Textual starts importing: a KeyboardInterrupt
+    raised wherever the interpreter stands (a class being built by the import, a widget half
+    mounted) comes out as Textual's or Python's traceback."""
+    app: XltopApp | None = None
+    stop_requested = False
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+        if app is not None:
+            app.exit_soon()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         from xltop.tui.app import XltopApp
     except ModuleNotFoundError as exc:
@@ -358,9 +373,8 @@ def _run_tui(monitor: Monitor, args: argparse.Namespace) -> bool:
             raise
         return False
     app = XltopApp(monitor, readonly=args.readonly, csv_path=args.csv)
-    # SIGTERM quits as `q` does: raising KeyboardInterrupt wherever the event loop stands (a
-    # widget half mounted) would print Textual's traceback.
-    signal.signal(signal.SIGTERM, lambda *_: app.exit())
+    if stop_requested:  # before `app` was there to hear it
+        app.exit_soon()
     app.run()
     return True
 

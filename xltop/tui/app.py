@@ -67,6 +67,8 @@ class XltopApp(App[None]):
         self.last: Snapshot | None = None
         self.snapshots_shown = 0
         self._quitting = False
+        self._mounted = False
+        self._exit_when_mounted = False
 
     # -- layout and the tick loop -------------------------------------------------------------
 
@@ -85,6 +87,17 @@ class XltopApp(App[None]):
         self.main_screen = self.screen  # widgets live here; dialogs stack above it
         self.main_screen.query_one(ProcessTable).focus()
         self.run_worker(self._tick_loop, thread=True, name="ticks", group="ticks")
+        self._mounted = True
+        if self._exit_when_mounted:
+            self.exit()
+
+    def exit_soon(self) -> None:
+        """Exit now, or as soon as the screen is up: exiting while Textual still composes the
+        screen makes its compose fail with a MountError traceback (seen with SIGTERM at start)."""
+        if self._mounted:
+            self.exit()
+        else:
+            self._exit_when_mounted = True
 
     def _tick_loop(self) -> None:
         worker = get_current_worker()
