@@ -25,6 +25,7 @@ from dataclasses import dataclass, fields
 from types import UnionType
 from typing import Any, Literal, NoReturn, Union, get_args, get_origin, get_type_hints
 
+from ttt_runtime.files import NotARegularFile, read_bounded
 from ttt_runtime.stream import StreamError, check_data
 
 if sys.version_info >= (3, 11):
@@ -294,16 +295,20 @@ def check_regular_file(path: str, label: str) -> None:
     except OSError as exc:
         raise ConfigError(f"{label} {path}: {exc.strerror}") from None
     if not stat.S_ISREG(mode):
-        kind = next((name for is_kind, name in _FILE_KINDS if is_kind(mode)), "special")
-        raise ConfigError(f"{label} {path} is {kind}, not a regular file")
+        raise _not_regular(path, label, mode)
+
+
+def _not_regular(path: str, label: str, mode: int) -> ConfigError:
+    kind = next((name for is_kind, name in _FILE_KINDS if is_kind(mode)), "special")
+    return ConfigError(f"{label} {path} is {kind}, not a regular file")
 
 
 def _read_settings_file(path: str) -> bytes:
     check_regular_file(path, "config")
-    try:
-        # O_NONBLOCK: a FIFO put in the file's place since the check cannot block either
-        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
-            data = f.read(CONFIG_MAX_BYTES + 1)
+    try:  # a FIFO put in the file's place since the check cannot block it either
+        data = read_bounded(path, CONFIG_MAX_BYTES)
+    except NotARegularFile as exc:
+        raise _not_regular(path, "config", exc.mode) from None
     except OSError as exc:
         raise ConfigError(f"config {path}: {exc.strerror}") from None
     if len(data) > CONFIG_MAX_BYTES:

@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import re
-import stat
 import threading
 import time
 import urllib.error
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ttt_runtime.files import NotARegularFile, read_bounded
 from xltop.snapshot import ClusterActor, ClusterNode, ClusterState
 
 DEFAULT_DASHBOARD_PORT = 8265
@@ -172,11 +172,9 @@ def _read_token(path: Path, source: str) -> Token:
         return RayClusterError(f"cannot read the Ray token file {source}: {reason}")
 
     try:
-        # O_NONBLOCK: opening a FIFO with no writer must not wait for one
-        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # a FIFO, /dev/zero: no end
-                raise unreadable("not a regular file")
-            data = f.read(TOKEN_MAX_BYTES + 1)
+        data = read_bounded(path, TOKEN_MAX_BYTES)  # a FIFO or /dev/zero: refused, no end
+    except NotARegularFile:
+        raise unreadable("not a regular file") from None
     except OSError as exc:
         raise unreadable(_reason(exc)) from None
     if len(data) > TOKEN_MAX_BYTES:
