@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -27,6 +27,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 from ttt_runtime.layers import TTTCache
 from ttt_runtime.model import Block, TTTModel
 from ttt_runtime.steps import cache_arrays, next_byte_loss
+
+if TYPE_CHECKING:
+    from ttt_runtime.pipeline import StageModel
 
 
 def _ms_since(start: float) -> float:
@@ -104,7 +107,7 @@ def vjp_of(
 
 
 def head_vjp(
-    model: TTTModel, h: mx.array, targets: mx.array
+    model: TTTModel | StageModel, h: mx.array, targets: mx.array
 ) -> tuple[mx.array, dict[str, Any], mx.array]:
     """The loss from the last hidden state -> (loss, gradients of the final norm and the head,
     the cotangent of `h`), unevaluated."""
