@@ -110,6 +110,9 @@ class Telemetry:
     layers: tuple[LayerFigures, ...]  # one per block's TTT layer
     mlx: MlxReport
     blas: str  # BLAS library the run's process has loaded, e.g. "openblas" or "bundled"
+    # extra scalars by name that a user's own loop reports (ttt_runtime.report); a TTT run has
+    # none, and a message without the key is read as having none
+    user: dict[str, float | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -268,6 +271,15 @@ def _reader(hint: Any) -> Reader:
             raise _mismatch(hint, value, where)
 
         return read_either
+    if origin is dict and args[1] is not Any:  # dict[str, X]: each value read as X
+        read_value = _reader(args[1])
+
+        def read_mapping(value: Any, where: str) -> dict:
+            if type(value) is not dict:
+                raise _mismatch(hint, value, where)
+            return {k: read_value(v, f"{where}.{k}") for k, v in value.items()}
+
+        return read_mapping
     if origin is tuple:  # tuple[X, ...] travels as a list
         read_item = _reader(args[0])
 

@@ -2,10 +2,11 @@
 
 The block and layer columns are fixed for the file by the first Snapshot (one column per block
 and per layer), and so are the cluster's (when a Ray cluster is watched: empty cells while it is
-unreachable). Each row goes straight to the file (no buffer) and a write that fails or falls
-short, as on a full disk, is cut back to the last whole row: the file holds whole rows only. A
-monitor killed mid-write can still leave half a row; reopening the file drops it. A file that
-does not begin with xltop's header is never modified.
+unreachable), and so are a user loop's extra scalars (`user_<name>`, ttt_runtime.report: one
+first reported later has no column). Each row goes straight to the file (no buffer) and a write
+that fails or falls short, as on a full disk, is cut back to the last whole row: the file holds
+whole rows only. A monitor killed mid-write can still leave half a row; reopening the file drops
+it. A file that does not begin with xltop's header is never modified.
 """
 
 from __future__ import annotations
@@ -46,18 +47,22 @@ class CsvLogError(Exception):
     """A CSV log that cannot be opened or written; the message names the path and the cause."""
 
 
-def csv_columns(n_blocks: int, n_layers: int, cluster: bool = False) -> list[str]:
+def csv_columns(
+    n_blocks: int, n_layers: int, cluster: bool = False, user: tuple[str, ...] = ()
+) -> list[str]:
     blocks = [f"block{i}_{f}" for i in range(n_blocks) for f in BLOCK_FIELDS]
     layers = [f"layer{i}_{f}" for i in range(n_layers) for f in LAYER_FIELDS]
-    return [*BASE_COLUMNS, *(CLUSTER_COLUMNS if cluster else ()), *blocks, *layers, "event"]
+    scalars = [f"user_{name}" for name in user]
+    cluster_columns = CLUSTER_COLUMNS if cluster else ()
+    return [*BASE_COLUMNS, *cluster_columns, *blocks, *layers, *scalars, "event"]
 
 
-def layout(snapshot: Snapshot) -> tuple[int, int, bool]:
-    """(blocks, layers, whether a cluster is watched) in `snapshot`: what fixes a file's
-    columns."""
+def layout(snapshot: Snapshot) -> tuple[int, int, bool, tuple[str, ...]]:
+    """(blocks, layers, whether a cluster is watched, the names of a user loop's extra scalars)
+    in `snapshot`: what fixes a file's columns."""
     run = snapshot.run
     blocks, layers = (len(run.blocks), len(run.layers)) if run else (0, 0)
-    return blocks, layers, snapshot.ray is not None
+    return blocks, layers, snapshot.ray is not None, tuple(run.user) if run else ()
 
 
 def _mib(value: int | None) -> float | None:
@@ -70,11 +75,15 @@ def _number(value: float | None) -> Any:
 
 
 def snapshot_to_row(
-    snapshot: Snapshot, n_blocks: int, n_layers: int, cluster: bool = False
+    snapshot: Snapshot,
+    n_blocks: int,
+    n_layers: int,
+    cluster: bool = False,
+    user: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """The CSV row of a Snapshot (None = empty cell) for a file of this layout."""
     system, run, ray = snapshot.system, snapshot.run, snapshot.ray
-    row: dict[str, Any] = dict.fromkeys(csv_columns(n_blocks, n_layers, cluster))
+    row: dict[str, Any] = dict.fromkeys(csv_columns(n_blocks, n_layers, cluster, user))
     row.update(
         ts=round(snapshot.time, 3),
         interval_s=snapshot.interval,
@@ -121,6 +130,8 @@ def snapshot_to_row(
         for i, stat in enumerate(stats[:count]):
             for field in fields:
                 row[f"{prefix}{i}_{field}"] = _number(getattr(stat, field))
+    for name in user:  # a scalar first reported after the file opened has no column
+        row[f"user_{name}"] = _number(run.user.get(name))
     return row
 
 

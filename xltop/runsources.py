@@ -97,6 +97,7 @@ def run_info_from_telemetry(report: Telemetry) -> RunInfo:
         layers=report.layers,
         mlx=_mlx_memory(report.mlx),
         blas=report.blas,
+        user=report.user,
     )
 
 

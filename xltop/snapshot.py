@@ -83,6 +83,7 @@ class RunInfo:
     layers: tuple[LayerFigures, ...] = ()
     mlx: MlxMemory | None = None
     blas: str = ""
+    user: dict[str, float | None] = field(default_factory=dict)  # a user loop's extra scalars
 
 
 SHORT_ID = 8  # Ray's node and actor ids are 56 hex digits: 8 tell a cluster's apart

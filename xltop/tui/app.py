@@ -32,6 +32,7 @@ from xltop.tui.widgets.kill_dialog import KillDialog
 from xltop.tui.widgets.memory import MemoryPanel
 from xltop.tui.widgets.processes import ProcessTable
 from xltop.tui.widgets.ray_panel import RayPanel
+from xltop.tui.widgets.user_scalars import UserScalarsTable
 
 Outcome = tuple[str, bool]  # a sentence for the events line, and whether it reports a failure
 NARROW_COLUMNS = 120  # below this, one chart at a time
@@ -78,6 +79,7 @@ class XltopApp(App[None]):
             yield MemoryPanel(id="memory")
             yield MetricCharts(id="charts")
         yield BlocksTable(id="blocks")
+        yield UserScalarsTable(id="user-scalars")  # hidden until a user loop reports one
         yield RayPanel(id="ray")  # hidden until a Snapshot carries a cluster
         yield ProcessTable(id="processes")
         yield EventLine(id="events")
@@ -134,6 +136,7 @@ class XltopApp(App[None]):
         self.main_screen.query_one(MemoryPanel).show(snapshot)
         self.main_screen.query_one(MetricCharts).redraw()
         self.main_screen.query_one(BlocksTable).show(snapshot.run)
+        self.main_screen.query_one(UserScalarsTable).show_run(snapshot.run)
         self.main_screen.query_one(ProcessTable).show(snapshot.processes)
         if snapshot.ray is not None:
             self._show_cluster(snapshot.ray)

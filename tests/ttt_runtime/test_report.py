@@ -1,0 +1,165 @@
+"""The Reporter (ttt_runtime.report) in this process, on the real channel: commands, figures,
+watched TTT layers, mistakes. Its user loops attached by the real xltop: tests/xltop/
+test_reporter_e2e.py."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from messages import telemetry
+from polling import wait_until
+
+from ttt_runtime.channel import ChannelClient
+from ttt_runtime.config import TTTLayerConfig
+from ttt_runtime.figures import fast_weight_stats
+from ttt_runtime.layers import TTTLinear
+from ttt_runtime.protocol import ProtocolError, decode_message, encode
+from ttt_runtime.report import UNSUPPORTED, Reporter
+
+
+def _pair(tmp_path, **options) -> tuple[Reporter, ChannelClient]:
+    reporter = Reporter(socket=str(tmp_path / "r.sock"), **options)
+    return reporter, ChannelClient.connect(reporter.socket)
+
+
+def _newest(client: ChannelClient, step: int):
+    return wait_until(
+        lambda: (r := client.latest()) is not None and r.step >= step and r, 10, f"step {step}"
+    )
+
+
+def test_each_command_is_obeyed_refused_or_handed_to_the_loop_and_none_hangs(tmp_path):
+    loop_threads: list[str] = []
+
+    def save(path):
+        loop_threads.append(threading.current_thread().name)
+        if path == "bad":
+            raise OSError("disk full\nreally")
+        return path or "mine.safetensors"
+
+    reporter, client = _pair(tmp_path, save=save, name="mine")
+    stepping = threading.Event()
+    stepping.set()
+
+    def loop() -> None:
+        while stepping.is_set():
+            reporter.step(loss=1.0, tokens=4)
+            time.sleep(0.01)
+
+    worker = threading.Thread(target=loop, name="user-loop")
+    worker.start()
+    try:
+        assert client.hello.mode == "user" and client.hello.preset == "mine"
+        assert client.request("clear_cache").extras == {"cache": mx.get_cache_memory()}
+        assert client.request("save", path="x.st").extras == {"path": "x.st"}
+        assert client.request("save").extras == {"path": "mine.safetensors"}
+        failed = client.request("save", path="bad")
+        assert not failed.ok and failed.error == "save failed: OSError: disk full really"
+        assert loop_threads == ["user-loop"] * 3  # between two steps, on the loop's thread
+        for cmd in ("reset", "stop"):
+            reply = client.request(cmd)
+            assert not reply.ok and reply.error == f"{cmd} is {UNSUPPORTED}"
+
+        assert client.request("pause").ok
+        time.sleep(0.3)  # the step in progress ends, and the next call of step() blocks
+        held = reporter._record.step
+        time.sleep(0.5)
+        paused = _newest(client, held)
+        assert paused.paused and paused.step == reporter._record.step == held
+        assert client.request("save", path="p.st").extras == {"path": "p.st"}  # made meanwhile
+        assert client.request("resume").ok
+        _newest(client, paused.step + 3)
+
+        client.request("pause")
+        wait_until(lambda: (r := client.latest()) is not None and r.paused, 10)
+        client.close()  # nobody is left to resume it: the loop goes on
+        wait_until(lambda: reporter._record.step > paused.step + 5, 10, "the loop to go on")
+    finally:
+        stepping.clear()
+        worker.join(10)
+        reporter.close()
+    assert not worker.is_alive()
+    assert not (tmp_path / "r.sock").exists()
+
+
+def test_a_report_carries_the_loops_figures_and_its_own_mlx_memory(tmp_path):
+    reporter, client = _pair(tmp_path)
+    try:
+        held = mx.zeros((1 << 18,))  # 1 MiB of this process's MLX memory
+        mx.eval(held)
+        reporter.step(loss=mx.array(2.5), tokens=100)  # the first: its time is the warm-up
+        time.sleep(0.05)
+        reporter.step(loss=2.0, tokens=100, step=3, grad_norm=1.5, skipped=None)
+        report = _newest(client, 3)
+        assert report.warmup_ms is not None and report.tokens == 200
+        assert report.step_ms >= 25  # 50 ms over two steps
+        assert 100 / report.tokens_per_s >= 0.05
+        assert report.loss_bpb == 2.0 and report.user == {"grad_norm": 1.5, "skipped": None}
+        assert report.mlx.active >= held.nbytes
+        reporter.update_scalars(val_loss=1.75)
+        assert wait_until(lambda: client.latest().user.get("val_loss") == 1.75, 10)
+        assert client.latest().step == 3  # no step counted
+    finally:
+        client.close()
+        reporter.close()
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda r: r.step(**{"a b": 1}), "scalar name 'a b': letters, digits and _ only"),
+        (lambda r: r.step(lr="fast"), "scalar 'lr' must be a number, got str"),
+        (lambda r: r.step(**{f"s{i}": 1 for i in range(65)}), "at most 64 extra scalars"),
+        (lambda r: (r.step(step=5), r.step(step=5)), "step 5 does not come after step 5"),
+        (lambda r: r.watch(nn.Linear(2, 2)), "Linear has no TTT layers"),
+    ],
+)
+def test_a_mistake_in_the_users_call_is_one_clear_error(tmp_path, call, message):
+    reporter = Reporter(socket=str(tmp_path / "r.sock"))
+    try:
+        with pytest.raises(ValueError, match=message):
+            call(reporter)
+    finally:
+        reporter.close()
+
+
+def test_a_watched_ttt_layers_fast_weights_are_reported(tmp_path):
+    layer = TTTLinear(TTTLayerConfig(hidden_size=16, num_heads=2, mini_batch_size=4))
+    cache = layer.make_cache(1)
+    origin = [cache.fast_weights]
+    reporter, client = _pair(tmp_path, sample_every=2)
+    try:
+        reporter.watch(layer, caches=[cache])
+        reporter.step(tokens=8)  # the first step is sampled: no update yet
+        first = _newest(client, 1)
+        assert first.sampled_step == 1 and first.layers[0].update_norm == 0
+        for _ in range(3):
+            before = [cache.fast_weights]
+            mx.eval(layer(mx.random.normal((1, 8, 16)), cache=cache))  # one step: 2 mini-batches
+            reporter.step(tokens=8)
+        expected = fast_weight_stats([cache.fast_weights], before, origin)[0]
+        report = _newest(client, 4)
+        figures = report.layers[0]
+        assert len(report.layers) == 1 and report.sampled_step == 4
+        assert figures.w_norm == pytest.approx(expected["w_norm"], rel=1e-5)
+        assert figures.update_norm == pytest.approx(expected["update_norm"], rel=1e-5)
+        assert figures.drift == pytest.approx(expected["drift"], rel=1e-5)
+        assert 0 < figures.update_norm < figures.drift  # three steps drift further than one
+    finally:
+        client.close()
+        reporter.close()
+
+
+def test_a_report_without_user_scalars_is_read_as_having_none_and_a_bad_one_is_named():
+    wire = json.loads(encode(telemetry(3, user={"lr": 0.1})))
+    assert decode_message(json.dumps(wire)).user == {"lr": 0.1}
+    del wire["user"]  # a report of an older run
+    assert decode_message(json.dumps(wire)).user == {}
+    wire["user"] = {"lr": "0.1"}
+    with pytest.raises(ProtocolError, match="'user.lr' must be a number or null, got str"):
+        decode_message(json.dumps(wire))
