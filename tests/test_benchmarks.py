@@ -1,0 +1,70 @@
+"""benchmarks/bench_scale.py at its --quick size: the real script in a real interpreter, its
+tables and its plot."""
+
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCALE = ROOT / "benchmarks" / "bench_scale.py"
+
+
+def run_scale(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCALE), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+
+
+def test_quick_run_prints_every_layer_at_every_size_and_draws_the_plot(tmp_path):
+    plot = tmp_path / "scale.svg"
+    done = run_scale("--quick", "--plot", str(plot))
+    assert done.returncode == 0, done.stderr
+    rows = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in done.stdout.splitlines()
+        if line.startswith("| ") and not line.startswith("| layer ")
+    ]
+    # scale: 3 layers x 2 lengths, every cell a measured figure (none skipped at this size)
+    scale = [r for r in rows if len(r) == 8]  # layer, tokens, then 3 prefill and 3 stream
+    assert sorted((r[0], r[1]) for r in scale) == [
+        (layer, tokens)
+        for layer in ("TTT-Linear", "TTT-MLP", "attention")
+        for tokens in ("128", "512")
+    ], done.stdout
+    assert all(float(cell.replace(",", "")) >= 0 for r in scale for cell in r[2:]), done.stdout
+    # decode: one row per layer and hidden size, "p50 / p95" at each context
+    decode = [r for r in rows if len(r) == 4]  # layer, hidden, then 2 contexts
+    assert sorted((r[0], r[1]) for r in decode) == [
+        (layer, hidden)
+        for layer in ("TTT-Linear", "TTT-MLP", "attention")
+        for hidden in ("128", "64")
+    ], done.stdout
+    assert all(len(cell.split(" / ")) == 2 for r in decode for cell in r[2:]), done.stdout
+    svg = ET.parse(plot).getroot()
+    assert svg.tag.endswith("svg")
+    assert len(svg.findall(".//{http://www.w3.org/2000/svg}polyline")) >= 7
+    if shutil.which("rsvg-convert"):
+        assert plot.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_run_writes_no_plot_unless_asked(tmp_path):
+    done = run_scale("--quick", "--tokens", "128")
+    assert done.returncode == 0, done.stderr
+    assert "plot:" not in done.stdout
+
+
+def test_bad_sizes_are_one_line_and_exit_2():
+    for args, words in (
+        (("--tokens", "0"), "--tokens"),
+        (("--hidden", "100"), "--hidden 100"),
+    ):
+        done = run_scale("--quick", *args)
+        assert done.returncode == 2, done.stdout
+        assert words in done.stderr.strip().splitlines()[-1]
+        assert "Traceback" not in done.stderr
