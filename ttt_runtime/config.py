@@ -361,6 +361,11 @@ def run_arg_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="remove the socket's folder when the run exits (it was made for this run)",
     )
+    parser.add_argument(
+        "--no-blas-preload",
+        action="store_true",
+        help="run on MLX's bundled BLAS (do not re-execute with OpenBLAS preloaded)",
+    )
     for f in fields(RunConfig):
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, metavar="VALUE")
     return parser

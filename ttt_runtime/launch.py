@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import IO
 
-from ttt_runtime.blas import find_optimized_blas
+from ttt_runtime.blas import preload_environment
 from ttt_runtime.channel import ChannelClient, ChannelError
 from ttt_runtime.config import ConfigError, parse_run_args
 
@@ -57,13 +57,9 @@ def check_run_args(argv: list[str]) -> str | None:
 
 
 def run_environment(preload_blas: bool) -> dict[str, str]:
-    """The child's environment: OpenBLAS first in LD_PRELOAD when wanted and installed."""
+    """The child's environment: unbuffered, and the optimized BLAS preloaded when wanted."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    inherited = [p for p in env.pop("LD_PRELOAD", "").split(":") if p and "blas" not in p]
-    blas = find_optimized_blas() if preload_blas else None
-    preload = ([blas] if blas else []) + inherited
-    if preload:
-        env["LD_PRELOAD"] = ":".join(preload)
+    env.update(preload_environment(env, enabled=preload_blas))
     return env
 
 
@@ -158,6 +154,8 @@ def spawn_run(
     command = [sys.executable, "-m", "ttt_runtime", "run", "--socket", socket_path]
     if private:
         command.append("--remove-socket-dir")
+    if not preload_blas:  # the run then keeps quiet about the bundled BLAS: it was asked for
+        command.append("--no-blas-preload")
     popen = subprocess.Popen(
         [*command, "--exit-with-parent", *args],
         # A lifeline: nobody writes to this pipe, but when the monitor dies (even SIGKILLed)

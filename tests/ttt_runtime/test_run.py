@@ -18,7 +18,7 @@ import pytest
 from polling import run_client, wait_until
 from test_checkpoint import change_a_digit, crafted, unwritable_targets
 
-from ttt_runtime.blas import find_optimized_blas
+from ttt_runtime.blas import find_blas_preload
 from ttt_runtime.channel import ChannelClient, ChannelError
 from ttt_runtime.protocol import Reply, Telemetry, decode_message, encode
 from ttt_runtime.run import PROGRESS_S
@@ -72,7 +72,7 @@ def test_steps_advance_with_every_telemetry_field(spawned_run, clients):
         assert layer.exact_drift is None
     assert message.mlx.active > 0 and message.mlx.backend in ("cpu", "gpu", "cuda")
     assert message.mlx.device and message.mlx.memory_size > 0
-    assert message.blas == ("openblas" if find_optimized_blas() else "bundled")
+    assert message.blas == ("openblas" if find_blas_preload() else "bundled")
     later = report(second, lambda m: m.step > message.step + 5)
     assert later.tokens > message.tokens
 
