@@ -57,7 +57,8 @@ QUICK = {"tokens": [128, 512], "hidden": 64, "decode_hidden": [64, 128]}
 
 class KVCache:
     """Keys and values of the tokens seen, (B, heads, capacity, head_dim) buffers grown STEP
-    tokens at a time (as mlx-lm's KVCache), so a decode step does not copy the cache."""
+    tokens at a time (as mlx-lm's KVCache): a call writes its tokens into free room instead of
+    concatenating the whole cache anew."""
 
     STEP = 256
 
@@ -193,11 +194,12 @@ def attention_skip(mode: str, tokens: int, hidden: int, args) -> str | None:
 
 
 def scale(args) -> dict:
-    """{layer: {tokens: {"prefill"/"stream": (seconds, MiB) or a skip reason}}}"""
+    """{layer: {tokens: {"prefill"/"stream": (seconds, MiB) or a skip reason}}}; the layers
+    take turns at each size, so that a change in the machine's load falls on all of them."""
+    layers = {name: make_layer(name, args.hidden) for name in LAYERS}
     results: dict = {name: {} for name in LAYERS}
-    for name in LAYERS:
-        layer = make_layer(name, args.hidden)
-        for tokens in args.tokens:
+    for tokens in args.tokens:
+        for name, layer in layers.items():
             cells = results[name][tokens] = {}
             for mode, work in (("prefill", prefill), ("stream", stream)):
                 skip = name == "attention" and attention_skip(mode, tokens, args.hidden, args)
@@ -207,31 +209,38 @@ def scale(args) -> dict:
     return results
 
 
+def filled_cache(layer, context: int):
+    """The layer's cache as if `context` tokens had gone through it (see the module docstring)."""
+    import mlx.core as mx
+
+    cache = layer.make_cache(1)
+    if isinstance(cache, KVCache):
+        shape = (1, layer.heads, context, HEAD_DIM)
+        mx.eval(cache.update(mx.random.normal(shape), mx.random.normal(shape)))
+    else:
+        cache.offset = context
+    return cache
+
+
 def decode(args) -> dict:
-    """{(layer, hidden): {context: [ms per token]}}"""
+    """{(layer, hidden): {context: [ms per token]}}; the layers take turns token by token."""
     import mlx.core as mx
 
     results = {}
     for hidden in args.decode_hidden:
-        for name in LAYERS:
-            layer = make_layer(name, hidden)
-            x = mx.random.normal((1, 1, hidden))
-            row = results[name, hidden] = {}
-            for context in args.tokens:
-                cache = layer.make_cache(1)
-                if isinstance(cache, KVCache):
-                    shape = (1, layer.heads, context, HEAD_DIM)
-                    mx.eval(cache.update(mx.random.normal(shape), mx.random.normal(shape)))
-                else:
-                    cache.offset = context
-                times = []
-                for step in range(MINI_BATCH + DECODE_STEPS):  # the first mini-batch compiles
+        layers = {name: make_layer(name, hidden) for name in LAYERS}
+        x = mx.random.normal((1, 1, hidden))
+        for context in args.tokens:
+            caches = {name: filled_cache(layer, context) for name, layer in layers.items()}
+            for step in range(MINI_BATCH + DECODE_STEPS):  # the first mini-batch compiles
+                for name, layer in layers.items():
                     start = time.perf_counter()
-                    mx.eval(layer(x, cache=cache), cache.state)
+                    mx.eval(layer(x, cache=caches[name]), caches[name].state)
                     if step >= MINI_BATCH:
-                        times.append((time.perf_counter() - start) * 1e3)
-                row[context] = times
-            print(f"  {name} decode at hidden {hidden}: done", file=sys.stderr)
+                        ms = (time.perf_counter() - start) * 1e3
+                        results.setdefault((name, hidden), {}).setdefault(context, []).append(ms)
+            del caches  # before the next context's are filled: at 64k they are 1 GiB
+            print(f"  decode, hidden {hidden}, {context:,} tokens: done", file=sys.stderr)
     return results
 
 
