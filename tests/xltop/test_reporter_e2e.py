@@ -14,6 +14,7 @@ from polling import wait_until
 from test_app import pilot_test, run_of, until
 from xltop_helpers import REPO, read_rows, run_xltop, wait_for_rows, xltop_env
 
+from ttt_runtime.channel import ChannelClient
 from xltop.runsources import AttachedRun
 from xltop.tui.app import XltopApp
 from xltop.tui.widgets.user_scalars import UserScalarsTable
@@ -77,6 +78,16 @@ def user_loop(tmp_path):
             proc.communicate()
 
 
+def _first_report(sock: str) -> None:
+    """Wait for the loop's first report (its imports and compiling take a while on a loaded
+    machine), so that xltop's rows are the loop's and not its start."""
+    client = ChannelClient.connect(sock)
+    try:
+        wait_until(client.latest, 120, "the loop's first report")
+    finally:
+        client.close()
+
+
 def _xltop_rows(sock: str, csv: Path, count: int = 4) -> list[dict[str, str]]:
     result = run_xltop("--attach", sock, "--headless", "--quiet", "--csv", str(csv),
                        "--count", str(count), "--interval", "0.3")  # fmt: skip
@@ -88,6 +99,7 @@ def test_a_plain_mlx_loop_shows_in_xltop_and_survives_its_monitors_coming_and_go
     user_loop, tmp_path, xltop_process
 ):
     sock, finish = user_loop()
+    _first_report(sock)
     rows = _xltop_rows(sock, tmp_path / "a.csv")
     assert len(rows) == 4
     last = rows[-1]
@@ -132,3 +144,61 @@ async def test_the_tui_shows_the_loops_scalars_and_its_p_pauses_the_loop(user_lo
         await until(pilot, lambda: run_of(app).step > held + 2, "the loop to go on")
     code, _, err = finish()
     assert code == 0, err
+
+
+# mlx-lm's own trainer fine-tuning a tiny llama built here (random weights, random tokens: no
+# download), reported by the callback: two lines of the user's code. It trains until STOP exists.
+MLX_LM_TRAINING = """
+import sys, time
+from pathlib import Path
+import mlx.core as mx, mlx.optimizers as optim, numpy as np
+from mlx_lm.models import llama
+from mlx_lm.tuner.trainer import TrainingArgs, iterate_batches, train
+from ttt_runtime.mlx_lm_callback import XltopCallback
+
+socket, stop, adapters = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+mx.random.seed(0)
+model = llama.Model(llama.ModelArgs(
+    model_type="llama", hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+    num_attention_heads=4, rms_norm_eps=1e-5, vocab_size=64))
+rng = np.random.default_rng(0)
+data = [(rng.integers(0, 64, 33).tolist(), 0) for _ in range(16)]
+
+def until_stopped(dataset, **options):  # mlx-lm's batches, until the test says stop
+    for batch in iterate_batches(dataset, **options):
+        if stop.exists():
+            return
+        time.sleep(0.01)  # the machine is shared
+        yield batch
+
+args = TrainingArgs(batch_size=4, iters=10**6, val_batches=2, steps_per_report=2,
+                    steps_per_eval=50, adapter_file=adapters, max_seq_length=64)
+train(model, optim.Adam(learning_rate=1e-3), data, data, args, iterate_batches=until_stopped,
+      training_callback=XltopCallback(socket=socket, name="mlx-lm"))
+"""
+
+
+def test_mlx_lms_trainer_shows_in_xltop_through_the_callback(tmp_path):
+    pytest.importorskip("mlx_lm", reason="mlx-lm is not installed (pip install xltop[mlx-lm])")
+    script, stop, sock = tmp_path / "train.py", tmp_path / "STOP", tmp_path / "t.sock"
+    script.write_text(MLX_LM_TRAINING)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(sock), str(stop), str(tmp_path / "adapters.safetensors")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=xltop_env(),
+    )  # fmt: skip
+    try:
+        wait_until(lambda: sock.exists() or proc.poll() is not None, 120, "the trainer's socket")
+        _first_report(str(sock))
+        rows = _xltop_rows(str(sock), tmp_path / "t.csv")
+    finally:
+        stop.touch()
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    first, last = rows[0], rows[-1]
+    assert {r["run_state"] for r in rows} == {"running"}
+    assert int(last["step"]) > int(first["step"]) and int(last["step"]) % 2 == 0  # per report
+    assert int(last["tokens"]) > 0 and float(last["tokens_per_s"]) > 0
+    assert 0 < float(last["loss_bpb"]) < 10  # cross-entropy over 64 tokens starts near ln 64
+    assert float(last["user_learning_rate"]) == pytest.approx(1e-3)
+    assert float(last["user_val_loss"]) > 0  # the first evaluation comes before any report
+    assert (tmp_path / "adapters.safetensors").exists()  # the trainer ran to its normal end
