@@ -6,13 +6,17 @@ xltop --once | --json      one snapshot as a text table / as JSON, then exit
 xltop --json-stream        one JSON line per tick on stdout
 xltop --no-run | --attach SOCKET   watch the machine only / a run started elsewhere
 xltop --ray ADDR           watch a Ray cluster too (and start no run unless run options ask)
+xltop --replay FILE.csv    play a CSV log in the TUI (with --once: sum it up)
+xltop --serve              serve the TUI to a browser (textual-serve), on loopback unless --expose
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import os
+import shlex
 import signal
 import stat
 import sys
@@ -34,6 +38,7 @@ from xltop.watchdog import Threshold, Watchdog
 
 if TYPE_CHECKING:  # imported where a cluster is watched: urllib's import is not light
     from xltop.raycluster import RayCluster
+    from xltop.replay import ReplayPlayer
     from xltop.tui.app import XltopApp  # imported for the TUI only: Textual is not light
 
 RUN_FLAGS = ("mode", "preset", "config", "data", "seed", "resume")
@@ -44,6 +49,7 @@ ATTACHED_READY_TIMEOUT_S = 10.0  # an attached run is up already (it may be paus
 # A cluster that does not answer: one line and exit 1 within 5 s, the interpreter's start included.
 RAY_CHECK_TIMEOUT_S = 4.0
 RAY_READY_TIMEOUT_S = 10.0  # the first whole poll: the lists, then each node's stats in turn
+SERVE_HOST, SERVE_PORT = "127.0.0.1", 8000
 
 
 class UsageError(Exception):
@@ -147,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--no-run", action="store_true", help="watch the machine, start no run")
     target.add_argument("--attach", metavar="SOCKET", help="watch a run started elsewhere")
+    target.add_argument(
+        "--replay",
+        metavar="FILE.csv",
+        help="play a CSV log that xltop wrote (keys: space, n, x); with --once, sum it up",
+    )
     ray = parser.add_argument_group("Ray cluster")
     ray.add_argument(
         "--ray",
@@ -158,6 +169,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--ray-token-file",
         metavar="FILE",
         help="the cluster's token (else RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)",
+    )
+    serve = parser.add_argument_group("browser view")
+    serve.add_argument(
+        "--serve",
+        action="store_true",
+        help="serve the TUI to a browser: each page load starts its own xltop with these flags",
+    )
+    serve.add_argument("--host", help=f"address to serve on (default {SERVE_HOST})")
+    serve.add_argument(
+        "--port", type=_number(int, 1, 65535), help=f"port to serve on (default {SERVE_PORT})"
+    )
+    serve.add_argument(
+        "--expose",
+        action="store_true",
+        help="allow a --host other than loopback: whoever reaches it gets the TUI, its run "
+        "commands and kill included (add --readonly to keep those off)",
     )
     run = parser.add_argument_group("run options (passed to the hosted TTT run)")
     run.add_argument("--mode", choices=("train", "adapt"))
@@ -184,13 +211,59 @@ def _hosts_no_run(args: argparse.Namespace) -> bool:
     return args.no_run or (watches_cluster_only and not _given_run_flags(args))
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: it may resolve anywhere
+        return False
+
+
+def _check_serve(args: argparse.Namespace) -> None:
+    if not args.serve:
+        given = [f"--{f}" for f in ("host", "port") if getattr(args, f) is not None]
+        if args.expose:
+            given.append("--expose")
+        if given:
+            raise UsageError(f"{', '.join(given)}: only with --serve")
+        return
+    if args.once or args.json or args.json_stream or args.headless or args.poll:
+        raise UsageError("--serve serves the TUI; not with --once, --json, --headless or --poll")
+    host = args.host if args.host is not None else SERVE_HOST
+    if not _is_loopback(host) and not args.expose:
+        raise UsageError(
+            f"--host {host} is not a loopback address: whoever reaches it gets the TUI, its run "
+            "commands and kill included; add --expose to mean it (and --readonly to keep those off)"
+        )
+
+
+def _check_replay(args: argparse.Namespace) -> None:
+    """A replay shows a log in the TUI or sums it up: nothing live goes with it."""
+    live = [
+        flag
+        for flag, given in (
+            ("--ray", args.ray),
+            ("--csv", args.csv),
+            ("--mem-soft/--mem-hard", args.mem_soft or args.mem_hard),
+            ("--headless", args.headless or args.poll),
+            ("--json", args.json),
+            ("--json-stream", args.json_stream),
+        )
+        if given
+    ]
+    if live:
+        raise UsageError(f"--replay plays a log; not with {', '.join(live)}")
+
+
 def _check_combinations(args: argparse.Namespace) -> None:
+    _check_serve(args)
     given = _given_run_flags(args)
-    if given and (args.no_run or args.attach):
-        other = "--no-run" if args.no_run else "--attach"
+    if given and (args.no_run or args.attach or args.replay):
+        other = "--no-run" if args.no_run else "--attach" if args.attach else "--replay"
         raise UsageError(f"{', '.join(given)} configure a hosted run; not with {other}")
     if args.ray_token_file is not None and args.ray is None:
         raise UsageError("--ray-token-file needs --ray")
+    if args.replay is not None:
+        _check_replay(args)
     watchdog = args.mem_soft or args.mem_hard
     if watchdog and _hosts_no_run(args):
         why = "not with --no-run" if args.no_run else "--ray alone starts none"
@@ -333,7 +406,7 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # the same clean path as Ctrl-C
 
 
-def _output_mode(args: argparse.Namespace) -> str:
+def _output_mode(args: argparse.Namespace, once: str = "one snapshot") -> str:
     headless = args.headless or args.poll
     if sys.stdout is None and not headless:  # started with >&-
         raise UsageError(
@@ -344,13 +417,14 @@ def _output_mode(args: argparse.Namespace) -> str:
         return "once" if args.once else "json" if args.json else "json-stream"
     if headless:
         return "headless"
-    if not sys.stdout.isatty():
-        _say("stdout is not a terminal: printing one snapshot (as --once)")
+    # A TUI served to a browser (--serve) draws through the driver textual-serve names.
+    if not sys.stdout.isatty() and not os.environ.get("TEXTUAL_DRIVER"):
+        _say(f"stdout is not a terminal: printing {once} (as --once)")
         return "once"
     return "tui"
 
 
-def _run_tui(monitor: Monitor, args: argparse.Namespace) -> bool:
+def _run_tui(monitor: Monitor | ReplayPlayer, args: argparse.Namespace) -> bool:
     """Run the TUI; False if it is not installed (headless status lines instead).
 
     SIGTERM quits as `q` does, from the moment Textual starts importing: a KeyboardInterrupt
@@ -379,10 +453,64 @@ def _run_tui(monitor: Monitor, args: argparse.Namespace) -> bool:
     return True
 
 
+def _stdout_gone() -> None:
+    """A reader such as `head` went away: stop quietly, without a second error at exit."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from xltop.replay import ReplayError, ReplayPlayer, load, summary
+
+    try:
+        recording = load(args.replay)
+    except ReplayError as exc:
+        raise UsageError(str(exc)) from None
+    if _output_mode(args, once="its summary") == "tui" and _run_tui(ReplayPlayer(recording), args):
+        return 0
+    for note in recording.skipped:
+        _say(f"replay: {note}")
+    try:
+        sys.stdout.write("".join(f"{line}\n" for line in summary(recording)))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _stdout_gone()
+    return 0
+
+
+def _served_argv(argv: list[str]) -> list[str]:
+    """`argv` without the flags that serve: what each browser page's own xltop runs with."""
+    serving = argparse.ArgumentParser(add_help=False)
+    for flag in ("--serve", "--expose"):
+        serving.add_argument(flag, action="store_true")
+    for flag in ("--host", "--port"):
+        serving.add_argument(flag)
+    return serving.parse_known_args(argv)[1]
+
+
+def _serve(args: argparse.Namespace, argv: list[str]) -> int:
+    try:
+        from textual_serve.server import Server
+    except ModuleNotFoundError:
+        raise UsageError("--serve needs textual-serve: pip install 'xltop[serve]'") from None
+    host = args.host if args.host is not None else SERVE_HOST
+    port = args.port if args.port is not None else SERVE_PORT
+    command = shlex.join([sys.executable, "-m", "xltop", *_served_argv(argv)])
+    try:
+        Server(command, host=host, port=port, title="xltop").serve()
+    except OSError as exc:  # the port is taken, the address is not this machine's
+        _say(f"cannot serve on {host}:{port}: {exc.strerror or exc}")
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         _check_combinations(args)
+        if args.serve:
+            return _serve(args, sys.argv[1:] if argv is None else argv)
+        if args.replay is not None:
+            return _replay(args)
         mode = _output_mode(args)
         interval = args.poll or args.interval
         count = 1 if mode in ("once", "json") else args.count
@@ -414,8 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     except BrokenPipeError:
-        # A reader such as `head` went away: stop quietly, without a second error at exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _stdout_gone()
     finally:
         # A second Ctrl-C must not cut the cleanup short: files close, the run stops.
         signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -21,6 +21,7 @@ from textual.worker import get_current_worker
 from xltop import __version__, killer
 from xltop.csvlog import CsvSink
 from xltop.monitor import Monitor
+from xltop.replay import ReplayPlayer
 from xltop.snapshot import ClusterState, RunInfo, RunState, Snapshot
 from xltop.tui import commands
 from xltop.tui.widgets.blocks import BlocksTable
@@ -53,7 +54,7 @@ class XltopApp(App[None]):
 
     def __init__(
         self,
-        monitor: Monitor,
+        monitor: Monitor | ReplayPlayer,  # a replay stands in for the Monitor: no run, no kill
         *,
         readonly: bool = False,
         csv_path: str | None = None,
@@ -61,6 +62,7 @@ class XltopApp(App[None]):
     ) -> None:
         super().__init__()
         self.monitor = monitor
+        self.replay = monitor if isinstance(monitor, ReplayPlayer) else None
         self.readonly = readonly or readonly_from_env()
         self.host = host or socket.gethostname()
         self.csv = CsvSink(csv_path, on_error=monitor.post_event)
@@ -92,6 +94,10 @@ class XltopApp(App[None]):
         self._mounted = True
         if self._exit_when_mounted:
             self.exit()
+
+    def on_unmount(self) -> None:
+        if self.replay is not None:  # its tick waits for good while paused or at the end
+            self.replay.close()
 
     def exit_soon(self) -> None:
         """Exit now, or as soon as the screen is up: exiting while Textual still composes the
@@ -159,6 +165,7 @@ class XltopApp(App[None]):
             frozen=self.frozen,
             readonly=self.readonly,
             csv=str(self.csv.path) if self.csv.active else None,
+            replay=f"{self.replay.name} {self.replay.status}" if self.replay else None,
         )
 
     def say(self, text: str, error: bool = False) -> None:
@@ -182,10 +189,11 @@ class XltopApp(App[None]):
     # -- actions: one per entry of xltop.tui.commands.COMMANDS -----------------------------------
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        return not (self.readonly and action in commands.RUN_ACTIONS)
+        command = commands.BY_ACTION.get(action)
+        return command is None or command.applies(self.readonly, self.replay is not None)
 
     def get_system_commands(self, screen: Any):
-        for command in commands.available(self.readonly):
+        for command in commands.available(self.readonly, self.replay is not None):
             action = getattr(self, f"action_{command.action}")
             yield SystemCommand(f"{command.label} ({command.key_text})", command.help, action)
 
@@ -239,6 +247,7 @@ class XltopApp(App[None]):
         self._show_header()
 
     def _step_interval(self, direction: int) -> None:
+        assert isinstance(self.monitor, Monitor)  # check_action keeps + and - out of a replay
         current = self.monitor.interval
         if direction > 0:
             target = next((s for s in INTERVALS if s > current + 1e-9), INTERVALS[-1])
@@ -307,8 +316,23 @@ class XltopApp(App[None]):
 
         self._in_thread(restart, "restart")
 
+    def _replay_control(self, control: Callable[[ReplayPlayer], str]) -> None:
+        if self.replay is not None:  # check_action keeps these keys to a replay
+            self.say(control(self.replay))
+            self._show_header()
+
+    def action_replay_play(self) -> None:
+        self._replay_control(ReplayPlayer.toggle_play)
+
+    def action_replay_step(self) -> None:
+        self._replay_control(ReplayPlayer.step)
+
+    def action_replay_speed(self) -> None:
+        self._replay_control(ReplayPlayer.next_speed)
+
     def action_help(self) -> None:
-        self.push_screen(HelpScreen(commands.available(self.readonly), self.readonly))
+        replay = self.replay is not None
+        self.push_screen(HelpScreen(commands.available(self.readonly, replay), self.readonly))
 
     async def action_quit(self) -> None:
         if self._quitting:

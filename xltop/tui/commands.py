@@ -1,7 +1,8 @@
 """The one command table: it drives the key bindings, the footer, the help screen and the palette.
 
 Add a command here and it has a key, a footer entry, a help line and a palette entry; mark it
-`changes_run` and `--readonly` removes it everywhere at once.
+`changes_run` and `--readonly` (and a replay, which has no run) removes it everywhere at once;
+its `scope` keeps it to live monitoring or to a replay (`xltop --replay`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,14 @@ from dataclasses import dataclass
 from textual.binding import Binding, BindingType
 
 # Textual key names as people type them.
-_KEY_TEXT = {"plus": "+", "minus": "-", "question_mark": "?", "f9": "F9", "f10": "F10"}
+_KEY_TEXT = {
+    "plus": "+",
+    "minus": "-",
+    "question_mark": "?",
+    "f9": "F9",
+    "f10": "F10",
+    "space": "Space",
+}
 
 
 @dataclass(frozen=True)
@@ -22,6 +30,12 @@ class Command:
     help: str  # one line: help screen and palette
     changes_run: bool = False  # acts on the run or on processes: gone under --readonly
     footer: bool = True
+    scope: str = "any"  # "live": not in a replay; "replay": only in one
+
+    def applies(self, readonly: bool, replay: bool) -> bool:
+        if self.changes_run and (readonly or replay):
+            return False
+        return self.scope in ("any", "replay" if replay else "live")
 
     @property
     def key_text(self) -> str:
@@ -35,8 +49,11 @@ COMMANDS = (
     Command("reset", ("r",), "Reset", "reset the fast weights: start a new conversation", changes_run=True),  # noqa: E501
     Command("save", ("s",), "Save", "save a checkpoint of the run", changes_run=True),
     Command("toggle_log", ("l",), "Log", "start / stop logging one CSV row per tick"),
-    Command("interval_up", ("plus",), "Interval +", "longer interval between ticks", footer=False),
-    Command("interval_down", ("minus",), "Interval -", "shorter interval between ticks", footer=False),  # noqa: E501
+    Command("interval_up", ("plus",), "Interval +", "longer interval between ticks", footer=False, scope="live"),  # noqa: E501
+    Command("interval_down", ("minus",), "Interval -", "shorter interval between ticks", footer=False, scope="live"),  # noqa: E501
+    Command("replay_play", ("space",), "Play/pause", "play / pause the replay", scope="replay"),
+    Command("replay_step", ("n",), "Step", "show the replay's next tick, and pause", scope="replay"),  # noqa: E501
+    Command("replay_speed", ("x",), "Speed", "replay speed: 1x, 10x, 100x", scope="replay"),
     Command("next_chart", ("g",), "Chart", "show the next chart (on narrow screens one chart shows)", footer=False),  # noqa: E501
     Command("sort", ("o",), "Sort", "sort the processes by the next column (or click a header)", footer=False),  # noqa: E501
     Command("kill", ("k", "f9"), "Kill", "kill the selected process: confirm, SIGTERM, SIGKILL after a grace", changes_run=True),  # noqa: E501
@@ -45,13 +62,14 @@ COMMANDS = (
     Command("quit", ("q", "f10"), "Quit", "stop the hosted run cleanly, close the CSV, quit"),
 )  # fmt: skip
 
-RUN_ACTIONS = frozenset(c.action for c in COMMANDS if c.changes_run)
+BY_ACTION = {c.action: c for c in COMMANDS}
 
 
-def available(readonly: bool) -> tuple[Command, ...]:
-    return tuple(c for c in COMMANDS if not (readonly and c.changes_run))
+def available(readonly: bool, replay: bool = False) -> tuple[Command, ...]:
+    return tuple(c for c in COMMANDS if c.applies(readonly, replay))
 
 
 def bindings() -> list[BindingType]:
-    """Every command's keys; XltopApp.check_action hides the run commands under --readonly."""
+    """Every command's keys; XltopApp.check_action hides those that do not apply (the run
+    commands under --readonly or in a replay, the replay's keys in live monitoring)."""
     return [Binding(",".join(c.keys), c.action, c.label, show=c.footer) for c in COMMANDS]

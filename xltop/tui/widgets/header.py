@@ -39,20 +39,25 @@ class RunHeader(Static):
         frozen: bool,
         readonly: bool,
         csv: str | None,
+        replay: str | None = None,  # the file and where its replay stands
     ) -> None:
         # Most important first: a narrow terminal crops each line, it never wraps it.
         run = snapshot.run
         line = Text.assemble((f"xltop {version}", "bold"), " | ", no_wrap=True, overflow="crop")
+        if replay is not None:
+            line.append(units.printable(f"REPLAY {replay}"), style="reverse")
+            line.append(" | ")
         line.append_text(_state_text(run))
         if run is not None and (run.mode or run.preset):
             line.append(units.printable(f" | {run.mode or '?'}/{run.preset or '?'}"))
-        if run is not None and run.mlx is not None:
+        if run is not None and run.mlx is not None and run.mlx.backend:  # a replay has none
             device = "" if run.mlx.device in ("", run.mlx.backend) else f" {run.mlx.device}"
             line.append(units.printable(f" | MLX {run.mlx.backend}{device}"))
         if run is not None and run.blas:
             line.append(units.printable(f" | BLAS {run.blas}"))
         line.append(f" | {snapshot.interval:g}s")
-        line.append(units.printable(f" | CSV {csv}") if csv else " | CSV off")
+        if replay is None:
+            line.append(units.printable(f" | CSV {csv}") if csv else " | CSV off")
         if frozen:
             line.append(" | FROZEN", style="reverse")
         if readonly:

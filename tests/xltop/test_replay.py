@@ -1,0 +1,213 @@
+"""`xltop --replay`: a CSV that a real headless xltop wrote, read back and played.
+
+The log comes from a real `xltop --headless --csv` hosting a real tiny run; the replay is read by
+the real CLI in a child process, and played in the real app under Pilot.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import pytest
+from test_app import events, pilot_test, until
+from xltop_helpers import read_rows, run_xltop
+
+from xltop import units
+from xltop.csvlog import CsvLog
+from xltop.replay import Recording, ReplayPlayer, load
+from xltop.snapshot import RunState
+from xltop.tui.app import XltopApp
+from xltop.tui.widgets.header import RunHeader
+
+TICKS = 10
+INTERVAL_S = 0.5  # a 1x replay of TICKS ticks takes 4.5 s: time to press keys mid-way
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory) -> Path:
+    """A CSV log written by a real headless xltop hosting a real tiny run (read-only: tests
+    that change it work on a copy)."""
+    path = tmp_path_factory.mktemp("replay") / "run.csv"
+    result = run_xltop(
+        "--headless", "--quiet", "--preset", "tiny", "--csv", str(path),
+        "--count", str(TICKS), "--interval", str(INTERVAL_S),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert len(read_rows(path)) == TICKS
+    return path
+
+
+def rewritten(path: Path, to: Path, drop: str, add: str) -> Path:
+    """The log at `path` as another xltop version might write it: column `drop` gone, a column
+    `add` this version does not know added before the event column."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    columns = [c for c in rows[0] if c != drop]
+    columns.insert(len(columns) - 1, add)
+    with open(to, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({**row, add: "42"} for row in rows)
+    return to
+
+
+def test_a_replay_gives_back_exactly_what_a_real_headless_run_logged(logged, tmp_path):
+    recording = load(str(logged))
+    assert recording.skipped == ()
+    rows = read_rows(logged)
+    assert len(recording.snapshots) == len(rows)
+    # Written again by the CSV sink, the replayed Snapshots make the very same file: every value
+    # read back equals the file's.
+    copy = tmp_path / "copy.csv"
+    log = CsvLog(copy, recording.snapshots[0])
+    for snapshot in recording.snapshots:
+        log.write(snapshot)
+    log.close()
+    assert copy.read_bytes() == logged.read_bytes()
+    last, row = recording.snapshots[-1], rows[-1]
+    assert last.run is not None and last.run.state == RunState(row["run_state"])
+    assert last.run.step == int(row["step"]) > 0
+    assert last.run.loss_bpb == float(row["loss_bpb"])
+    assert len(last.run.blocks) == len(last.run.layers) == 2  # the tiny preset's blocks
+    assert "run running" in " ".join(recording.snapshots[0].events)
+
+
+def test_once_sums_the_log_up(logged):
+    result = run_xltop("--replay", str(logged), "--once")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    rows = read_rows(logged)
+    rates = [float(r["tokens_per_s"]) for r in rows if r["tokens_per_s"]]
+    rss = [float(r["rss_mib"]) * units.MIB for r in rows]
+    final = [r for r in rows if r["loss_bpb"]][-1]
+    duration = round(float(rows[-1]["ts"]) - float(rows[0]["ts"]))
+    out = result.stdout
+    assert f"{TICKS} ticks" in out
+    assert f"duration 0m {duration:02d}s" in out
+    assert f"steps: {rows[0]['step']} to {rows[-1]['step']}" in out
+    assert f"mean tok/s: {sum(rates) / len(rates):.1f} (over the {len(rates)} ticks" in out
+    assert f"run RSS: min {units.size(min(rss))}, max {units.size(max(rss))}" in out
+    assert f"final loss: {float(final['loss_bpb']):.4g} bpb at step {final['step']}" in out
+
+
+def test_a_torn_log_replays_its_whole_rows_and_says_what_it_skipped(logged, tmp_path):
+    torn = tmp_path / "torn.csv"
+    lines = logged.read_text().splitlines(keepends=True)
+    lines[3] = lines[3].replace(",running,", ",runnin,", 1)  # a row that does not parse
+    torn.write_text("".join(lines)[:-30])  # cut mid-way through the last row
+    recording = load(str(torn))
+    assert len(recording.snapshots) == TICKS - 2
+    assert recording.skipped == (
+        "skipped 1 rows that do not parse: line 4 (run_state is 'runnin')",
+        f"skipped the torn last line (line {TICKS + 1}, cut mid-row)",
+    )
+    result = run_xltop("--replay", str(torn), "--once")
+    assert result.returncode == 0
+    assert result.stderr.splitlines() == [f"xltop: replay: {note}" for note in recording.skipped]
+    assert f"{TICKS - 2} ticks" in result.stdout
+
+
+def test_a_log_of_another_version_replays_what_this_one_knows(logged, tmp_path):
+    other = rewritten(logged, tmp_path / "other.csv", drop="sampled_step", add="gpu_temp_c")
+    recording = load(str(other))
+    assert recording.skipped == (
+        "ignored 1 columns it does not know: gpu_temp_c",
+        "columns absent from the file, shown unknown: sampled_step",
+    )
+    assert len(recording.snapshots) == TICKS
+    rows = read_rows(logged)
+    assert [s.run.step for s in recording.snapshots] == [int(r["step"]) for r in rows]
+    assert all(s.run.sampled_step is None for s in recording.snapshots)
+    result = run_xltop("--replay", str(other), "--once")
+    assert result.returncode == 0
+    assert len(result.stderr.splitlines()) == 2
+
+
+def foreign_files(tmp_path: Path) -> list[tuple[str, str]]:
+    """(path, the words its one-line refusal must hold) for files that are no xltop log."""
+    spreadsheet, binary, empty, header_only = (
+        tmp_path / name for name in ("sales.csv", "image.png", "empty.csv", "header.csv")
+    )
+    spreadsheet.write_text("date,amount\n2026-01-01,3\n")
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\xff\xfe")
+    empty.write_text("")
+    header_only.write_text("ts,interval_s,total_mib,used_mib,avail_mib,cpu_pct,event\n")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    lacks = "is not an xltop CSV log (its header lacks"
+    return [
+        (str(spreadsheet), f"{spreadsheet} {lacks} ts, interval_s, total_mib"),
+        (str(binary), f"{binary} {lacks} ts"),
+        (str(empty), f"{empty} is not an xltop CSV log (it holds no header line)"),
+        (str(header_only), f"{header_only} holds no whole row to replay"),
+        (str(fifo), f"cannot replay {fifo}: not a regular file"),
+        (str(tmp_path), f"cannot replay {tmp_path}: Is a directory"),
+        (str(tmp_path / "nowhere.csv"), "No such file or directory"),
+    ]
+
+
+def test_a_file_that_is_no_xltop_log_is_one_line_and_exit_2(tmp_path):
+    for path, words in foreign_files(tmp_path):
+        for mode in (["--once"], []):
+            result = run_xltop("--replay", path, *mode, timeout=30)
+            assert result.returncode == 2, (path, result)
+            assert result.stdout == ""
+            assert len(result.stderr.splitlines()) == 1, result.stderr
+            assert result.stderr.startswith("xltop: ") and words in result.stderr
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--csv", "out.csv"], "--replay plays a log; not with --csv"),
+        (["--headless", "--ray", "auto"], "not with --ray, --headless"),
+        (["--preset", "tiny"], "--preset configure a hosted run; not with --replay"),
+        (["--no-run"], "argument --no-run: not allowed with argument --replay"),
+    ],
+)
+def test_live_flags_do_not_go_with_a_replay(logged, flags, words):
+    result = run_xltop("--replay", str(logged), *flags, timeout=30)
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1 and words in result.stderr
+
+
+def header_text(app: XltopApp) -> str:
+    return str(app.main_screen.query_one(RunHeader).render())
+
+
+def shown_step(app: XltopApp) -> int | None:
+    return app.last.run.step if app.last is not None and app.last.run is not None else None
+
+
+@pilot_test
+async def test_replay_keys_play_pause_step_and_speed_up(logged):
+    recording: Recording = load(str(logged))
+    steps = [s.run.step for s in recording.snapshots]
+    app = XltopApp(ReplayPlayer(recording))
+    async with app.run_test(size=(140, 40)) as pilot:
+        await until(pilot, lambda: app.snapshots_shown >= 1, "the first tick")
+        assert "REPLAY run.csv" in header_text(app)
+        await pilot.press("space")
+        assert "replay paused" in events(app)
+        shown = app.snapshots_shown
+        assert shown < TICKS and "paused" in header_text(app)
+        await pilot.pause(3 * INTERVAL_S)
+        assert app.snapshots_shown == shown  # paused: no tick goes by
+        await pilot.press("n")
+        await until(pilot, lambda: app.snapshots_shown == shown + 1, "one step")
+        assert shown_step(app) == steps[shown]
+        await pilot.pause(3 * INTERVAL_S)
+        assert app.snapshots_shown == shown + 1  # a step leaves the replay paused
+        # There is no run to command and nothing to kill in a replay.
+        for key in ("p", "c", "s", "k", "R", "plus"):
+            await pilot.press(key)
+        assert "sent" not in events(app) and "kill" not in events(app)
+        assert app.screen is app.main_screen  # no kill dialog
+        await pilot.press("x", "space")
+        assert "replay speed 10x" in events(app)
+        await until(pilot, lambda: app.snapshots_shown == TICKS, "the replay's end at 10x")
+        assert shown_step(app) == steps[-1]
+        assert "end of the replay: 10 ticks" in events(app)
+        assert f"{TICKS}/{TICKS} end" in header_text(app)
