@@ -31,6 +31,7 @@ class ProcessInfo:
     cpu_percent: float  # of one core, like top
     command: str
     is_run: bool = False  # the TTT run xltop hosts or watches
+    ppid: int = 0  # the parent's pid (0: none, as for pid 1)
 
 
 @dataclass(frozen=True)

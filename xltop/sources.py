@@ -27,6 +27,7 @@ class _Usage:
     cpu_seconds: float  # user + system time consumed so far
     name: str
     started: float  # start time in the reader's own units: tells a reused pid apart
+    ppid: int
 
 
 class _ProcfsReader:
@@ -59,6 +60,7 @@ class _ProcfsReader:
                 cpu_seconds=(int(fields[11]) + int(fields[12])) / self._ticks,
                 name=raw[raw.find(b"(") + 1 : close].decode(errors="replace"),
                 started=float(fields[19]),
+                ppid=int(fields[1]),
             )
         return usage
 
@@ -82,6 +84,7 @@ class _PsutilReader:
                         cpu_seconds=times.user + times.system,
                         name=proc.name(),
                         started=proc.create_time(),
+                        ppid=proc.ppid(),
                     )
             except psutil.Error:  # vanished, zombie or denied mid-scan: skip it
                 continue
@@ -111,6 +114,22 @@ def _fetch_details(pid: int, started: float, name: str) -> _Details:
     except psutil.Error:
         pass
     return _Details(started, user, command, time.monotonic())
+
+
+def _family(pid: int | None, usage: dict[int, _Usage]) -> list[int]:
+    """`pid` and its descendants among the processes in `usage` (none if it is not there)."""
+    if pid not in usage:
+        return []
+    children: dict[int, list[int]] = {}
+    for child, u in usage.items():
+        children.setdefault(u.ppid, []).append(child)
+    family, todo = [], [pid]
+    while todo:
+        member = todo.pop()
+        if member not in family:  # a pid reused mid-scan could make a loop of parents
+            family.append(member)
+            todo += children.get(member, [])
+    return family
 
 
 class SystemSource:
@@ -156,8 +175,9 @@ class SystemSource:
             return max(0.0, (u.cpu_seconds - baseline[1]) / elapsed * 100.0)
 
         shown = heapq.nlargest(self.top_n, usage, key=lambda pid: usage[pid].rss)
-        if run_pid in usage and run_pid not in shown:
-            shown.append(run_pid)
+        # The run and its workers (its descendants) are listed even outside the top: the
+        # processes table's tree view (t) shows them under the run.
+        shown += [pid for pid in _family(run_pid, usage) if pid not in shown]
         processes = tuple(
             self._describe(pid, usage[pid], cpu_percent(pid, usage[pid]), pid == run_pid)
             for pid in shown
@@ -175,6 +195,7 @@ class SystemSource:
             details = self._details[pid] = _fetch_details(pid, u.started, u.name)
         return ProcessInfo(
             pid=pid,
+            ppid=u.ppid,
             user=details.user,
             name=u.name,
             rss=u.rss,

@@ -15,6 +15,9 @@ import pytest
 from ray_helpers import THREE_ACTORS, LocalRayCluster, RunningCluster, ray_missing
 from xltop_helpers import REPO, process_gone, read_rows, wait_for_socket, xltop_env
 
+from xltop.monitor import Monitor
+from xltop.sources import SystemSource
+
 __all__ = ["process_gone", "read_rows"]  # test_app.py imports these from here
 
 
@@ -47,6 +50,21 @@ def xltop_process() -> Callable[..., subprocess.Popen]:
                 proc.kill()
                 proc.wait()
         proc.communicate()
+
+
+@pytest.fixture
+def monitors():
+    """Factory for real Monitors; every one is closed (and its hosted run stopped) at teardown."""
+    made: list[Monitor] = []
+
+    def make(runtime=None, top_n: int = 30) -> Monitor:
+        monitor = Monitor(SystemSource(top_n=top_n), runtime, interval=0.2)
+        made.append(monitor)
+        return monitor
+
+    yield make
+    for monitor in made:
+        monitor.close()
 
 
 @pytest.fixture

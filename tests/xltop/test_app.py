@@ -23,10 +23,8 @@ from conftest import process_gone, read_rows
 from fake_source import FakeMonitor, fake_snapshot
 from textual.geometry import Region
 
-from xltop.monitor import Monitor
 from xltop.runsources import AttachedRun, HostedRun
 from xltop.snapshot import RunState
-from xltop.sources import SystemSource
 from xltop.tui.app import XltopApp
 from xltop.tui.commands import COMMANDS
 from xltop.tui.widgets.blocks import BlocksTable
@@ -76,21 +74,6 @@ async def until_steps(pilot, app: XltopApp, n: int = 1) -> int:
     start = run_of(app).step if run_of(app) else 0
     await until(pilot, lambda: run_of(app) and run_of(app).step >= start + n, f"{n} steps")
     return run_of(app).step
-
-
-@pytest.fixture
-def monitors():
-    """Factory for real Monitors; every one is closed (and its hosted run stopped) at teardown."""
-    made: list[Monitor] = []
-
-    def make(runtime=None, top_n: int = 30) -> Monitor:
-        monitor = Monitor(SystemSource(top_n=top_n), runtime, interval=0.2)
-        made.append(monitor)
-        return monitor
-
-    yield make
-    for monitor in made:
-        monitor.close()
 
 
 @pytest.fixture

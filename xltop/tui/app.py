@@ -31,7 +31,7 @@ from xltop.tui.widgets.header import RunHeader
 from xltop.tui.widgets.help_screen import HelpScreen
 from xltop.tui.widgets.kill_dialog import KillDialog
 from xltop.tui.widgets.memory import MemoryPanel
-from xltop.tui.widgets.processes import ProcessTable
+from xltop.tui.widgets.processes import ProcessFilter, ProcessTable
 from xltop.tui.widgets.ray_panel import RayPanel
 from xltop.tui.widgets.user_scalars import UserScalarsTable
 
@@ -84,6 +84,7 @@ class XltopApp(App[None]):
         yield UserScalarsTable(id="user-scalars")  # hidden until a user loop reports one
         yield RayPanel(id="ray")  # hidden until a Snapshot carries a cluster
         yield ProcessTable(id="processes")
+        yield ProcessFilter(id="process-filter")  # hidden until / opens it
         yield EventLine(id="events")
         yield Footer(compact=True)
 
@@ -152,7 +153,7 @@ class XltopApp(App[None]):
         if not panel.display:  # the first Snapshot with a cluster
             panel.display = True
             self.main_screen.add_class("ray")
-            self.main_screen.query_one(ProcessTable).border_title = LOCAL_PROCESSES
+            self.main_screen.query_one(ProcessTable).set_heading(LOCAL_PROCESSES)
         panel.show(cluster)
 
     def _show_header(self) -> None:
@@ -271,6 +272,13 @@ class XltopApp(App[None]):
 
     def action_sort(self) -> None:
         self.say(f"processes sorted by {self.main_screen.query_one(ProcessTable).cycle_sort()}")
+
+    def action_filter(self) -> None:
+        self.main_screen.query_one(ProcessFilter).open()
+
+    def action_tree(self) -> None:
+        tree = self.main_screen.query_one(ProcessTable).toggle_tree()
+        self.say("processes as a tree (t: as a list)" if tree else "processes as a list")
 
     def action_kill(self) -> None:
         pid = self.main_screen.query_one(ProcessTable).selected_pid()

@@ -19,6 +19,7 @@ _KEY_TEXT = {
     "f9": "F9",
     "f10": "F10",
     "space": "Space",
+    "slash": "/",
 }
 
 
@@ -56,6 +57,8 @@ COMMANDS = (
     Command("replay_speed", ("x",), "Speed", "replay speed: 1x, 10x, 100x", scope="replay"),
     Command("next_chart", ("g",), "Chart", "show the next chart (on narrow screens one chart shows)", footer=False),  # noqa: E501
     Command("sort", ("o",), "Sort", "sort the processes by the next column (or click a header)", footer=False),  # noqa: E501
+    Command("filter", ("slash",), "Filter", "filter the processes by name or command (Enter keeps it, Esc clears it)", footer=False),  # noqa: E501
+    Command("tree", ("t",), "Tree", "show the processes as a tree, each under its parent / as a list", footer=False),  # noqa: E501
     Command("kill", ("k", "f9"), "Kill", "kill the selected process: confirm, SIGTERM, SIGKILL after a grace", changes_run=True),  # noqa: E501
     Command("restart", ("R",), "Restart", "restart a dead run with the same flags", changes_run=True, footer=False),  # noqa: E501
     Command("help", ("question_mark",), "Help", "this screen"),

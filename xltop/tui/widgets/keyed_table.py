@@ -2,7 +2,8 @@
 
 `show(items)` updates a row that stays cell by cell, adds a row that appears and removes one that
 goes; the rows follow the sort column (click a header, or `cycle_sort`), unknown values last,
-and the cursor stays on the same item when they re-sort.
+and the cursor stays on the same item when they re-sort. A filter (`set_filter`) keeps the items
+whose searchable columns hold its text; like the sort, it holds across `show`s.
 """
 
 from __future__ import annotations
@@ -18,6 +19,15 @@ Cell = str | int
 
 
 @dataclass(frozen=True)
+class Row(Generic[Item]):
+    """A row as shown: its key, its item and, in a tree view, the branch drawn before it."""
+
+    key: str
+    item: Item
+    branch: str = ""
+
+
+@dataclass(frozen=True)
 class Column(Generic[Item]):
     key: str
     label: str
@@ -25,6 +35,8 @@ class Column(Generic[Item]):
     cell: Callable[[Item], Cell]  # what the column shows of an item
     order: Callable[[Item], Any] | None = None  # what it sorts by (None: not sortable)
     largest_first: bool = False
+    searchable: bool = False  # the filter looks for its text in this column
+    branch: bool = False  # a tree view draws each row's branch at the start of this column
 
 
 class KeyedTable(RowTable, Generic[Item]):
@@ -38,29 +50,70 @@ class KeyedTable(RowTable, Generic[Item]):
         super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
         self.spec = {column.key: column for column in columns}
         self.row_key_of = key
-        self.items: dict[str, Item] = {}
         self.sort_column = sort_column
+        self.filter_text = ""
+        self.latest: tuple[Item, ...] = ()  # the items of the last `show`, filtered out or not
+        self.shown: dict[str, Row[Item]] = {}
+        self.items: dict[str, Item] = {}  # the items shown, by key
 
     def on_mount(self) -> None:
         for column in self.spec.values():
             self.add_column(column.label, key=column.key, width=column.width)
 
     def show(self, items: Iterable[Item]) -> None:
+        self.latest = tuple(items)
+        self._update()
+
+    def set_filter(self, text: str) -> None:
+        """Show only the items whose searchable columns hold `text` (any case); "" shows all."""
+        self.filter_text = text
+        self._update()
+
+    def matches(self, item: Item) -> bool:
+        needle = self.filter_text.casefold()
+        return not needle or any(
+            needle in str(column.cell(item)).casefold()
+            for column in self.spec.values()
+            if column.searchable
+        )
+
+    def arrange(self, items: list[Item]) -> list[Row[Item]]:
+        """The rows to show, in order: here by the sort column, unknown values last."""
+        column = self.spec[self.sort_column]
+        order = column.order
+        if order is None:  # never: sort_by takes sortable columns only
+            return [Row(self.row_key_of(item), item) for item in items]
+        values = [(order(item), item) for item in items]
+        known = sorted((pair for pair in values if pair[0] is not None),
+                       key=lambda pair: pair[0], reverse=column.largest_first)  # fmt: skip
+        unknown = [pair for pair in values if pair[0] is None]
+        return [Row(self.row_key_of(item), item) for _, item in known + unknown]
+
+    def _update(self) -> None:
+        """Show `latest` as filtered and arranged now: rows by key, changed cells only."""
         selected = self.selected_key()
-        fresh = {self.row_key_of(item): item for item in items}
-        for key in [key for key in self.items if key not in fresh]:
+        rows = {row.key: row for row in self.arrange([i for i in self.latest if self.matches(i)])}
+        for key in [key for key in self.shown if key not in rows]:
             self.remove_row(key)
-        for key, item in fresh.items():
-            old = self.items.get(key)
+        for key, row in rows.items():
+            old = self.shown.get(key)
             if old is None:
-                self.add_row(*(column.cell(item) for column in self.spec.values()), key=key)
-            elif old != item:
-                for column in self.spec.values():
-                    value = column.cell(item)
-                    if column.cell(old) != value:
-                        self.update_cell(key, column.key, value)
-        self.items = fresh
-        self._sort(selected)
+                self.add_row(*self._cells(row).values(), key=key)
+            elif old != row:
+                before = self._cells(old)
+                for column_key, value in self._cells(row).items():
+                    if before[column_key] != value:
+                        self.update_cell(key, column_key, value)
+        self.shown = rows
+        self.items = {key: row.item for key, row in rows.items()}
+        self._place(list(rows), selected)
+
+    def _cells(self, row: Row[Item]) -> dict[str, Cell]:
+        return {
+            key: f"{row.branch}{column.cell(row.item)}" if column.branch and row.branch
+            else column.cell(row.item)
+            for key, column in self.spec.items()
+        }  # fmt: skip
 
     def selected_key(self) -> str | None:
         if not self.row_count:
@@ -82,22 +135,15 @@ class KeyedTable(RowTable, Generic[Item]):
     def sort_by(self, column: str) -> None:
         if column in self.sortable():
             self.sort_column = column
-            self._sort(self.selected_key())
+            self._update()
 
     def on_data_table_header_selected(self, event: RowTable.HeaderSelected) -> None:
         column = event.column_key.value
         if column is not None:  # always: every column is added with its key
             self.sort_by(column)
 
-    def _sort(self, keep: str | None) -> None:
-        column = self.spec[self.sort_column]
-        order = column.order
-        if order is None:  # never: sort_by takes sortable columns only
-            return
-        values = {key: order(item) for key, item in self.items.items()}
-        known = sorted((key for key in values if values[key] is not None),
-                       key=values.__getitem__, reverse=column.largest_first)  # fmt: skip
-        keys = known + [key for key in values if values[key] is None]
+    def _place(self, keys: list[str], keep: str | None) -> None:
+        """Put the rows in the order of `keys`, the cursor on `keep` if it is still shown."""
         if [row.key.value for row in self.ordered_rows] == keys:
             return  # ordering re-renders every row: only when the order changed
         self.order_rows(keys)
