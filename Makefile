@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint bench screenshots clean
+.PHONY: run test lint bench base screenshots clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ lint: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/run_all.py $(ARGS)
+
+# A base to adapt (docs/adaptation.md): the `base` preset trained on the standard library's Python
+# code, with the statistics ttt++ needs. BASE and ARGS (e.g. ARGS="--steps 200") override.
+BASE ?= base.safetensors
+base: $(VENV)/.installed
+	$(BIN)/python -m ttt_runtime.adapt.make_base $(BASE) --preset base $(ARGS)
 
 screenshots: $(VENV)/.installed-dev
 	$(BIN)/python scripts/screenshots.py

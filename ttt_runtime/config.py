@@ -35,6 +35,9 @@ else:  # pragma: no cover - Python 3.10
 
 Mode = Literal["train", "adapt"]  # train: outer loop learns; adapt: outer weights frozen
 LayerType = Literal["linear", "mlp"]  # TTT-Linear or TTT-MLP
+# adapt mode's test-time methods (ttt_runtime/adapt, docs/adaptation.md)
+AdaptMethod = Literal["ttt", "reset", "dynamic", "lora", "tent", "ttt++"]
+LoraInit = Literal["random", "qr", "svd"]  # the adapters' start: random, or the weight's own
 
 
 class ConfigError(ValueError):
@@ -61,6 +64,8 @@ INT_RANGES = {
     "seed": (0, 2**32 - 1),  # a larger seed was a TypeError inside mx.random.seed
     "sample_every": (0, INT_MAX),
     "max_steps": (0, INT_MAX),
+    "adapt_steps": (1, 100),  # gradient steps per chunk: each is a forward and a backward
+    "lora_rank": (1, INT_MAX),
 }
 # and a number (float) is finite and above 0, or at least 0 where named here.
 ZERO_ALLOWED = {"weight_decay"}
@@ -208,12 +213,25 @@ class RunConfig:
     max_steps: int = 0  # 0: run until stopped
     start_paused: bool = False  # wait for a `resume` command before the first step
     compile: bool = True  # mx.compile the unsampled steps
+    adapt_method: AdaptMethod = "ttt"  # adapt mode: how the model learns from the stream
+    adapt_lr: float = 1e-4  # learning rate of the methods' test-time gradient steps (Adam)
+    adapt_steps: int = 1  # gradient steps on each chunk, after it is scored
+    lora_rank: int = 4  # lora: the adapters' rank
+    lora_init: LoraInit = "svd"  # lora: random A and zero B, or A from the weight's QR or SVD
 
     def __post_init__(self) -> None:
         check_fields(self)
         self.model_config()  # the rules between model settings (num_heads divides hidden_size)
         if self.exact_accumulate and self.mode != "adapt":
             raise ConfigError("exact_accumulate=true: only in mode 'adapt' (fast weights persist)")
+        if self.adapt_method != "ttt" and self.mode != "adapt":
+            raise ConfigError(f"adapt_method={self.adapt_method!r}: only in mode 'adapt'")
+        if self.exact_accumulate and self.adapt_method == "reset":
+            raise ConfigError("exact_accumulate=true: not with adapt_method 'reset' (fast weights "
+                              "do not persist)")  # fmt: skip
+        if self.lora_rank > self.hidden_size:
+            raise ConfigError(f"lora_rank={self.lora_rank}: must be at most "
+                              f"hidden_size={self.hidden_size}")  # fmt: skip
 
     def model_config(self) -> ModelConfig:
         """The model of these settings, taken by name. With `compile`, a train step is one
@@ -270,6 +288,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     "mlp": dict(layer_type="mlp", hidden_size=128, num_heads=4),
     "adapt": dict(mode="adapt", batch_size=1, seq_len=128),
+    # the base `make base` trains to adapt (ttt_runtime/adapt/make_base.py): TTT-Linear, small
+    # enough to train in minutes on a laptop's CPU
+    "base": dict(
+        num_blocks=2, hidden_size=64, num_heads=4, intermediate_size=256, seq_len=128,
+        batch_size=4,
+    ),  # fmt: skip
 }
 
 

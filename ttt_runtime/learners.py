@@ -2,9 +2,10 @@
 one interface (`Learner`) by whatever drives the run (`run.TTTRun`).
 
 Train (`TrainLearner`): every step starts from the learned initial fast weights, and AdamW
-updates the outer weights. Adapt (`AdaptLearner`): the outer weights are frozen and one cache
-per block carries the fast weights from step to step, one long conversation until `reset`; with
-`exact_accumulate` their exact sums are kept beside them (`exact.py`).
+updates the outer weights. Adapt (`AdaptLearner`): the base's outer weights are kept as they
+came, one cache per block carries the fast weights from step to step, one long conversation
+until `reset`, and the adapt method (`ttt_runtime.adapt`) learns from each chunk after it is
+scored; with `exact_accumulate` the fast weights' exact sums are kept beside them (`exact.py`).
 
 A step is the unsampled, fully fused one (`steps.py`) or, when sampled, the same step run block
 by block with each block timed (`blockwise.py`), followed by its figures (`figures.py`).
@@ -22,6 +23,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ttt_runtime import blockwise
+from ttt_runtime.adapt import METHODS
 from ttt_runtime.checkpoint import Checkpoint
 from ttt_runtime.config import Mode, RunConfig
 from ttt_runtime.exact import ExactFastWeights
@@ -46,7 +48,8 @@ class StepResult:
 class LearnerState:
     """What a checkpoint keeps of a learner."""
 
-    arrays: dict[str, mx.array]  # by checkpoint name: "model.*", "optimizer.*", "cache.<block>.<i>"
+    # by checkpoint name: "model.*", "optimizer.*", "cache.<block>.<i>", "adapt.*", "stats.*"
+    arrays: dict[str, mx.array]
     cache_offsets: list[int] = field(default_factory=list)  # adapt: tokens seen, per block
 
 
@@ -69,6 +72,11 @@ class Learner(Protocol):
         ...
 
     def state(self) -> LearnerState: ...
+
+    def baseline_loss(self, inputs: mx.array, targets: mx.array) -> mx.array | None:
+        """The loss (nats) of the unadapted base on this batch, from fresh fast weights (what
+        adapting is measured against); None when the run has no base (train mode)."""
+        ...
 
 
 def _named(group: str, tree: Any) -> dict[str, mx.array]:
@@ -146,19 +154,31 @@ class TrainLearner(_WholeModel):
         model, optimizer = self.model.parameters(), self.optimizer.state
         return LearnerState({**_named("model", model), **_named("optimizer", optimizer)})
 
+    def baseline_loss(self, inputs: mx.array, targets: mx.array) -> mx.array | None:
+        return None
+
 
 class AdaptLearner(_WholeModel):
-    """The frozen model, one cache per block carried across steps, the fast weights the
-    conversation started from, and (exact_accumulate) their exact sums."""
+    """The base's weights, the adapt method, one cache per block carried across steps, the
+    fast weights the conversation started from, and (exact_accumulate) their exact sums."""
 
     def __init__(self, model: TTTModel, config: RunConfig, restored: Checkpoint | None = None):
+        """ValueError (adapt.MethodUnavailable where the method cannot apply to this base) if
+        the checkpoint does not fit."""
         super().__init__(model, restored)
         self.batch_size = config.batch_size
         self.exact_accumulate = config.exact_accumulate
         model.freeze()
+        self.base = dict(tree_flatten(model.parameters()))
+        self.stats = restored.group("stats") if restored else {}  # the base's training data's
+        self.method = METHODS[config.adapt_method](model, config, self.stats)
         self._new_conversation()
+        saved_config = restored.config if restored else {}
+        adapted = saved_config.get("mode") == "adapt"
+        if adapted and saved_config.get("adapt_method", "ttt") == config.adapt_method:
+            self.method.load_state(restored.group("adapt") if restored else {})
         saved = restored.group("cache") if restored else {}
-        if saved and restored is not None and restored.config.get("mode") == "adapt":
+        if saved and restored is not None and adapted:
             names = {
                 f"{i}.{j}" for i, cache in enumerate(self.caches) for j in range(len(cache.state))
             }
@@ -183,6 +203,9 @@ class AdaptLearner(_WholeModel):
     def _advance(
         self, inputs: mx.array, targets: mx.array, sampled: bool
     ) -> tuple[mx.array, blockwise.TimedStep | None]:
+        if not self.method.carries_fast_weights:
+            self.caches = self.model.make_cache(self.batch_size)
+        start = [copy.copy(c) for c in self.caches]  # the scoring below moves the caches on
         timed = None
         if sampled:
             timed = blockwise.adapt_step(self.model, self.caches, inputs, targets)
@@ -192,6 +215,7 @@ class AdaptLearner(_WholeModel):
         mx.eval(loss, cache_arrays(self.caches))
         if self.exact is not None:
             self.exact.add_updates(self.caches)
+        self.method.learn(start, inputs, targets)  # scored first: no peeking
         return loss, timed
 
     def _figures(self, timed: blockwise.TimedStep) -> SampleFigures:
@@ -204,14 +228,26 @@ class AdaptLearner(_WholeModel):
 
     def reset(self, reported: list[dict]) -> list[dict]:
         self._new_conversation()
+        self.method.reset()
         fresh = fast_weight_stats(self.origin, self.origin, self.origin)
         return at_conversation_start(fresh, exact=self.exact is not None)
 
     def state(self) -> LearnerState:
-        arrays = _named("model", self.model.parameters())
+        arrays = {f"model.{k}": v for k, v in self.base.items()}
+        arrays.update({f"adapt.{k}": v for k, v in self.method.state().items()})
+        arrays.update({f"stats.{k}": v for k, v in self.stats.items()})
         for i, cache in enumerate(self.caches):
             arrays.update({f"cache.{i}.{j}": a for j, a in enumerate(cache.state)})
         return LearnerState(arrays, [cache.offset for cache in self.caches])
+
+    def baseline_loss(self, inputs: mx.array, targets: mx.array) -> mx.array | None:
+        self.model.update(tree_unflatten(list(self.base.items())))
+        try:
+            loss = adapt_step(self.model, self.model.make_cache(inputs.shape[0]), inputs, targets)
+            mx.eval(loss)
+        finally:
+            self.method.apply()  # the adapted weights back
+        return loss
 
 
 LEARNERS: dict[Mode, type[TrainLearner | AdaptLearner]] = {

@@ -55,11 +55,15 @@ class TTTModel(nn.Module):
         self.head = nn.Linear(dims, config.vocab_size, bias=False)
 
     def __call__(self, tokens: mx.array, cache: list[TTTCache] | None = None) -> mx.array:
+        return self.head(self.features(tokens, cache))
+
+    def features(self, tokens: mx.array, cache: list[TTTCache] | None = None) -> mx.array:
+        """What the head reads: the last block's output, normed (B, L, dims)."""
         h = self.embed(tokens)
         caches: list[TTTCache | None] = list(cache) if cache else [None] * len(self.blocks)
         for block, block_cache in zip(self.blocks, caches, strict=True):
             h = block(h, cache=block_cache)
-        return self.logits(h)
+        return self.norm(h)
 
     def logits(self, h: mx.array) -> mx.array:
         return self.head(self.norm(h))

@@ -113,6 +113,11 @@ class Telemetry:
     # extra scalars by name that a user's own loop reports (ttt_runtime.report); a TTT run has
     # none, and a message without the key is read as having none
     user: dict[str, float | None] = field(default_factory=dict)
+    # adapt mode: the unadapted base's bits per byte on the sampled step's chunk (from fresh
+    # fast weights, as adapt_method 'reset'), and the mean over the sampled steps so far of
+    # loss_bpb - baseline_bpb (below 0: adapting helps); None in train mode and until sampled
+    baseline_bpb: float | None = None
+    gain: float | None = None
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from typing import Any
 import mlx.core as mx
 
 from ttt_runtime import checkpoint as ckpt
+from ttt_runtime.adapt import MethodUnavailable
 from ttt_runtime.blas import loaded_blas
 from ttt_runtime.channel import ChannelError, ChannelServer
 from ttt_runtime.config import ConfigError, RunConfig
@@ -77,8 +78,13 @@ class TTTRun:
         self.warm_from: int | None = None  # the step after it, the first one sampled
         self.device = device_info()  # fixed for the process; memory is re-read per report
         self.blas = loaded_blas()
+        # adapt mode: the base's bpb on the last sampled chunk, the mean gain over them so far
+        self.baseline: dict[str, float | None] = {"baseline_bpb": None, "gain": None}
+        self.gains: list[float] = []
         try:
             self.learner: Learner = LEARNERS[config.mode](model, config, restored)
+        except MethodUnavailable as exc:  # one line naming what the method misses
+            raise SetupError(str(exc)) from None
         except ValueError as exc:  # the checkpoint's arrays do not fit the model
             if restored is None:
                 raise
@@ -174,6 +180,17 @@ class TTTRun:
             self.last.update(tokens_per_s=inputs.size / elapsed, step_ms=elapsed * 1e3)
         if result.sample is not None:
             self._record_sample(result.sample)
+            self._score_baseline(inputs, targets)
+
+    def _score_baseline(self, inputs: mx.array, targets: mx.array) -> None:
+        """The unadapted base on the chunk just scored. Only on sampled steps, whose
+        schedule bounds its cost (a forward every `sample_every` steps); out of the step's time."""
+        loss = self.learner.baseline_loss(inputs, targets)
+        if loss is None:
+            return
+        baseline = loss.item() / LN2
+        self.gains.append(self.last["loss_bpb"] - baseline)
+        self.baseline = {"baseline_bpb": baseline, "gain": sum(self.gains) / len(self.gains)}
 
     def _record_sample(self, sample: SampleFigures) -> None:
         self.report = {
@@ -249,6 +266,7 @@ class TTTRun:
             step=self.step,
             tokens=self.tokens,
             **self.last,
+            **self.baseline,
             warmup_ms=self.warmup_ms,
             inner_lr=report["inner_lr"],
             conversation=self.conversation,

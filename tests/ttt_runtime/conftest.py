@@ -19,3 +19,14 @@ def private_tmpdir(tmp_path) -> Path:
     kernels.mkdir(exist_ok=True)
     (tmpdir / "mlx").symlink_to(kernels)
     return tmpdir
+
+
+@pytest.fixture(scope="session")
+def small_base(tmp_path_factory) -> str:
+    """A small real base to adapt (`make base` at the tiny preset and a tiny budget): trained on
+    the code corpus, with the feature statistics ttt++ needs. Its checkpoint's path."""
+    from ttt_runtime.adapt.make_base import train_base
+    from ttt_runtime.config import RunConfig
+
+    path = tmp_path_factory.mktemp("base") / "base.safetensors"
+    return train_base(RunConfig.from_preset("tiny"), steps=150, path=str(path)).path

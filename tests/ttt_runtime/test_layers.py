@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import collections
+import io
+import re
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -232,6 +236,35 @@ def test_outer_gradients_flow_through_the_compiled_scan(kind):
     for name in ("W1", "q_proj.weight", "learnable_ttt_lr_weight", "ttt_norm_weight"):
         assert float(mx.abs(compiled_grads[name]).max()) > 0
         assert rel_err(compiled_grads[name], plain_grads[name]) < 1e-4
+
+
+# primitives that only make a view of their input: no kernel runs for them
+VIEWS = {"Slice", "Squeeze", "ExpandDims", "Reshape", "Split", "Broadcast", "Transpose"}
+
+
+def kernels_per_mini_batch(layer) -> collections.Counter:
+    """The kernels one more mini-batch adds to the layer's compiled graph, by primitive."""
+
+    def kernels(length):
+        dot = io.StringIO()
+        mx.export_to_dot(dot, layer(mx.zeros((1, length, D))))
+        return collections.Counter(
+            name for name in re.findall(r'label ="([^"]+)"', dot.getvalue()) if name not in VIEWS
+        )
+
+    return kernels(3 * K) - kernels(2 * K)
+
+
+@pytest.mark.parametrize(("kind", "most"), [("linear", 14), ("mlp", 40)])
+def test_the_scan_runs_few_kernels_per_mini_batch(kind, most):
+    """Each kernel in the sequential scan costs ~10 us on the CPU whatever its size: a step's
+    inputs are views of the stacked ones (no gather per step), and TTT-Linear's Z mean comes
+    from before the scan (one reduction fewer)."""
+    per_step = kernels_per_mini_batch(make_layer(kind)[0])
+    assert per_step["Gather"] == 0
+    assert sum(per_step.values()) <= most, per_step
+    if kind == "linear":
+        assert per_step["Sum"] == 3  # LN variance, sum(G), sum(G xhat): not the mean
 
 
 def test_ln_l2_grad_is_the_gradient_of_the_inner_loss():

@@ -42,7 +42,7 @@ def test_the_json_on_the_wire_keeps_its_names():
     assert list(report) == [
         "type", "t", "pid", "run_id", "mode", "preset", "paused", "step", "tokens",
         "tokens_per_s", "step_ms", "loss_bpb", "warmup_ms", "inner_lr", "conversation",
-        "sampled_step", "blocks", "layers", "mlx", "blas", "user",
+        "sampled_step", "blocks", "layers", "mlx", "blas", "user", "baseline_bpb", "gain",
     ]  # fmt: skip
     assert report["blocks"][0] == {"fwd_ms": 1.5, "bwd_ms": 3.0}
     assert set(report["layers"][0]) == {

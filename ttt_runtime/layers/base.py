@@ -53,12 +53,19 @@ class TTTBase(nn.Module):
         raise NotImplementedError
 
     @staticmethod
-    def inner(maps, carried, xkq, target, lmat, eta, lr, gamma, beta):
+    def hoisted(maps, xkq_a, n: int) -> tuple[mx.array, ...]:
+        """What `inner` needs that the scan can compute for all its steps before it starts,
+        each with a leading step axis; maps at the scan's start, xkq_a (S, B, nh, 2n, f + 1)."""
+        return ()
+
+    @staticmethod
+    def inner(maps, carried, xkq, target, lmat, eta, lr, gamma, beta, *hoisted):
         """One mini-batch (or a segment of one) -> (Zbar, per map sum_j lr_j Xa_j^T G_j).
 
         maps: augmented fast weights [W; b] at the mini-batch start, (B, nh, f_in + 1, f_out);
         carried: None, or (those sums over this mini-batch's earlier tokens, tok (n, 1));
-        xkq: [XKa; XQa] (B, nh, 2n, f + 1); lmat: dual_and_grad_matrix(XQa, XKa, eta, lr).
+        xkq: [XKa; XQa] (B, nh, 2n, f + 1); lmat: dual_and_grad_matrix(XQa, XKa, eta, lr);
+        hoisted: this step's share of what `hoisted` gave.
         """
         raise NotImplementedError
 

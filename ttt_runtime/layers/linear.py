@@ -20,11 +20,19 @@ class TTTLinear(TTTBase):
         return xk_a @ maps[0]  # (B, nh, n, f)
 
     @staticmethod
-    def inner(maps, carried, xkq, target, lmat, eta, lr, gamma, beta):
+    def hoisted(maps, xkq_a, n):
+        # the inner loss's gradient G sums to zero over features (LayerNorm ignores a shift),
+        # so no update changes W's row means: Z's mean over features is XKa @ mean(W) in every
+        # mini-batch, computed here for all of them at once
+        row_means = maps[0].mean(axis=-1)[..., None, :]  # (B, nh, 1, f + 1)
+        return ((xkq_a[..., :n, :] * row_means).sum(axis=-1, keepdims=True),)
+
+    @staticmethod
+    def inner(maps, carried, xkq, target, lmat, eta, lr, gamma, beta, z_mean):
         (W,) = maps
         n = target.shape[-2]
         r = xkq @ W  # (B, nh, 2n, f): Z = XK W + b, then XQ W + b
-        g = ln_l2_grad(r[..., :n, :], target, gamma, beta)  # (B, nh, n, f)
+        g = ln_l2_grad(r[..., :n, :], target, gamma, beta, mean=z_mean)  # (B, nh, n, f)
         s = lmat @ g  # (B, nh, n + f + 1, f): dual correction, then the gradient sums
         zbar = r[..., n:, :] - s[..., :n, :]
         if carried is not None:  # primal part from this mini-batch's earlier tokens

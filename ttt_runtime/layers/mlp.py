@@ -25,7 +25,7 @@ class TTTMLP(TTTBase):
         return augment(gelu_tanh(xk_a @ W1)) @ W2
 
     @staticmethod
-    def inner(maps, carried, xkq, target, lmat, eta, lr, gamma, beta):
+    def inner(maps, carried, xkq, target, lmat, eta, lr, gamma, beta, *hoisted):
         W1, W2 = maps
         n = target.shape[-2]
         r1 = xkq @ W1  # (B, nh, 2n, 4f): Z1 = XK W1 + b1, then XQ W1 + b1

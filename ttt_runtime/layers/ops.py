@@ -19,11 +19,20 @@ def ln_fwd(x: mx.array, gamma: mx.array, beta: mx.array, eps: float = LN_EPS) ->
 
 
 def ln_l2_grad(
-    z: mx.array, target: mx.array, gamma: mx.array, beta: mx.array, eps: float = LN_EPS
+    z: mx.array,
+    target: mx.array,
+    gamma: mx.array,
+    beta: mx.array,
+    eps: float = LN_EPS,
+    mean: mx.array | None = None,
 ) -> mx.array:
-    """d/dz of 0.5 * ||LN(z) - target||^2 over the last axis (the inner loss's gradient)."""
+    """d/dz of 0.5 * ||LN(z) - target||^2 over the last axis (the inner loss's gradient).
+
+    `mean`: z's mean over the last axis where the caller knows it (TTT-Linear's follows from
+    its weights): one reduction fewer in the sequential scan.
+    """
     n = z.shape[-1]
-    zc = z - z.mean(axis=-1, keepdims=True)
+    zc = z - (z.mean(axis=-1, keepdims=True) if mean is None else mean)
     rstd = mx.rsqrt((zc * zc).mean(axis=-1, keepdims=True) + eps)
     xhat = zc * rstd
     g = (gamma * xhat + beta - target) * gamma

@@ -118,10 +118,12 @@ class Scan:
         # sums carry over inside a mini-batch only: at its start, a cache restored from a
         # checkpoint holds zeros there (cache.state), which must not count as begun
         carried = pos > 0
+        hoisted = self.layer.hoisted(cache.maps, xkq_a, n)
         scan = self._scan_fn(carried=carried, finish=pos + n == K, steps=S)
         zbar, maps, sums, updates, losses = scan(
-            cache.maps, cache.sums if carried else (), xkq_a, target, lmat, eta, lr, tok, *self.ln
-        )
+            cache.maps, cache.sums if carried else (), hoisted, xkq_a, target, lmat, eta, lr, tok,
+            *self.ln,
+        )  # fmt: skip
         cache.maps, cache.sums = maps, (sums or None)
         if updates:
             self.updates.append(updates)
@@ -142,11 +144,11 @@ class Scan:
         if key in _SCANS:
             return _SCANS[key]
 
-        def step(maps, sums, xkq, target, lmat, eta, lr, tok, gamma, beta):
+        def step(maps, sums, hoisted, xkq, target, lmat, eta, lr, tok, gamma, beta):
             n = target.shape[-2]
             zbar, grads = layer_cls.inner(
                 maps, (sums, tok[:, None]) if carried else None, xkq, target, lmat, eta, lr,
-                gamma, beta,
+                gamma, beta, *hoisted,
             )  # fmt: skip
             t_last = tok[-1]
             if finish and not carried and not record:
@@ -170,15 +172,16 @@ class Scan:
                 return zbar, after, (), updates if record else (), losses
             return zbar, maps, grads, (), losses
 
-        def scan(maps, sums, xkq_a, target, lmat, eta, lr, tok, gamma, beta):
+        def scan(maps, sums, hoisted, xkq_a, target, lmat, eta, lr, tok, gamma, beta):
             """All `steps` mini-batches: inputs with a leading step axis, outputs stacked."""
-            per_step = [
-                mx.split(a, steps) if steps > 1 else [a] for a in (xkq_a, target, lmat, eta, lr)
-            ]
+            stepped = (*hoisted, xkq_a, target, lmat, eta, lr)
+            # squeeze, not [0]: a view, where indexing is a gather (an op of its own) per step
+            per_step = [mx.split(a, steps) if steps > 1 else [a] for a in stepped]
             zbars, updates, losses = [], [], []
             for inputs in zip(*per_step, strict=True):
+                inputs = [a.squeeze(0) for a in inputs]
                 zbar, maps, sums, update, loss = step(
-                    maps, sums, *(a[0] for a in inputs), tok, gamma, beta
+                    maps, sums, inputs[: len(hoisted)], *inputs[len(hoisted) :], tok, gamma, beta
                 )
                 zbars.append(zbar)
                 updates.append(update)

@@ -1,0 +1,94 @@
+"""What every adapt method (ttt_runtime/adapt) keeps to: it scores a chunk before it learns
+from it, its state round-trips through a checkpoint, `reset` brings the base back exactly, and
+on a small real base it learns (a repeated chunk's bpb falls). Each method's own behaviour is
+tested in its test_adapt_<method>.py."""
+
+from __future__ import annotations
+
+import pytest
+from adapt_helpers import (
+    GRADIENT,
+    METHODS,
+    adapt_config,
+    bpb,
+    chunks,
+    learner,
+    same_arrays,
+)
+
+from ttt_runtime import checkpoint as ckpt
+from ttt_runtime.config import ConfigError, RunConfig
+
+
+@pytest.mark.parametrize("method", GRADIENT)
+def test_a_chunks_loss_does_not_depend_on_its_own_update(small_base, method):
+    one_step, three_steps = (learner(small_base, method, adapt_steps=n) for n in (1, 3))
+    first, second = chunks("prose", 2)
+    assert bpb(one_step, first) == bpb(three_steps, first)  # scored before either learned
+    assert bpb(one_step, second) != bpb(three_steps, second)  # and the updates did differ
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_methods_state_round_trips_through_a_checkpoint(small_base, tmp_path, method):
+    original = learner(small_base, method)
+    batches = chunks("prose", 3)
+    for chunk in batches[:2]:
+        bpb(original, chunk)
+    state = original.state()
+    config = adapt_config(small_base, method)
+    path = ckpt.save(
+        str(tmp_path / "adapted.safetensors"),
+        ckpt.Checkpoint(state.arrays, config.as_dict(), 2, 0, 0, 0, state.cache_offsets),
+    )
+    restored = learner(path, method)
+    assert same_arrays(restored.state().arrays, state.arrays)
+    assert bpb(restored, batches[2]) == bpb(original, batches[2])
+    assert same_arrays(restored.state().arrays, original.state().arrays)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_reset_brings_back_the_base_exactly(small_base, method):
+    adapted, fresh = learner(small_base, method), learner(small_base, method)
+    batches = chunks("prose", 4)
+    for chunk in batches[:3]:
+        bpb(adapted, chunk)
+    adapted.reset([])
+    assert same_arrays(adapted.state().arrays, fresh.state().arrays)
+    assert bpb(adapted, batches[3]) == bpb(fresh, batches[3])
+
+
+@pytest.mark.parametrize("method", ("dynamic", "lora", "ttt++"))
+def test_each_method_learning_next_bytes_lowers_the_bpb_of_a_repeated_chunk(small_base, method):
+    # ttt and tent learn other objectives: their own signals are in their own tests
+    adapter = learner(small_base, method)
+    (chunk,) = chunks("prose", 1)
+    scores = [bpb(adapter, chunk) for _ in range(4)]
+    assert scores[-1] < scores[0] - 0.1, scores
+
+
+def test_the_baseline_is_the_base_from_fresh_fast_weights_whatever_was_learned(small_base):
+    adapted, reset = learner(small_base, "dynamic"), learner(small_base, "reset")
+    batches = chunks("prose", 3)
+    for chunk in batches[:2]:
+        bpb(adapted, chunk)
+    assert adapted.baseline_loss(*batches[2]).item() == reset.step(*batches[2], False).loss.item()
+    assert adapted.baseline_loss(*batches[2]).item() != adapted.step(*batches[2], False).loss.item()
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"adapt_method": "lora"}, "adapt_method='lora': only in mode 'adapt'"),
+        ({"mode": "adapt", "adapt_method": "sgd"}, "adapt_method='sgd': must be one of ttt,"),
+        ({"mode": "adapt", "lora_rank": 300}, "lora_rank=300: must be at most hidden_size=256"),
+        ({"mode": "adapt", "adapt_steps": 0}, "adapt_steps=0: must be an integer from 1 to 100"),
+        ({"mode": "adapt", "adapt_lr": -1.0}, "adapt_lr=-1.0: must be a positive finite number"),
+        (
+            {"mode": "adapt", "adapt_method": "reset", "exact_accumulate": True},
+            "exact_accumulate=true: not with adapt_method 'reset'",
+        ),
+    ],
+)
+def test_adapt_settings_out_of_their_rules_are_one_line(settings, message):
+    with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace("+", r"\+")):
+        RunConfig(**settings)
