@@ -242,17 +242,17 @@ def test_outer_gradients_flow_through_the_compiled_scan(kind):
 VIEWS = {"Slice", "Squeeze", "ExpandDims", "Reshape", "Split", "Broadcast", "Transpose"}
 
 
+def kernels(layer, length: int) -> collections.Counter:
+    """The kernels in the graph of one call of `length` tokens, by primitive."""
+    dot = io.StringIO()
+    mx.export_to_dot(dot, layer(mx.zeros((1, length, D))))
+    names = re.findall(r'label ="([^"]+)"', dot.getvalue())
+    return collections.Counter(name for name in names if name not in VIEWS)
+
+
 def kernels_per_mini_batch(layer) -> collections.Counter:
     """The kernels one more mini-batch adds to the layer's compiled graph, by primitive."""
-
-    def kernels(length):
-        dot = io.StringIO()
-        mx.export_to_dot(dot, layer(mx.zeros((1, length, D))))
-        return collections.Counter(
-            name for name in re.findall(r'label ="([^"]+)"', dot.getvalue()) if name not in VIEWS
-        )
-
-    return kernels(3 * K) - kernels(2 * K)
+    return kernels(layer, 3 * K) - kernels(layer, 2 * K)
 
 
 @pytest.mark.parametrize(("kind", "most"), [("linear", 14), ("mlp", 40)])
@@ -265,6 +265,14 @@ def test_the_scan_runs_few_kernels_per_mini_batch(kind, most):
     assert sum(per_step.values()) <= most, per_step
     if kind == "linear":
         assert per_step["Sum"] == 3  # LN variance, sum(G), sum(G xhat): not the mean
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_one_gemm_projects_x_for_k_q_v_and_the_learning_rates(kind):
+    layer = make_layer(kind)[0]
+    in_scan = kernels_per_mini_batch(layer)["Matmul"]
+    # beside the scan's: that one projection, the dual form's XQ XK^T, and o_proj
+    assert kernels(layer, K)["Matmul"] == in_scan + 3
 
 
 def test_ln_l2_grad_is_the_gradient_of_the_inner_loss():

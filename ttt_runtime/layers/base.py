@@ -152,19 +152,22 @@ class TTTBase(nn.Module):
         B = x.shape[0]
         nh, f = cfg.num_heads, cfg.head_dim
 
-        w_kq = mx.concatenate([self.k_proj.weight, self.q_proj.weight])
-        kq = (x @ w_kq.T).reshape(B, steps, n, 2, nh, f).transpose(1, 0, 4, 3, 2, 5)
+        d = cfg.hidden_size
+        # K, Q, V and the inner learning rates' logits in one GEMM over x
+        w_lr = self.learnable_ttt_lr_weight.reshape(nh, d)
+        w = mx.concatenate([self.k_proj.weight, self.q_proj.weight, self.v_proj.weight, w_lr])
+        kqv = x @ w.T  # (B, S * n, 3d + nh)
+        kq = kqv[..., : 2 * d].reshape(B, steps, n, 2, nh, f).transpose(1, 0, 4, 3, 2, 5)
         # (S, B, nh, 2, n, f): RoPE positions restart every mini-batch (p mod K), so along n
         # they are pos, pos + 1, ...
         kq = mx.fast.rope(
             kq.astype(mx.float32), f, traditional=True, base=cfg.rope_theta, scale=1.0, offset=pos
         )
         xkq = kq.reshape(steps, B, nh, 2 * n, f)
-        v = self.v_proj(x).reshape(B, steps, n, nh, f).transpose(1, 0, 3, 2, 4)
+        v = kqv[..., 2 * d : 3 * d].reshape(B, steps, n, nh, f).transpose(1, 0, 3, 2, 4)
         target = v.astype(mx.float32) - xkq[..., :n, :]
-        w = self.learnable_ttt_lr_weight.reshape(nh, cfg.hidden_size).astype(mx.float32)
         c = self.learnable_ttt_lr_bias.reshape(nh).astype(mx.float32)
-        lr = mx.sigmoid(x.astype(mx.float32) @ w.T + c) * (cfg.ttt_base_lr / f)  # (B, S*n, nh)
+        lr = mx.sigmoid(kqv[..., 3 * d :].astype(mx.float32) + c) * (cfg.ttt_base_lr / f)
         lr = lr.reshape(B, steps, n, nh).transpose(1, 0, 3, 2)
         return xkq, target, lr
 
