@@ -77,7 +77,7 @@ class KeyedTable(RowTable, Generic[Item]):
             if column.searchable
         )
 
-    def arrange(self, items: list[Item]) -> list[Row[Item]]:
+    def in_order(self, items: list[Item]) -> list[Row[Item]]:
         """The rows to show, in order: here by the sort column, unknown values last."""
         column = self.spec[self.sort_column]
         order = column.order
@@ -92,7 +92,7 @@ class KeyedTable(RowTable, Generic[Item]):
     def _update(self) -> None:
         """Show `latest` as filtered and arranged now: rows by key, changed cells only."""
         selected = self.selected_key()
-        rows = {row.key: row for row in self.arrange([i for i in self.latest if self.matches(i)])}
+        rows = {row.key: row for row in self.in_order([i for i in self.latest if self.matches(i)])}
         for key in [key for key in self.shown if key not in rows]:
             self.remove_row(key)
         for key, row in rows.items():

@@ -77,8 +77,8 @@ class ProcessTable(KeyedTable[ProcessInfo]):
     def select_pid(self, pid: int) -> None:
         self.select_key(str(pid))
 
-    def arrange(self, items: list[ProcessInfo]) -> list[Row[ProcessInfo]]:
-        rows = super().arrange(items)
+    def in_order(self, items: list[ProcessInfo]) -> list[Row[ProcessInfo]]:
+        rows = super().in_order(items)
         return as_tree(rows) if self.tree_view else rows
 
     def toggle_tree(self) -> bool:
