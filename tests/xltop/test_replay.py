@@ -20,6 +20,7 @@ from xltop.replay import Recording, ReplayPlayer, load
 from xltop.snapshot import RunState
 from xltop.tui.app import XltopApp
 from xltop.tui.widgets.header import RunHeader
+from xltop.tui.widgets.help_screen import HelpScreen
 
 TICKS = 10
 INTERVAL_S = 0.5  # a 1x replay of TICKS ticks takes 4.5 s: time to press keys mid-way
@@ -205,6 +206,12 @@ async def test_replay_keys_play_pause_step_and_speed_up(logged):
             await pilot.press(key)
         assert "sent" not in events(app) and "kill" not in events(app)
         assert app.screen is app.main_screen  # no kill dialog
+        await pilot.press("question_mark")  # the help screen offers the replay's keys instead
+        await until(pilot, lambda: isinstance(app.screen, HelpScreen), "the help screen")
+        table = app.screen.query_one("#help-table")
+        keys = {str(table.get_row_at(i)[0]) for i in range(table.row_count)}
+        assert {"Space", "n", "x"} <= keys and not {"p", "k F9", "+"} & keys
+        await pilot.press("escape")
         await pilot.press("x", "space")
         assert "replay speed 10x" in events(app)
         await until(pilot, lambda: app.snapshots_shown == TICKS, "the replay's end at 10x")
