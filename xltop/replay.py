@@ -33,6 +33,7 @@ REQUIRED_COLUMNS = ("ts", "interval_s", "total_mib", "used_mib", "avail_mib", "c
 MAX_BYTES = 512 * 1024 * 1024
 SPEEDS = (1, 10, 100)  # the replay speeds `x` cycles through
 LISTED_LINES = 5  # skipped rows named by line number in the message; the rest are counted
+USER_PREFIX = "user_"  # xltop.csvlog's column of a user loop's scalar: user_<name>
 _T = TypeVar("_T")
 _PER_BLOCK = re.compile(r"(block|layer)(\d+)_(\w+)")
 
@@ -105,6 +106,7 @@ class _Layout:
             )
         self.columns = header
         counts = {"block": 0, "layer": 0}
+        self.user: list[str] = []  # a user loop's extra scalars (ttt_runtime.report)
         unknown = []
         known = {*BASE_COLUMNS, *CLUSTER_COLUMNS, "event"}
         fields = {"block": BLOCK_FIELDS, "layer": LAYER_FIELDS}
@@ -112,6 +114,8 @@ class _Layout:
             match = _PER_BLOCK.fullmatch(column)
             if match and match[3] in fields[match[1]]:
                 counts[match[1]] = max(counts[match[1]], int(match[2]) + 1)
+            elif column.startswith(USER_PREFIX) and column != USER_PREFIX:
+                self.user.append(column.removeprefix(USER_PREFIX))
             elif column not in known:
                 unknown.append(column)
         self.n_blocks, self.n_layers = counts["block"], counts["layer"]
@@ -171,6 +175,7 @@ class _Layout:
                 LayerFigures(*(row.number(f"layer{i}_{f}") for f in LAYER_FIELDS))
                 for i in range(self.n_layers)
             ),
+            user={name: row.number(USER_PREFIX + name) for name in self.user},
             # The CSV keeps no backend or device: the header leaves them out.
             mlx=None
             if active is None

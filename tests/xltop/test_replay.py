@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from test_app import events, pilot_test, until
+from test_reporter_e2e import _first_report, _xltop_rows, user_loop
 from xltop_helpers import read_rows, run_xltop
 
 from xltop import units
@@ -54,25 +55,44 @@ def rewritten(path: Path, to: Path, drop: str, add: str) -> Path:
     return to
 
 
-def test_a_replay_gives_back_exactly_what_a_real_headless_run_logged(logged, tmp_path):
-    recording = load(str(logged))
-    assert recording.skipped == ()
-    rows = read_rows(logged)
-    assert len(recording.snapshots) == len(rows)
-    # Written again by the CSV sink, the replayed Snapshots make the very same file: every value
-    # read back equals the file's.
-    copy = tmp_path / "copy.csv"
+__all__ = ["user_loop"]  # a fixture of test_reporter_e2e.py's
+
+
+def assert_logs_the_same_file(recording: Recording, logged: Path, copy: Path) -> None:
+    """Written again by the CSV sink, the replayed Snapshots make the very same file: every
+    value read back equals the file's."""
     log = CsvLog(copy, recording.snapshots[0])
     for snapshot in recording.snapshots:
         log.write(snapshot)
     log.close()
     assert copy.read_bytes() == logged.read_bytes()
+
+
+def test_a_replay_gives_back_exactly_what_a_real_headless_run_logged(logged, tmp_path):
+    recording = load(str(logged))
+    assert recording.skipped == ()
+    rows = read_rows(logged)
+    assert len(recording.snapshots) == len(rows)
+    assert_logs_the_same_file(recording, logged, tmp_path / "copy.csv")
     last, row = recording.snapshots[-1], rows[-1]
     assert last.run is not None and last.run.state == RunState(row["run_state"])
     assert last.run.step == int(row["step"]) > 0
     assert last.run.loss_bpb == float(row["loss_bpb"])
     assert len(last.run.blocks) == len(last.run.layers) == 2  # the tiny preset's blocks
     assert "run running" in " ".join(recording.snapshots[0].events)
+
+
+@pytest.mark.slow
+def test_a_replay_gives_back_a_user_loops_scalars(user_loop, tmp_path):
+    sock, finish = user_loop()
+    _first_report(sock)
+    logged = tmp_path / "loop.csv"
+    rows = _xltop_rows(sock, logged)
+    assert finish()[0] == 0
+    recording = load(str(logged))
+    assert recording.skipped == ()
+    assert [s.run.user for s in recording.snapshots] == [{"lr": float(r["user_lr"])} for r in rows]
+    assert_logs_the_same_file(recording, logged, tmp_path / "copy.csv")
 
 
 def test_once_sums_the_log_up(logged):
