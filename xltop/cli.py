@@ -498,7 +498,8 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         Server(command, host=host, port=port, title="xltop").serve()
     except OSError as exc:  # the port is taken, the address is not this machine's
-        _say(f"cannot serve on {host}:{port}: {exc.strerror or exc}")
+        # aiohttp's message repeats the address: its errno says it all
+        _say(f"cannot serve on {host}:{port}: {os.strerror(exc.errno) if exc.errno else exc}")
         return 1
     return 0
 

@@ -221,10 +221,10 @@ async def test_replay_keys_play_pause_step_and_speed_up(logged):
         assert shown_step(app) == steps[shown]
         await pilot.pause(3 * INTERVAL_S)
         assert app.snapshots_shown == shown + 1  # a step leaves the replay paused
-        # There is no run to command and nothing to kill in a replay.
-        for key in ("p", "c", "s", "k", "R", "plus"):
+        # There is no run to command and nothing to kill in a replay; nor a CSV to log to.
+        for key in ("p", "c", "s", "k", "R", "plus", "l"):
             await pilot.press(key)
-        assert "sent" not in events(app) and "kill" not in events(app)
+        assert not {"sent", "kill", "interval", "CSV"} & set(events(app).split())
         assert app.screen is app.main_screen  # no kill dialog
         await pilot.press("question_mark")  # the help screen offers the replay's keys instead
         await until(pilot, lambda: isinstance(app.screen, HelpScreen), "the help screen")

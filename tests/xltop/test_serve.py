@@ -222,4 +222,6 @@ def test_a_port_in_use_is_one_line_and_exit_1():
         port = taken.getsockname()[1]
         result = run_xltop("--serve", "--port", str(port), "--no-run", timeout=60)
     assert result.returncode == 1
-    assert result.stderr.splitlines()[-1].startswith(f"xltop: cannot serve on 127.0.0.1:{port}: ")
+    assert result.stderr.splitlines()[-1] == (
+        f"xltop: cannot serve on 127.0.0.1:{port}: Address already in use"
+    )

@@ -49,7 +49,7 @@ COMMANDS = (
     Command("clear_cache", ("c",), "Clear cache", "clear the run's MLX cache (the cache bar drops on the next tick)", changes_run=True),  # noqa: E501
     Command("reset", ("r",), "Reset", "reset the fast weights: start a new conversation", changes_run=True),  # noqa: E501
     Command("save", ("s",), "Save", "save a checkpoint of the run", changes_run=True),
-    Command("toggle_log", ("l",), "Log", "start / stop logging one CSV row per tick"),
+    Command("toggle_log", ("l",), "Log", "start / stop logging one CSV row per tick", scope="live"),  # noqa: E501
     Command("interval_up", ("plus",), "Interval +", "longer interval between ticks", footer=False, scope="live"),  # noqa: E501
     Command("interval_down", ("minus",), "Interval -", "shorter interval between ticks", footer=False, scope="live"),  # noqa: E501
     Command("replay_play", ("space",), "Play/pause", "play / pause the replay", scope="replay"),
