@@ -31,7 +31,7 @@ BASE_COLUMNS = (
     "total_mib", "used_mib", "avail_mib", "cpu_pct",
     "run_state", "run_pid", "rss_mib", "run_cpu_pct",
     "step", "tokens", "tokens_per_s", "step_ms", "loss_bpb", "inner_lr", "conversation",
-    "sampled_step",
+    "sampled_step", "baseline_bpb", "gain",
     "mlx_active_mib", "mlx_cache_mib", "mlx_peak_mib", "mlx_limit_mib",
 )  # fmt: skip
 # The watched Ray cluster summed up (the full detail goes to JSON): CPU and memory of its hosts.
@@ -119,6 +119,8 @@ def snapshot_to_row(
         inner_lr=_number(run.inner_lr),
         conversation=run.conversation,
         sampled_step=run.sampled_step,
+        baseline_bpb=_number(run.baseline_bpb),
+        gain=_number(run.gain),
     )
     if run.mlx is not None:
         for name in ("active", "cache", "peak", "limit"):

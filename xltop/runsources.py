@@ -91,6 +91,8 @@ def run_info_from_telemetry(report: Telemetry) -> RunInfo:
         loss_bpb=report.loss_bpb,
         warmup_ms=report.warmup_ms,
         inner_lr=report.inner_lr,
+        baseline_bpb=report.baseline_bpb,
+        gain=report.gain,
         conversation=report.conversation,
         sampled_step=report.sampled_step,
         blocks=report.blocks,

@@ -78,6 +78,10 @@ class RunInfo:
     loss_bpb: float | None = None
     warmup_ms: float | None = None  # the run's first step, which compiles: kept out of step_ms
     inner_lr: float | None = None
+    # adapt mode: the unadapted base's bpb on the last sampled chunk, and the mean over the
+    # sampled chunks of loss_bpb - baseline_bpb (below 0: adapting helps); None in train mode
+    baseline_bpb: float | None = None
+    gain: float | None = None
     conversation: int = 0
     sampled_step: int | None = None
     blocks: tuple[BlockTiming, ...] = ()

@@ -15,9 +15,12 @@ from adapt_helpers import (
     learner,
     same_arrays,
 )
+from polling import run_client
+from test_run import READY_S, every_report
 
 from ttt_runtime import checkpoint as ckpt
 from ttt_runtime.config import ConfigError, RunConfig
+from ttt_runtime.corpora import corpus_files
 
 
 @pytest.mark.parametrize("method", GRADIENT)
@@ -92,3 +95,28 @@ def test_the_baseline_is_the_base_from_fresh_fast_weights_whatever_was_learned(s
 def test_adapt_settings_out_of_their_rules_are_one_line(settings, message):
     with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace("+", r"\+")):
         RunConfig(**settings)
+
+
+@pytest.mark.slow
+def test_an_adapt_run_reports_the_base_beside_the_adapted_bpb_and_their_mean_gap(
+    spawned_run, small_base
+):
+    prose = str(corpus_files("prose")[1])  # pydoc_data/topics.py: the reference's prose
+    run = spawned_run("--resume", small_base, "--mode", "adapt", "--adapt-method", "dynamic",
+                      "--adapt-lr", "0.003", "--sample-every", "2", "--data", prose,
+                      "--start-paused", "true")  # fmt: skip
+
+    def listening(run) -> None:
+        run_client(run, READY_S).close()
+
+    start = ckpt.load(small_base).step  # a resumed run counts on from the base's steps
+    reports = every_report(run, listening, lambda m: m.step >= start + 9)
+    assert reports[0].baseline_bpb is None and reports[0].gain is None  # not sampled yet
+    sampled = [m for m in reports if m.sampled_step == m.step]
+    # the base is scored on the sampled steps only: after the warm-up, then every 2
+    assert [m.step - start for m in sampled] == [2, 4, 6, 8]
+    gaps = [m.loss_bpb - m.baseline_bpb for m in sampled]
+    for i, m in enumerate(sampled):
+        assert m.gain == pytest.approx(sum(gaps[: i + 1]) / (i + 1), abs=1e-9)
+    assert reports[-1].baseline_bpb == sampled[-1].baseline_bpb  # held between samples
+    assert sampled[-1].gain < 0  # dynamic evaluation already beats the base on prose

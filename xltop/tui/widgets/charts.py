@@ -51,6 +51,8 @@ SERIES: dict[str, tuple[str, tuple[tuple[str, Callable[[Snapshot], float | None]
             ("inner mean", lambda s: _mean_inner_loss(s)),
             # adapt mode: the unadapted base on the sampled chunks, beside the adapted outer bpb
             ("base bpb", lambda s: s.run.baseline_bpb if s.run else None),
+            # adapt mode: the unadapted base on the sampled chunks, beside the adapted outer bpb
+            ("base bpb", lambda s: s.run.baseline_bpb if s.run else None),
         ),
     ),
 }

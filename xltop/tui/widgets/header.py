@@ -74,9 +74,10 @@ class RunHeader(Static):
         if run.state == RunState.DEAD:
             error = units.printable(run.last_error or "none reported")
             return Text(f"last error: {error}", style="red")
+        gain = f"{run.gain:+.2f} bpb vs base  " if run.gain is not None else ""  # adapt mode
         return Text(
             f"pid {run.pid or '-'}  step {run.step}  {units.rate(run.tokens_per_s)} tok/s  "
-            f"{units.ms(run.step_ms)} ms/step  loss {units.number(run.loss_bpb)} bpb  "
+            f"{units.ms(run.step_ms)} ms/step  loss {units.number(run.loss_bpb)} bpb  {gain}"
             f"inner lr {units.number(run.inner_lr)}  conv {run.conversation}  "
             f"tokens {run.tokens}"
         )
