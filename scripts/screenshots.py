@@ -2,7 +2,8 @@
 
 Runs XltopApp headless at 160x45 on a real Monitor and HostedRun (the default preset, as `xltop`
 starts it), lets the charts fill for a while, then saves SVG (and PNG, with rsvg-convert when it
-is installed) of the main screen, the help screen and the kill dialog into screenshots/. The
+is installed) of the main screen, the help screen and the kill dialog into screenshots/, and
+browser.png, the TUI served to a real headless Chromium (the browser test's own screenshot). The
 process table keeps to this session's own processes (the script and the run it hosts), the run
 is started as `.venv/bin/python -m ttt_runtime ...` from the checkout rather than by its absolute
 path, and the header names the host "localhost": the pictures show xltop, not the machine they
@@ -87,6 +88,16 @@ async def photograph(seconds: float) -> None:
         monitor.close()
 
 
+def photograph_browser() -> None:
+    """screenshots/browser.png: tests/xltop/test_serve.py keeps its browser's screenshot there."""
+    target = OUT / "browser.png"
+    target.unlink(missing_ok=True)  # the test skips without Chromium: no stale picture stays
+    env = dict(os.environ, XLTOP_BROWSER_SCREENSHOT=str(target))
+    test = ["tests/xltop/test_serve.py", "-k", "real_browser", "-p", "no:cacheprovider", "-q"]
+    subprocess.run([sys.executable, "-m", "pytest", *test], env=env, check=True)
+    print(f"screenshots: {target}" if target.exists() else "screenshots: no Chromium, no picture")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=40.0, help="history before the shots")
@@ -97,6 +108,7 @@ def main() -> None:
     os.chdir(REPO)
     sys.executable = os.path.relpath(sys.executable)
     asyncio.run(photograph(args.seconds))
+    photograph_browser()
 
 
 if __name__ == "__main__":
