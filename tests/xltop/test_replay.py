@@ -22,6 +22,7 @@ from xltop.snapshot import RunState
 from xltop.tui.app import XltopApp
 from xltop.tui.widgets.header import RunHeader
 from xltop.tui.widgets.help_screen import HelpScreen
+from xltop.tui.widgets.memory import MemoryPanel
 
 TICKS = 10
 INTERVAL_S = 0.5  # a 1x replay of TICKS ticks takes 4.5 s: time to press keys mid-way
@@ -210,6 +211,8 @@ async def test_replay_keys_play_pause_step_and_speed_up(logged):
     async with app.run_test(size=(140, 40)) as pilot:
         await until(pilot, lambda: app.snapshots_shown >= 1, "the first tick")
         assert "REPLAY run.csv" in header_text(app)
+        # The CSV keeps no MLX backend or device: nothing shows an empty one.
+        assert "()" not in str(app.main_screen.query_one(MemoryPanel).render())
         await pilot.press("space")
         assert "replay paused" in events(app)
         shown = app.snapshots_shown

@@ -55,6 +55,6 @@ class MemoryPanel(Static):
         ]
         if mlx is not None:
             device = "" if mlx.device in ("", mlx.backend) else f" {mlx.device}"
-            where = f"{mlx.backend}{device}"
-            lines.append(Text(f"MLX ceiling {units.size(ceiling)} ({where})", style="dim"))
+            where = f" ({mlx.backend}{device})" if mlx.backend else ""  # a replay's CSV has none
+            lines.append(Text(f"MLX ceiling {units.size(ceiling)}{where}", style="dim"))
         self.update(Text("\n").join(lines), layout=False)  # fixed size: no re-layout
