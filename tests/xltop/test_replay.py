@@ -195,6 +195,16 @@ def test_live_flags_do_not_go_with_a_replay(logged, flags, words):
     assert len(result.stderr.splitlines()) == 1 and words in result.stderr
 
 
+@pilot_test
+async def test_a_replayed_pause_is_said_without_the_key_that_is_off(logged, tmp_path):
+    paused = tmp_path / "paused.csv"
+    paused.write_text(logged.read_text().replace(",running,", ",paused,"))
+    app = XltopApp(ReplayPlayer(load(str(paused))))
+    async with app.run_test(size=(140, 40)) as pilot:
+        await until(pilot, lambda: app.snapshots_shown >= 1, "the first tick")
+        assert "RUN PAUSED |" in header_text(app)  # not "(p resumes)": p is off in a replay
+
+
 def header_text(app: XltopApp) -> str:
     return str(app.main_screen.query_one(RunHeader).render())
 

@@ -16,14 +16,18 @@ _STATE_STYLE = {
 }
 
 
-def _state_text(run: RunInfo | None) -> Text:
+def _state_text(run: RunInfo | None, keys: bool) -> Text:
+    """The run's state; with `keys`, the key that acts on it (none under --readonly or in a
+    replay, where the run commands are off)."""
     if run is None:
         return Text("no run", style="dim")
     if run.state == RunState.DEAD:
         code = "?" if run.exit_code is None else run.exit_code
-        return Text(f"DEAD exit {code} (R restarts)", style=_STATE_STYLE[run.state])
+        hint = " (R restarts)" if keys else ""
+        return Text(f"DEAD exit {code}{hint}", style=_STATE_STYLE[run.state])
     if run.state == RunState.PAUSED:
-        return Text("RUN PAUSED (p resumes)", style=_STATE_STYLE[run.state])
+        hint = " (p resumes)" if keys else ""
+        return Text(f"RUN PAUSED{hint}", style=_STATE_STYLE[run.state])
     if run.state == RunState.STALLED:  # the events line says for how long and the pid
         return Text("RUN STALLED (no report)", style=_STATE_STYLE[run.state])
     return Text(str(run.state), style=_STATE_STYLE.get(run.state, "bold"))
@@ -47,7 +51,7 @@ class RunHeader(Static):
         if replay is not None:
             line.append(units.printable(f"REPLAY {replay}"), style="reverse")
             line.append(" | ")
-        line.append_text(_state_text(run))
+        line.append_text(_state_text(run, keys=not readonly and replay is None))
         if run is not None and (run.mode or run.preset):
             line.append(units.printable(f" | {run.mode or '?'}/{run.preset or '?'}"))
         if run is not None and run.mlx is not None and run.mlx.backend:  # a replay has none
