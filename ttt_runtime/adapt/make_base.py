@@ -9,7 +9,6 @@ bits per byte (training and held-out code) and the machine.
 
 from __future__ import annotations
 
-import argparse
 import platform
 import sys
 import time
@@ -20,7 +19,7 @@ import numpy as np
 
 from ttt_runtime import checkpoint as ckpt
 from ttt_runtime.adapt.ttt_plus import feature_statistics
-from ttt_runtime.config import ConfigError, RunConfig
+from ttt_runtime.config import ConfigError, RunConfig, _Parser
 from ttt_runtime.corpora import CorpusStream
 from ttt_runtime.learners import TrainLearner
 from ttt_runtime.model import TTTModel
@@ -48,8 +47,12 @@ class BaseReport:
         )
 
 
-def _batches(stream: CorpusStream, count: int):
-    return [tuple(mx.array(a) for a in next(stream)) for _ in range(count)]
+def _batches(stream: CorpusStream, count: int) -> list[tuple[mx.array, mx.array]]:
+    batches = []
+    for _ in range(count):
+        inputs, targets = next(stream)
+        batches.append((mx.array(inputs), mx.array(targets)))
+    return batches
 
 
 def train_base(config: RunConfig, steps: int, path: str) -> BaseReport:
@@ -86,13 +89,14 @@ def train_base(config: RunConfig, steps: int, path: str) -> BaseReport:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="make_base", description=__doc__.splitlines()[0])
+    # config's parser: a usage error is a ConfigError, one line, like every other
+    parser = _Parser(prog="make_base", description=__doc__.splitlines()[0])
     parser.add_argument("out", metavar="OUT.safetensors")
     parser.add_argument("--preset", default="default")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         if args.steps < 1:
             raise ConfigError(f"--steps {args.steps}: must be at least 1")
         config = RunConfig.from_preset(args.preset).with_overrides(mode="train", seed=args.seed)

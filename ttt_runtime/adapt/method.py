@@ -77,6 +77,9 @@ class GradientMethod(Method):
     chunk, `adapt_steps` of them, each from the chunk's starting fast weights; `weights(params)`
     are the model weights (by name) they stand for (by default, `params` are model weights)."""
 
+    params: dict[str, mx.array]
+    optimizer: optim.Adam
+
     def __init__(self, model: TTTModel, config: RunConfig, stats: dict[str, mx.array]):
         super().__init__(model, config, stats)
         self.lr, self.steps = config.adapt_lr, config.adapt_steps

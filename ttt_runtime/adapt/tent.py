@@ -22,7 +22,7 @@ class Tent(GradientMethod):
             f"{module_name}.{param}"
             for module_name, module in model.named_modules()
             if isinstance(module, (nn.RMSNorm, nn.LayerNorm))
-            for param, _ in tree_flatten(module.parameters())
+            for param in dict(tree_flatten(module.parameters()))
         }
         super().__init__(model, config, stats)
 
