@@ -19,7 +19,6 @@ the fast-weight figures of a watched model) runs inside `step()`, on the loop's 
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import os
 import re
 import secrets
@@ -29,8 +28,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -56,9 +54,9 @@ UNSUPPORTED = "not supported by a user loop's reporter"
 SaveFunction = Callable[[str | None], str]  # the path asked for (None: yours) -> the path written
 
 
-@dataclass(frozen=True)
-class _Record:
-    """What the loop's last step() said; replaced whole, so the service thread reads one."""
+class _Record(NamedTuple):
+    """What the loop's last step() said; replaced whole, so the service thread reads one. A
+    NamedTuple: made once a step, it must be cheap (a frozen dataclass took 4 us)."""
 
     step: int = 0
     tokens: int = 0
@@ -66,7 +64,7 @@ class _Record:
     step_ms: float | None = None
     loss: float | None = None
     warmup_ms: float | None = None
-    user: dict[str, float | None] = field(default_factory=dict)
+    user: dict[str, float | None] = {}  # shared default: never changed, only replaced
     sampled_step: int | None = None
     layers: tuple[LayerFigures, ...] = ()
 
@@ -193,7 +191,7 @@ class Reporter:
         next report."""
         last = self._record
         user = {**last.user, **_checked(scalars, last.user)}
-        self._record = dataclasses.replace(last, user=user)
+        self._record = last._replace(user=user)
 
     def watch(self, model: nn.Module, caches: Sequence[TTTCache] | None = None) -> None:
         """Report the fast-weight figures of `model`'s TTT layers (ttt_runtime.layers) every
@@ -202,7 +200,7 @@ class Reporter:
         (drift is measured from the last call)."""
         self._fast_weights = _FastWeights(model, caches)
         layers = (_layer_figures(None, None, None),) * self._fast_weights.count
-        self._record = dataclasses.replace(self._record, layers=layers, sampled_step=None)
+        self._record = self._record._replace(layers=layers, sampled_step=None)
 
     def _is_sampled(self, step: int, steps: int) -> bool:
         """The first step, then whenever `sample_every` divides a step the call covers."""
@@ -332,7 +330,7 @@ class Reporter:
 
 def _checked(scalars: dict[str, Any], known: dict[str, Any]) -> dict[str, float | None]:
     """The extra scalars as floats (None for a None); ValueError naming a bad one."""
-    new = scalars.keys() - known.keys()
+    new = [name for name in scalars if name not in known]
     for name in new:
         if not SCALAR_NAME.fullmatch(name):
             raise ValueError(f"scalar name {name!r}: letters, digits and _ only, at most 64")
