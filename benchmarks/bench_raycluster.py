@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 from bench_monitor import bench_headless_cpu, median_ms
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "xltop"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from ray_helpers import LocalRayCluster, ray_missing  # noqa: E402
 
 from xltop.raycluster import NodeDetail, RayCluster, _state_api_rows  # noqa: E402

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -64,6 +65,11 @@ INT_RANGES = {
     "seed": (0, 2**32 - 1),  # a larger seed was a TypeError inside mx.random.seed
     "sample_every": (0, INT_MAX),
     "max_steps": (0, INT_MAX),
+    "stages": (1, 64),
+    "replicas": (1, 64),
+    "micro_batches": (0, 1024),
+    "checkpoint_every": (1, INT_MAX),
+    "max_restarts": (0, 100),
     "adapt_steps": (1, 100),  # gradient steps per chunk: each is a forward and a backward
     "lora_rank": (1, INT_MAX),
 }
@@ -265,7 +271,9 @@ class RunConfig:
         known = {f.name for f in fields(self)}
         for name in values:
             if name not in known:
-                raise ConfigError(f"unknown setting {name!r}; known: {', '.join(sorted(known))}")
+                close = difflib.get_close_matches(str(name), known, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else " (ttt-run --help lists them)"
+                raise ConfigError(f"unknown setting {str(name)[:60]!r}{hint}")
         return dataclasses.replace(self, **values)
 
     def as_dict(self) -> dict[str, Any]:
@@ -295,6 +303,62 @@ PRESETS: dict[str, dict[str, Any]] = {
         batch_size=4,
     ),  # fmt: skip
 }
+
+
+GradCompression = Literal["none", "u8", "u16"]  # replicas' gradients on the wire
+GradAverage = Literal["exact", "swar"]  # how replicas average them (see RayConfig)
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where a run's model runs when it is spread over Ray actors (ttt_runtime.ray_workers):
+    placement, not maths, so it is not part of RunConfig nor of a checkpoint, which any
+    placement can resume. `check(run)` states the rules between the two."""
+
+    address: str  # "local" (a private cluster on 127.0.0.1) or a cluster's GCS host:port
+    stages: int = 2  # pipeline stages, each a contiguous run of blocks
+    replicas: int = 1  # data-parallel copies of each stage, each on batch_size/replicas rows
+    # train: micro-batches per step; adapt: pieces of each chunk; 0: 2 where there is room
+    micro_batches: int = 0
+    grad_compression: GradCompression = "u16"
+    # exact: dequantize and sum exactly (ExactAccumulator); swar: average the packed words
+    # pairwise (avg_u8_round/avg_u16_round) after quantizing to the replicas' shared range
+    grad_average: GradAverage = "exact"
+    checkpoint_every: int = 10  # steps between the in-memory checkpoints restarts go back to
+    # each of them also saved as <checkpoint_dir>/safe-step-N.safetensors (the last one kept)
+    checkpoint_to_disk: bool = False
+    max_restarts: int = 3  # per actor; then the run stops with an error
+    dashboard: bool = False  # a "local" cluster also serves Ray's dashboard (xltop's Ray panel)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.grad_average == "swar" and self.grad_compression == "none":
+            raise ConfigError("grad_average='swar': needs grad_compression 'u8' or 'u16'")
+        if self.grad_average == "swar" and self.replicas & (self.replicas - 1):
+            raise ConfigError(f"grad_average='swar': replicas={self.replicas} must be a power "
+                              "of 2 (the words are averaged in pairs)")  # fmt: skip
+
+    def check(self, run: RunConfig) -> None:
+        """ConfigError unless `run`'s model and batch can be placed this way."""
+        if self.stages > run.num_blocks:
+            raise ConfigError(f"stages={self.stages}: at most num_blocks={run.num_blocks} "
+                              "(each stage owns at least one block)")  # fmt: skip
+        if run.batch_size % self.replicas:
+            raise ConfigError(f"replicas={self.replicas}: must divide batch_size="
+                              f"{run.batch_size} (each replica takes as many rows)")  # fmt: skip
+        rows, split = self._room(run)
+        if self.micro_batches > rows:
+            raise ConfigError(f"micro_batches={self.micro_batches}: at most the {split} "
+                              f"({rows})")  # fmt: skip
+
+    def _room(self, run: RunConfig) -> tuple[int, str]:
+        """How many micro-batches `run` has room for, and what bounds it."""
+        if run.mode == "adapt":  # adapt splits each chunk along time, in order
+            return run.seq_len, "seq_len"
+        return run.batch_size // self.replicas, "rows per replica"
+
+    def micro_count(self, run: RunConfig) -> int:
+        return self.micro_batches or min(2, self._room(run)[0])
 
 
 # -- settings files ------------------------------------------------------------------------------
@@ -356,7 +420,10 @@ _FLAG_TRUE, _FLAG_FALSE = ("true", "1", "yes"), ("false", "0", "no")
 def _parse_flag(name: str, text: str) -> Any:
     """A flag's text as its field's type; text that is not one is left for that field's check
     to refuse, with the field's one message."""
-    kind = field_types(RunConfig)[name]
+    return _parse_value(field_types(RunConfig)[name], text)
+
+
+def _parse_value(kind: Any, text: str) -> Any:
     try:
         if kind is int:
             return int(text)
@@ -392,7 +459,28 @@ def run_arg_parser() -> argparse.ArgumentParser:
     )
     for f in fields(RunConfig):
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, metavar="VALUE")
+    ray = parser.add_argument_group("a run spread over Ray actors (needs --ray)")
+    ray.add_argument("--ray", metavar="ADDRESS", help="'local', or a cluster's host:port")
+    for f in fields(RayConfig):
+        if f.name != "address":
+            ray.add_argument("--" + f.name.replace("_", "-"), dest=f.name, metavar="VALUE")
     return parser
+
+
+def placement_from_args(args: argparse.Namespace, run: RunConfig) -> RayConfig | None:
+    """The Ray placement the flags ask for (None: a one-process run), checked against `run`."""
+    given = {
+        f.name: _parse_value(field_types(RayConfig)[f.name], value)
+        for f in fields(RayConfig)
+        if f.name != "address" and (value := getattr(args, f.name)) is not None
+    }
+    if args.ray is None:
+        if given:
+            raise ConfigError(f"--{next(iter(given)).replace('_', '-')}: needs --ray")
+        return None
+    placement = RayConfig(address=args.ray, **given)
+    placement.check(run)
+    return placement
 
 
 def config_from_args(args: argparse.Namespace, base: dict[str, Any] | None = None) -> RunConfig:

@@ -22,7 +22,7 @@ from typing import IO
 
 from ttt_runtime.blas import preload_environment
 from ttt_runtime.channel import ChannelClient, ChannelError
-from ttt_runtime.config import ConfigError, parse_run_args
+from ttt_runtime.config import ConfigError, parse_run_args, placement_from_args
 
 _TAIL_LINES = 200
 SLOW_STOP_S = 1.0  # a stop that takes longer says what it waits for
@@ -50,7 +50,7 @@ def check_run_args(argv: list[str]) -> str | None:
     """The one-line error `ttt-run run ARGV` would exit with before training (its values,
     settings file, checkpoint header and data path), or None."""
     try:
-        parse_run_args(argv)
+        placement_from_args(*parse_run_args(argv))
     except ConfigError as exc:
         return str(exc)
     return None

@@ -34,6 +34,7 @@ from ttt_runtime.figures import (
     sample_figures,
 )
 from ttt_runtime.model import TTTModel
+from ttt_runtime.protocol import WorkerFigures
 from ttt_runtime.steps import adapt_step, cache_arrays, make_optimizer, make_train_step
 
 
@@ -51,6 +52,15 @@ class LearnerState:
     # by checkpoint name: "model.*", "optimizer.*", "cache.<block>.<i>", "adapt.*", "stats.*"
     arrays: dict[str, mx.array]
     cache_offsets: list[int] = field(default_factory=list)  # adapt: tokens seen, per block
+
+
+class LearnerFailed(RuntimeError):
+    """The learner cannot go on (a Ray actor lost for good): the run stops with this line."""
+
+
+class LearnerRestarted(RuntimeError):
+    """Part of the learner was lost and restarted from scratch: the run takes it back to its
+    last checkpoint (`load`) and goes on from there."""
 
 
 class Learner(Protocol):
@@ -72,6 +82,20 @@ class Learner(Protocol):
         ...
 
     def state(self) -> LearnerState: ...
+
+    def load(self, state: LearnerState) -> None:
+        """Back to a checkpoint's arrays (after LearnerRestarted)."""
+        ...
+
+    def clear_cache(self) -> int:
+        """mx.clear_cache() wherever the learner computes: the cache bytes left."""
+        ...
+
+    def workers(self) -> tuple[WorkerFigures, ...]:
+        """The processes besides the run's that compute its steps (Ray actors), if any."""
+        ...
+
+    def close(self) -> None: ...
 
     def baseline_loss(self, inputs: mx.array, targets: mx.array) -> mx.array | None:
         """The loss (nats) of the unadapted base on this batch, from fresh fast weights (what
@@ -110,6 +134,19 @@ class _WholeModel(ABC):
 
     @abstractmethod
     def _figures(self, timed: blockwise.TimedStep) -> SampleFigures: ...
+
+    def load(self, state: LearnerState) -> None:
+        raise LearnerFailed("a one-process run never restarts part of itself")
+
+    def clear_cache(self) -> int:
+        mx.clear_cache()
+        return mx.get_cache_memory()
+
+    def workers(self) -> tuple[WorkerFigures, ...]:
+        return ()
+
+    def close(self) -> None:  # noqa: B027 - nothing runs elsewhere
+        pass
 
 
 class TrainLearner(_WholeModel):

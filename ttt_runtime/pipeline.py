@@ -23,6 +23,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ttt_runtime import blockwise
@@ -144,10 +145,12 @@ class Stage:
         or None, the cotangent of the stage's input or None on the first stage)."""
         start = time.perf_counter()
         x, hidden = self._saved.pop(micro)
-        loss, grads = None, {}
+        loss, grads = None, dict[str, Any]()
         if self.last:
+            assert targets is not None, "the last stage's backward starts from the loss"
             loss, grads, cotangent = blockwise.head_vjp(self.model, hidden[-1], targets)
             mx.eval(loss, cotangent)
+        assert cotangent is not None, "a stage's backward needs its output's cotangent"
         block_grads, cotangent, bwd_ms = blockwise.backward_blocks(
             self.model.blocks, hidden, cotangent
         )
@@ -165,7 +168,7 @@ class Stage:
     def gradients(self) -> dict[str, mx.array]:
         """The step's gradient (the mean over its micro-batches), flat by local name."""
         scale = 1.0 / max(self._micros, 1)
-        return {k: v * scale for k, v in tree_flatten(self._grads)}
+        return {k: v * scale for k, v in _flat(self._grads).items()}
 
     def apply(self, gradients: dict[str, mx.array]) -> None:
         """AdamW on this stage's parameters with `gradients` (flat, as `gradients()` gives)."""
@@ -185,7 +188,7 @@ class Stage:
             report.layers = [
                 {**w, **i, "exact_drift": None} for w, i in zip(weights, inner, strict=True)
             ]
-            report.inner_lrs = [s["lr_mean"].item() for s in self._stats]
+            report.inner_lrs = [float(np.array(s["lr_mean"])) for s in self._stats]
         return report
 
     # -- state ----------------------------------------------------------------------------------
@@ -203,9 +206,9 @@ class Stage:
     def arrays(self) -> tuple[dict[str, mx.array], list[int]]:
         """This stage's part of a checkpoint, under the whole model's names, and (adapt) its
         blocks' cache offsets."""
-        named = {f"model.{k}": v for k, v in tree_flatten(self.model.parameters())}
+        named = {f"model.{k}": v for k, v in _flat(self.model.parameters()).items()}
         if self.train:
-            named.update({f"optimizer.{k}": v for k, v in tree_flatten(self.optimizer.state)})
+            named.update({f"optimizer.{k}": v for k, v in _flat(self.optimizer.state).items()})
         else:
             for i, cache in enumerate(self.caches):
                 named.update({f"cache.{i}.{j}": a for j, a in enumerate(cache.state)})
@@ -229,7 +232,7 @@ class Stage:
         ]  # fmt: skip
         self.model.load_weights(params, strict=True)
         if self.train:
-            fresh = dict(tree_flatten(self.optimizer.state))
+            fresh = _flat(self.optimizer.state)
             saved = {k: mine[f"optimizer.{k}"] for k in fresh if f"optimizer.{k}" in mine}
             if saved:
                 if {k: v.shape for k, v in saved.items()} != {k: v.shape for k, v in fresh.items()}:
@@ -244,6 +247,10 @@ class Stage:
         self._new_origin()
 
 
+def _flat(tree: Any) -> dict[str, mx.array]:
+    return dict(tree_flatten(tree))
+
+
 def _tree_add(a: Any, b: Any) -> Any:
-    flat_b = dict(tree_flatten(b))
-    return tree_unflatten([(k, v + flat_b[k]) for k, v in tree_flatten(a)])
+    flat_b = _flat(b)
+    return tree_unflatten([(k, v + flat_b[k]) for k, v in _flat(a).items()])

@@ -73,6 +73,28 @@ class MlxReport:
 
 
 @dataclass(frozen=True)
+class WorkerFigures:
+    """One Ray stage actor of a distributed run (ttt_runtime.ray_workers), as of the last step."""
+
+    stage: int
+    replica: int
+    blocks: tuple[int, ...]  # the blocks it owns
+    node_id: str
+    node_ip: str
+    pid: int  # its process now (a restarted actor has a new one)
+    restarts: int  # times Ray restarted it in this run
+    rss: int | None  # its process's resident memory
+    active: int  # its process's own MLX counters
+    cache: int
+    peak: int
+    fwd_ms: float  # its forward time over the last step, all micro-batches
+    bwd_ms: float | None  # None in adapt mode
+    wait_ms: float  # time between its calls within the last step: waiting for input
+    sent: int  # bytes it returned over the last step (activations, cotangents, gradients)
+    received: int  # bytes it was sent over the last step
+
+
+@dataclass(frozen=True)
 class Hello:
     TYPE: ClassVar[str] = "hello"
     pid: int  # the run's process id
@@ -81,6 +103,10 @@ class Hello:
     preset: str  # preset name the config came from
     config: dict[str, Any]  # the whole run configuration (RunConfig.as_dict())
     socket: str  # the socket path the run listens on
+    # a run spread over Ray actors: its placement (config.RayConfig) and, where the cluster
+    # serves one, its dashboard's URL; None for a one-process run (or a message without them)
+    placement: dict[str, Any] | None = None
+    ray_dashboard: str | None = None
 
 
 @dataclass(frozen=True)
@@ -118,6 +144,9 @@ class Telemetry:
     # loss_bpb - baseline_bpb (below 0: adapting helps); None in train mode and until sampled
     baseline_bpb: float | None = None
     gain: float | None = None
+    # a distributed run's stage actors (ttt_runtime.ray_workers); empty for a one-process run,
+    # and a message without the key is read as having none
+    workers: tuple[WorkerFigures, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ one thread. A step in progress always finishes: `stop` (or SIGTERM) exits after 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import secrets
 import signal
@@ -24,12 +26,18 @@ from ttt_runtime import checkpoint as ckpt
 from ttt_runtime.adapt import MethodUnavailable
 from ttt_runtime.blas import loaded_blas
 from ttt_runtime.channel import ChannelError, ChannelServer
-from ttt_runtime.config import ConfigError, RunConfig
+from ttt_runtime.config import ConfigError, RayConfig, RunConfig
 from ttt_runtime.console import say
 from ttt_runtime.device import device_info, memory_counters
 from ttt_runtime.figures import SampleFigures
 from ttt_runtime.launch import STOP_SIGNALS
-from ttt_runtime.learners import LEARNERS, Learner
+from ttt_runtime.learners import (
+    LEARNERS,
+    Learner,
+    LearnerFailed,
+    LearnerRestarted,
+    LearnerState,
+)
 from ttt_runtime.model import TTTModel
 from ttt_runtime.protocol import (
     BlockTiming,
@@ -52,16 +60,18 @@ class SetupError(ValueError):
 
 
 class TTTRun:
-    def __init__(self, config: RunConfig, socket_path: str, resume: str | None = None):
+    def __init__(
+        self,
+        config: RunConfig,
+        socket_path: str,
+        resume: str | None = None,
+        placement: RayConfig | None = None,
+    ):
+        """`placement`: spread the model over Ray actors (ttt_runtime.ray_workers)."""
         try:
             restored = ckpt.load(resume) if resume else None
             self.config = config
-            mx.random.seed(config.seed)
-            model = TTTModel(config.model_config())
-            self.stream = ByteStream(
-                config.data, config.seq_len, config.batch_size,
-                restored.stream_position if restored else 0,
-            )  # fmt: skip
+            self.stream = self._stream(restored.stream_position if restored else 0)
         except (ckpt.CheckpointError, ConfigError, ValueError, KeyError) as exc:
             raise SetupError(str(exc)) from None
         self.run_id = secrets.token_hex(4)
@@ -81,15 +91,39 @@ class TTTRun:
         # adapt mode: the base's bpb on the last sampled chunk, the mean gain over them so far
         self.baseline: dict[str, float | None] = {"baseline_bpb": None, "gain": None}
         self.gains: list[float] = []
+        self.placement = placement
+        self.learner = self._learner(restored, resume)
         try:
-            self.learner: Learner = LEARNERS[config.mode](model, config, restored)
+            self._open_channel(socket_path)
+        except SetupError:
+            self.learner.close()
+            raise
+        # a run spread over actors goes back here when one is restarted (Learner.load)
+        self.safe_point = self.checkpoint() if placement else None
+        self.safe_file: str | None = None  # the safe point's file (checkpoint_to_disk)
+
+    def _stream(self, position: int) -> ByteStream:
+        return ByteStream(self.config.data, self.config.seq_len, self.config.batch_size, position)
+
+    def _learner(self, restored: ckpt.Checkpoint | None, resume: str | None) -> Learner:
+        state = LearnerState(restored.arrays, restored.cache_offsets) if restored else None
+        try:
+            if self.placement is not None:
+                from ttt_runtime.ray_workers import RayError, RayLearner  # Ray only if asked
+
+                try:
+                    return RayLearner(self.config, self.placement, state)
+                except RayError as exc:
+                    raise SetupError(str(exc)) from None
+            mx.random.seed(self.config.seed)
+            model = TTTModel(self.config.model_config())
+            return LEARNERS[self.config.mode](model, self.config, restored)
         except MethodUnavailable as exc:  # one line naming what the method misses
             raise SetupError(str(exc)) from None
         except ValueError as exc:  # the checkpoint's arrays do not fit the model
-            if restored is None:
+            if restored is None or isinstance(exc, SetupError):
                 raise
             raise SetupError(f"checkpoint {resume}: {exc}") from None
-        self._open_channel(socket_path)
 
     # -- setup ----------------------------------------------------------------------------------
     def _open_channel(self, socket_path: str) -> None:
@@ -100,6 +134,8 @@ class TTTRun:
             preset=self.config.preset,
             config=self.config.as_dict(),
             socket=socket_path,
+            placement=dataclasses.asdict(self.placement) if self.placement else None,
+            ray_dashboard=getattr(self.learner, "dashboard_url", None),
         )
         try:
             self.server = ChannelServer(socket_path, hello)
@@ -139,19 +175,25 @@ class TTTRun:
                     self._print_progress()
                 if self.config.max_steps and self.step >= self.config.max_steps:
                     break
+        except LearnerFailed as exc:  # a known end, one line: no traceback to read
+            return self._fail(exc, f"ttt-run: error: {exc}")
         except Exception as exc:
-            text = traceback.format_exc()
-            say(text.rstrip("\n"))
-            self.server.publish(ErrorReport(type(exc).__name__, str(exc), text))
-            self.close()
-            return 1
+            return self._fail(exc, traceback.format_exc().rstrip("\n"))
         self.server.publish(Bye(exit_code=0, step=self.step))
         self.close()
         return 0
 
+    def _fail(self, exc: Exception, text: str) -> int:
+        say(text)
+        self.server.publish(ErrorReport(type(exc).__name__, str(exc), text))
+        self.close()
+        return 1
+
     def close(self) -> None:
-        """Close the channel (its socket file is removed; its folder is the caller's)."""
+        """Close the channel (its socket file is removed; its folder is the caller's) and stop
+        whatever computes elsewhere (Ray actors)."""
         self.server.close()
+        self.learner.close()
 
     def is_sampled(self, step: int) -> bool:
         """The first step after the warm-up (figures from the start), then every
@@ -164,7 +206,11 @@ class TTTRun:
     def run_step(self) -> None:
         inputs, targets = (mx.array(a) for a in next(self.stream))
         step = self.step + 1
-        result = self.learner.step(inputs, targets, sampled=self.is_sampled(step))
+        try:
+            result = self.learner.step(inputs, targets, sampled=self.is_sampled(step))
+        except LearnerRestarted as exc:
+            self._go_back(str(exc))
+            return
         elapsed = result.seconds
         warming_up = self.warm_from is None
         if warming_up and self.config.sample_every > 0:
@@ -181,6 +227,33 @@ class TTTRun:
         if result.sample is not None:
             self._record_sample(result.sample)
             self._score_baseline(inputs, targets)
+        if self.placement and self.step % self.placement.checkpoint_every == 0:
+            self.safe_point = self.checkpoint()
+            if self.placement.checkpoint_to_disk:
+                self._keep_on_disk(self.safe_point)
+
+    def _keep_on_disk(self, safe: ckpt.Checkpoint) -> None:
+        """The safe point as a file too (it outlives the run); the one before it removed."""
+        path = os.path.join(self.config.checkpoint_dir, f"safe-step-{safe.step}.safetensors")
+        try:
+            path = ckpt.save(path, safe)
+        except ckpt.CheckpointError as exc:  # the run goes on: the safe point is in memory
+            say(f"ttt-run: {exc}")
+            return
+        if self.safe_file and self.safe_file != path:
+            with contextlib.suppress(OSError):
+                os.unlink(self.safe_file)
+        self.safe_file = path
+
+    def _go_back(self, what: str) -> None:
+        """Every part of the learner back to the last safe point, and the run's counters and
+        data position with it: the steps since are done again, from the same data."""
+        safe = self.safe_point
+        assert safe is not None
+        self.learner.load(LearnerState(safe.arrays, safe.cache_offsets))
+        self.step, self.tokens, self.conversation = safe.step, safe.tokens, safe.conversation
+        self.stream = self._stream(safe.stream_position)
+        say(f"ttt-run: {what}; back to step {safe.step}")
 
     def _score_baseline(self, inputs: mx.array, targets: mx.array) -> None:
         """The unadapted base on the chunk just scored. Only on sampled steps, whose
@@ -222,8 +295,7 @@ class TTTRun:
         elif cmd == "resume":
             self.paused = False
         elif cmd == "clear_cache":
-            mx.clear_cache()
-            reply["cache"] = mx.get_cache_memory()
+            reply["cache"] = self.learner.clear_cache()
         elif cmd == "reset":
             self.reset()
             reply["conversation"] = self.conversation
@@ -246,12 +318,16 @@ class TTTRun:
     def save(self, path: str | None) -> str:
         if not path:
             path = os.path.join(self.config.checkpoint_dir, f"step-{self.step}.safetensors")
+        return ckpt.save(path, self.checkpoint())
+
+    def checkpoint(self) -> ckpt.Checkpoint:
+        """The run as it stands, gathered from wherever it computes."""
         state = self.learner.state()
-        return ckpt.save(path, ckpt.Checkpoint(
+        return ckpt.Checkpoint(
             arrays=state.arrays, config=self.config.as_dict(), step=self.step, tokens=self.tokens,
             stream_position=self.stream.position, conversation=self.conversation,
             cache_offsets=state.cache_offsets,
-        ))  # fmt: skip
+        )  # fmt: skip
 
     # -- reporting ------------------------------------------------------------------------------
     def telemetry(self) -> Telemetry:
@@ -275,6 +351,7 @@ class TTTRun:
             layers=tuple(LayerFigures(**layer) for layer in report["layers"]),
             mlx=MlxReport(**self.device, **memory_counters()),
             blas=self.blas,
+            workers=self.learner.workers(),
         )
 
     def publish(self) -> None:

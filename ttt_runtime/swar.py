@@ -170,8 +170,10 @@ def _float_kind(x):
     return flat_np if flat_np.dtype in (np.float32, np.float64) else flat_np.astype(np.float32)
 
 
-def quantize(x, bits: int = 8) -> QuantizedTensor:
-    """Round x to the nearest of 2**bits evenly spaced levels from min(x) to max(x) and pack.
+def quantize(x, bits: int = 8, value_range: tuple[float, float] | None = None) -> QuantizedTensor:
+    """Round x to the nearest of 2**bits evenly spaced levels from min(x) to max(x) (or over
+    `value_range`, which must hold them: tensors quantized to one range can be averaged as
+    packed words) and pack.
 
     Each element comes back from `dequantize` within half a step, (max - min) / (2**bits - 1)
     / 2, plus a few ulps of max(|min|, |max|, max - min) for the float arithmetic itself (done in
@@ -189,6 +191,10 @@ def quantize(x, bits: int = 8) -> QuantizedTensor:
         lo, hi = (float(flat.min()), float(flat.max())) if flat.size else (0.0, 0.0)
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError("quantize: input has NaN or Inf")
+    if value_range is not None:
+        if not value_range[0] <= lo <= hi <= value_range[1]:
+            raise ValueError(f"quantize: values from {lo} to {hi} are outside {value_range}")
+        lo, hi = (float(v) for v in value_range)
     if hi - lo > float(np.finfo(np.float32 if is_mlx else flat.dtype).max):
         raise ValueError("quantize: max - min overflows the input's float type")
     levels = (1 << bits) - 1

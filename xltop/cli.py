@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # imported where a cluster is watched: urllib's import is not
     from xltop.replay import ReplayPlayer
     from xltop.tui.app import XltopApp  # imported for the TUI only: Textual is not light
 
-RUN_FLAGS = ("mode", "preset", "config", "data", "seed", "resume")
+RUN_FLAGS = ("mode", "preset", "config", "data", "seed", "resume", "stages", "replicas")
 MAX_INTERVAL_S = 86400.0  # a tick a day
 MAX_DURATION_S = 365 * 86400.0  # longer: leave --duration out
 READY_TIMEOUT_S = 120.0  # a run's first step includes importing MLX and building the model
@@ -194,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", metavar="N")  # checked with the other run flags, as ttt-run does
     run.add_argument("--resume", metavar="CKPT", help="resume from a checkpoint")
     run.add_argument(
+        "--ray-run",
+        action="store_true",
+        help="spread the run over Ray actors on a private local cluster (its Ray panel shows)",
+    )
+    run.add_argument("--stages", metavar="N", help="--ray-run: pipeline stages (default 2)")
+    run.add_argument("--replicas", metavar="N", help="--ray-run: copies of each stage (default 1)")
+    run.add_argument(
         "--no-blas-preload",
         action="store_true",
         help="run with MLX's bundled BLAS (no OpenBLAS preload)",
@@ -202,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _given_run_flags(args: argparse.Namespace) -> list[str]:
-    return [f"--{f}" for f in RUN_FLAGS if getattr(args, f) is not None]
+    given = [f"--{f}" for f in RUN_FLAGS if getattr(args, f) is not None]
+    return given + (["--ray-run"] if args.ray_run else [])
 
 
 def _hosts_no_run(args: argparse.Namespace) -> bool:
@@ -260,8 +268,13 @@ def _check_combinations(args: argparse.Namespace) -> None:
     if given and (args.no_run or args.attach or args.replay):
         other = "--no-run" if args.no_run else "--attach" if args.attach else "--replay"
         raise UsageError(f"{', '.join(given)} configure a hosted run; not with {other}")
-    if args.ray_token_file is not None and args.ray is None:
-        raise UsageError("--ray-token-file needs --ray")
+    if args.ray_token_file is not None and args.ray is None and not args.ray_run:
+        raise UsageError("--ray-token-file needs --ray or --ray-run")
+    placement = [f"--{f}" for f in ("stages", "replicas") if getattr(args, f) is not None]
+    if placement and not args.ray_run:
+        raise UsageError(f"{', '.join(placement)}: only with --ray-run")
+    if args.ray_run and args.ray is not None:
+        raise UsageError("--ray-run starts a cluster of its own; not with --ray")
     if args.replay is not None:
         _check_replay(args)
     watchdog = args.mem_soft or args.mem_hard
@@ -289,7 +302,7 @@ def _run_args(args: argparse.Namespace) -> list[str]:
     """The pass-through flags, validated here so a bad value fails before a run starts."""
     from xltop.runsources import validate_run_args
 
-    argv = []
+    argv = ["--ray", "local", "--dashboard", "true"] if args.ray_run else []
     for flag in RUN_FLAGS:
         value = getattr(args, flag)
         if value is not None:
@@ -320,6 +333,17 @@ def _make_cluster(args: argparse.Namespace, interval: float) -> RayCluster | Non
         raise UsageError(str(exc)) from None
     _say(problem)
     raise SystemExit(1)
+
+
+def _cluster_for(args: argparse.Namespace, interval: float) -> Callable[[str], RayCluster]:
+    """The watcher of the cluster a watched run says it runs on (a Ray run's hello)."""
+
+    def watch(url: str) -> RayCluster:
+        from xltop.raycluster import RayCluster
+
+        return RayCluster(url, args.ray_token_file, interval=interval)
+
+    return watch
 
 
 def _wait_cluster(cluster: RayCluster | None) -> None:
@@ -523,7 +547,12 @@ def main(argv: list[str] | None = None) -> int:
         _to_stderr(f"xltop: {exc}")
         return 2
     monitor = Monitor(
-        SystemSource(top_n=args.top), runtime, interval=interval, watchdog=watchdog, cluster=cluster
+        SystemSource(top_n=args.top),
+        runtime,
+        interval=interval,
+        watchdog=watchdog,
+        cluster=cluster,
+        cluster_for=_cluster_for(args, interval),
     )
     sinks = None
     signal.signal(signal.SIGTERM, _on_sigterm)

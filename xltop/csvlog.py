@@ -3,7 +3,8 @@
 The block and layer columns are fixed for the file by the first Snapshot (one column per block
 and per layer), and so are the cluster's (when a Ray cluster is watched: empty cells while it is
 unreachable), and so are a user loop's extra scalars (`user_<name>`, ttt_runtime.report: one
-first reported later has no column). Each row goes straight to the file (no buffer) and a write
+first reported later has no column), and so are a Ray run's stage actors (`stage<k>r<r>_*`, one
+set per stage and replica). Each row goes straight to the file (no buffer) and a write
 that fails or falls short, as on a full disk, is cut back to the last whole row: the file holds
 whole rows only. A monitor killed mid-write can still leave half a row; reopening the file drops
 it. A file that does not begin with xltop's header is never modified.
@@ -22,7 +23,7 @@ from pathlib import Path
 from stat import S_ISREG
 from typing import Any
 
-from ttt_runtime.protocol import BlockTiming, LayerFigures
+from ttt_runtime.protocol import BlockTiming, LayerFigures, WorkerFigures
 from xltop.snapshot import Snapshot
 from xltop.units import MIB, printable
 
@@ -41,6 +42,13 @@ CLUSTER_COLUMNS = (
 )  # fmt: skip
 BLOCK_FIELDS = tuple(f.name for f in dataclasses.fields(BlockTiming))
 LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(LayerFigures))
+# A Ray run's stage actor (protocol.WorkerFigures; its node goes to JSON): column -> (field, unit)
+WORKER_COLUMNS = {
+    "pid": ("pid", 1), "restarts": ("restarts", 1), "rss_mib": ("rss", MIB),
+    "mlx_active_mib": ("active", MIB), "mlx_peak_mib": ("peak", MIB), "fwd_ms": ("fwd_ms", 1),
+    "bwd_ms": ("bwd_ms", 1), "wait_ms": ("wait_ms", 1), "sent_kib": ("sent", 1024),
+    "received_kib": ("received", 1024),
+}  # fmt: skip
 
 
 class CsvLogError(Exception):
@@ -48,25 +56,42 @@ class CsvLogError(Exception):
 
 
 def csv_columns(
-    n_blocks: int, n_layers: int, cluster: bool = False, user: tuple[str, ...] = ()
+    n_blocks: int,
+    n_layers: int,
+    cluster: bool = False,
+    user: tuple[str, ...] = (),
+    workers: tuple[str, ...] = (),
 ) -> list[str]:
     blocks = [f"block{i}_{f}" for i in range(n_blocks) for f in BLOCK_FIELDS]
     layers = [f"layer{i}_{f}" for i in range(n_layers) for f in LAYER_FIELDS]
     scalars = [f"user_{name}" for name in user]
     cluster_columns = CLUSTER_COLUMNS if cluster else ()
-    return [*BASE_COLUMNS, *cluster_columns, *blocks, *layers, *scalars, "event"]
+    actors = [f"{label}_{column}" for label in workers for column in WORKER_COLUMNS]
+    return [*BASE_COLUMNS, *cluster_columns, *blocks, *layers, *scalars, *actors, "event"]
 
 
-def layout(snapshot: Snapshot) -> tuple[int, int, bool, tuple[str, ...]]:
-    """(blocks, layers, whether a cluster is watched, the names of a user loop's extra scalars)
-    in `snapshot`: what fixes a file's columns."""
+def worker_label(worker: WorkerFigures) -> str:
+    return f"stage{worker.stage}r{worker.replica}"
+
+
+def layout(snapshot: Snapshot) -> tuple[int, int, bool, tuple[str, ...], tuple[str, ...]]:
+    """(blocks, layers, whether a cluster is watched, the names of a user loop's extra scalars,
+    a Ray run's stage actors) in `snapshot`: what fixes a file's columns."""
     run = snapshot.run
-    blocks, layers = (len(run.blocks), len(run.layers)) if run else (0, 0)
-    return blocks, layers, snapshot.ray is not None, tuple(run.user) if run else ()
+    if run is None:
+        return 0, 0, snapshot.ray is not None, (), ()
+    workers = tuple(worker_label(w) for w in run.workers)
+    return len(run.blocks), len(run.layers), snapshot.ray is not None, tuple(run.user), workers
 
 
 def _mib(value: int | None) -> float | None:
     return None if value is None else round(value / MIB, 1)
+
+
+def _in_unit(value: float | None, unit: int) -> Any:
+    if value is None or unit == 1:
+        return value if isinstance(value, int) else _number(value)
+    return round(value / unit, 1)
 
 
 def _number(value: float | None) -> Any:
@@ -80,10 +105,11 @@ def snapshot_to_row(
     n_layers: int,
     cluster: bool = False,
     user: tuple[str, ...] = (),
+    workers: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """The CSV row of a Snapshot (None = empty cell) for a file of this layout."""
     system, run, ray = snapshot.system, snapshot.run, snapshot.ray
-    row: dict[str, Any] = dict.fromkeys(csv_columns(n_blocks, n_layers, cluster, user))
+    row: dict[str, Any] = dict.fromkeys(csv_columns(n_blocks, n_layers, cluster, user, workers))
     row.update(
         ts=round(snapshot.time, 3),
         interval_s=snapshot.interval,
@@ -134,6 +160,15 @@ def snapshot_to_row(
                 row[f"{prefix}{i}_{field}"] = _number(getattr(stat, field))
     for name in user:  # a scalar first reported after the file opened has no column
         row[f"user_{name}"] = _number(run.user.get(name))
+    for worker in run.workers:
+        label = worker_label(worker)
+        if label not in workers:  # an actor the file has no columns for
+            continue
+        for column, (name, unit) in WORKER_COLUMNS.items():
+            value = getattr(worker, name)
+            row[f"{label}_{column}"] = (
+                value if unit == 1 or value is None else round(value / unit, 1)
+            )
     return row
 
 

@@ -86,6 +86,32 @@ def _state_change_event(
     return None
 
 
+def _worker_events(before: RunInfo | None, after: RunInfo) -> list[str]:
+    """A Ray stage actor of the run that Ray restarted since `before` (the run goes back to its
+    last checkpoint then)."""
+    if before is None or before.pid != after.pid:
+        return []
+    old = {(w.stage, w.replica): w for w in before.workers}
+    return [
+        f"stage {w.stage} replica {w.replica} (pid {was.pid} on node {was.node_ip}) died; Ray "
+        f"restarted it as pid {w.pid} and the run went back to its last checkpoint"
+        for w in after.workers
+        if (was := old.get((w.stage, w.replica))) is not None and w.restarts > was.restarts
+    ]
+
+
+def _joined(cluster: ClusterState, run: RunInfo | None) -> ClusterState:
+    """The cluster with our run's stage actors marked by the run's figures of them (by pid)."""
+    workers = {w.pid: w for w in run.workers} if run is not None else {}
+    if not workers:
+        return cluster
+    actors = tuple(
+        dataclasses.replace(a, worker=workers[a.pid]) if a.pid in workers else a
+        for a in cluster.actors
+    )
+    return dataclasses.replace(cluster, actors=actors)
+
+
 BUNDLED_BLAS_HINT = (
     "the run uses MLX's bundled BLAS, ~40x slower at GEMM than OpenBLAS: "
     "install it (apt-get install libopenblas0-pthread) and xltop preloads it"
@@ -100,11 +126,15 @@ class Monitor:
         interval: float = 1.0,
         watchdog: Watchdog | None = None,
         cluster: ClusterSource | None = None,
+        cluster_for: Callable[[str], ClusterSource] | None = None,
     ):
+        """`cluster_for(dashboard_url)`: the cluster to watch once the run says it runs on one
+        (a run spread over Ray actors), when no `cluster` is given."""
         self.system = system
         self.runtime = runtime
         self.watchdog = watchdog
         self.cluster = cluster
+        self.cluster_for = cluster_for
         self.interval = interval
         self._events: list[str] = []
         self._lock = threading.Lock()
@@ -147,7 +177,7 @@ class Monitor:
         if run is not None and self.runtime is not None and self.watchdog is not None:
             for event in self.watchdog.check(run, system, self.runtime):
                 self.post_event(event)
-        ray = self._sample_cluster()
+        ray = self._sample_cluster(run)
         with self._lock:
             events, self._events = tuple(self._events), []
         return Snapshot(
@@ -160,12 +190,17 @@ class Monitor:
             events=events,
         )
 
-    def _sample_cluster(self) -> ClusterState | None:
+    def _sample_cluster(self, run: RunInfo | None) -> ClusterState | None:
+        url = run.ray_dashboard if run is not None else None
+        if self.cluster is None and url and self.cluster_for is not None:
+            self.cluster = self.cluster_for(url)
+            self.cluster.interval = self._interval
+            self.post_event(f"watching the run's Ray cluster ({url})")
         if self.cluster is None:
             return None
         for event in self.cluster.events():
             self.post_event(event)
-        return self.cluster.sample()
+        return _joined(self.cluster.sample(), run)
 
     def _sample_run(self, processes: tuple[ProcessInfo, ...]) -> RunInfo | None:
         if self.runtime is None:
@@ -176,6 +211,8 @@ class Monitor:
             run = dataclasses.replace(run, rss=own.rss, cpu_percent=own.cpu_percent)
         event = _state_change_event(self._last_run, run, self.runtime.report_age_s)
         if event:
+            self.post_event(event)
+        for event in _worker_events(self._last_run, run):
             self.post_event(event)
         if run.warmup_ms is not None and run.pid != self._warmup_told_for:
             self._warmup_told_for = run.pid  # once per run process (a restart warms up again)

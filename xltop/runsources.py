@@ -100,6 +100,7 @@ def run_info_from_telemetry(report: Telemetry) -> RunInfo:
         mlx=_mlx_memory(report.mlx),
         blas=report.blas,
         user=report.user,
+        workers=report.workers,
     )
 
 
@@ -141,16 +142,19 @@ class _ChannelRun:
         hello = self._hello()
         if hello is None:
             return RunInfo(state=state, pid=self.pid)
-        return self._with_layout(
+        return self._with_hello(
             RunInfo(state=state, pid=self.pid, mode=hello.mode, preset=hello.preset)
         )
 
-    def _with_layout(self, info: RunInfo) -> RunInfo:
-        """Empty stats for every block and layer until the run's first sampled step, so the
+    def _with_hello(self, info: RunInfo) -> RunInfo:
+        """What the run's hello adds: its cluster's dashboard (a run spread over Ray actors),
+        and empty stats for every block and layer until the run's first sampled step, so the
         layout (and a CSV's columns) is known from the start: one TTT layer per block."""
+        hello = self._hello()
+        if hello is not None and hello.ray_dashboard:
+            info = dataclasses.replace(info, ray_dashboard=hello.ray_dashboard)
         if info.blocks:
             return info
-        hello = self._hello()
         n = hello.config.get("num_blocks") if hello is not None else None
         if type(n) is not int or not 0 < n <= MAX_LAYOUT_BLOCKS:  # bool is no count
             return info
@@ -163,7 +167,7 @@ class _ChannelRun:
         report = client.latest() if client is not None else None
         if report is not None and report is not self._last_report:
             self._last_report, self._report_at = report, time.monotonic()
-            self._last = self._with_layout(run_info_from_telemetry(report))
+            self._last = self._with_hello(run_info_from_telemetry(report))
             self._step_ms.append(self._last.step_ms or self._last.warmup_ms or 0.0)
         if self._last is None:
             return self._hello_info(RunState.STARTING)

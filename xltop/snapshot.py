@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 # one definition of a run's per-block and per-layer figures: the wire's
-from ttt_runtime.protocol import BlockTiming, LayerFigures
+from ttt_runtime.protocol import BlockTiming, LayerFigures, WorkerFigures
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,8 @@ class RunInfo:
     mlx: MlxMemory | None = None
     blas: str = ""
     user: dict[str, float | None] = field(default_factory=dict)  # a user loop's extra scalars
+    workers: tuple[WorkerFigures, ...] = ()  # a run spread over Ray actors: one per actor
+    ray_dashboard: str | None = None  # that run's cluster's dashboard, where it serves one
 
 
 SHORT_ID = 8  # Ray's node and actor ids are 56 hex digits: 8 tell a cluster's apart
@@ -130,10 +132,8 @@ class ClusterActor:
     death_cause: str | None  # one line: "REASON: first sentence of Ray's message"
     rss: int | None = None  # bytes, from the node's process stats (None until read)
     cpu_percent: float | None = None  # of one core, like top
-    # Our TTT workers only, joined from the run's telemetry by the monitor:
-    stage: int | None = None
-    replica: int | None = None
-    blocks: tuple[int, int] | None = None  # [first, end) block range the stage owns
+    # our run's stage actors only: the run's own figures of it, joined by pid by the monitor
+    worker: WorkerFigures | None = None
 
     @property
     def label(self) -> str:

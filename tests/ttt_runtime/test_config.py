@@ -81,7 +81,7 @@ def test_toml_errors_name_the_key_or_the_file(tmp_path):
     with pytest.raises(ConfigError, match="seq_len='long': must be an integer"):
         RunConfig.from_toml(str(bad))
     bad.write_text("sequence_length = 5\n")
-    with pytest.raises(ConfigError, match="unknown setting 'sequence_length'"):
+    with pytest.raises(ConfigError, match="unknown setting 'sequence_length'; did you mean"):
         RunConfig.from_toml(str(bad))
     bad.write_text("seq_len = \n")
     with pytest.raises(ConfigError, match="not valid TOML"):

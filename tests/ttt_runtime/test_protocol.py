@@ -14,6 +14,7 @@ from ttt_runtime.protocol import (
     ErrorReport,
     ProtocolError,
     Reply,
+    WorkerFigures,
     decode_message,
     encode,
 )
@@ -22,6 +23,29 @@ MESSAGES = [
     HELLO,
     telemetry(3),
     telemetry(0, tokens_per_s=None, step_ms=None, sampled_step=None, blocks=(), layers=()),
+    telemetry(
+        4,
+        workers=(
+            WorkerFigures(
+                stage=1,
+                replica=0,
+                blocks=(2, 3),
+                node_id="ab12",
+                node_ip="127.0.0.1",
+                pid=4321,
+                restarts=1,
+                rss=None,
+                active=10,
+                cache=0,
+                peak=20,
+                fwd_ms=1.5,
+                bwd_ms=None,
+                wait_ms=0.25,
+                sent=4096,
+                received=8192,
+            ),
+        ),
+    ),  # fmt: skip
     Reply(id=7, cmd="save", ok=True, extras={"path": "/tmp/a.safetensors"}),
     Reply(id=None, cmd=None, ok=False, error="not JSON: Expecting value"),
     ErrorReport(exc_type="RuntimeError", message="boom", traceback="Traceback ..."),
@@ -43,6 +67,7 @@ def test_the_json_on_the_wire_keeps_its_names():
         "type", "t", "pid", "run_id", "mode", "preset", "paused", "step", "tokens",
         "tokens_per_s", "step_ms", "loss_bpb", "warmup_ms", "inner_lr", "conversation",
         "sampled_step", "blocks", "layers", "mlx", "blas", "user", "baseline_bpb", "gain",
+        "workers",
     ]  # fmt: skip
     assert report["blocks"][0] == {"fwd_ms": 1.5, "bwd_ms": 3.0}
     assert set(report["layers"][0]) == {

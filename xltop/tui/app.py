@@ -34,6 +34,7 @@ from xltop.tui.widgets.memory import MemoryPanel
 from xltop.tui.widgets.processes import ProcessFilter, ProcessTable
 from xltop.tui.widgets.ray_panel import RayPanel
 from xltop.tui.widgets.user_scalars import UserScalarsTable
+from xltop.tui.widgets.workers import WorkersTable
 
 Outcome = tuple[str, bool]  # a sentence for the events line, and whether it reports a failure
 NARROW_COLUMNS = 120  # below this, one chart at a time
@@ -82,6 +83,7 @@ class XltopApp(App[None]):
             yield MetricCharts(id="charts")
         yield BlocksTable(id="blocks")
         yield UserScalarsTable(id="user-scalars")  # hidden until a user loop reports one
+        yield WorkersTable(id="workers")  # hidden until a run spread over Ray actors reports
         yield RayPanel(id="ray")  # hidden until a Snapshot carries a cluster
         yield ProcessTable(id="processes")
         yield ProcessFilter(id="process-filter")  # hidden until / opens it
@@ -144,6 +146,7 @@ class XltopApp(App[None]):
         self.main_screen.query_one(MetricCharts).redraw()
         self.main_screen.query_one(BlocksTable).show(snapshot.run)
         self.main_screen.query_one(UserScalarsTable).show_run(snapshot.run)
+        self.main_screen.query_one(WorkersTable).show_run(snapshot.run)
         self.main_screen.query_one(ProcessTable).show(snapshot.processes)
         if snapshot.ray is not None:
             self._show_cluster(snapshot.ray)

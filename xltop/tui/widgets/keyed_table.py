@@ -149,3 +149,27 @@ class KeyedTable(RowTable, Generic[Item]):
         self.order_rows(keys)
         if keep in self.items:
             self.select_key(keep)
+
+
+class AppearingTable(KeyedTable[Item]):
+    """A KeyedTable hidden until it first has a row (what a run may or may not report: a user
+    loop's scalars, a Ray run's workers); once shown it stays, as such rows stay with the run."""
+
+    DEFAULT_CSS = """
+    AppearingTable {
+        display: none;
+        height: auto;
+        max-height: 25%;
+        border-top: hkey $primary-background;
+    }
+    """
+
+    def __init__(self, columns: Sequence[Column[Item]], **kwargs: Any) -> None:
+        super().__init__(columns, **kwargs)
+        self.cursor_type = "none"
+
+    def show(self, items: Iterable[Item]) -> None:
+        items = tuple(items)
+        if items:
+            self.display = True
+        super().show(items)

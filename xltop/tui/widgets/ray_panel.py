@@ -16,10 +16,12 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Static
 
+from ttt_runtime.protocol import WorkerFigures
 from xltop import units
 from xltop.snapshot import SHORT_ID, ClusterActor, ClusterNode, ClusterState
 from xltop.table import cluster_line
 from xltop.tui.widgets.keyed_table import Column, KeyedTable
+from xltop.tui.widgets.workers import blocks_text
 
 # Ray's two long actor states, shortened to fit the column (JSON keeps Ray's words)
 SHORT_STATE = {"DEPENDENCIES_UNREADY": "UNREADY", "PENDING_CREATION": "PENDING"}
@@ -52,6 +54,15 @@ NODE_COLUMNS: tuple[Column[ClusterNode], ...] = (
     Column("why", "", None, lambda n: n.state_message or ""),
 )  # fmt: skip
 
+
+def _ttt_stage(worker: WorkerFigures | None) -> str:
+    """Our run's stage actor: stage.replica, its blocks and its time over the last step."""
+    if worker is None:
+        return ""
+    ms = worker.fwd_ms + (worker.bwd_ms or 0.0)
+    return f"{worker.stage}.{worker.replica}: {blocks_text(worker)}, {ms:.0f} ms"
+
+
 ACTOR_COLUMNS: tuple[Column[ClusterActor], ...] = (
     Column("actor", "actor", 24, lambda a: a.label, order=lambda a: a.label),
     Column("state", "state", 10, lambda a: SHORT_STATE.get(a.state, a.state),
@@ -65,6 +76,8 @@ ACTOR_COLUMNS: tuple[Column[ClusterActor], ...] = (
            order=lambda a: a.cpu_percent, largest_first=True),
     Column("restarts", "restarts", 8, lambda a: a.num_restarts, order=lambda a: a.num_restarts,
            largest_first=True),
+    Column("ttt", "TTT stage: blocks, ms", 21, lambda a: _ttt_stage(a.worker),
+           order=lambda a: (a.worker.stage, a.worker.replica) if a.worker else None),
     Column("death", "death cause", None, lambda a: a.death_cause or ""),
 )  # fmt: skip
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from xltop import units
 from xltop.snapshot import RunInfo
-from xltop.tui.widgets.keyed_table import Column, KeyedTable
+from xltop.tui.widgets.keyed_table import AppearingTable, Column
 
 Scalar = tuple[str, float | None]  # (name, newest value)
 COLUMNS: tuple[Column[Scalar], ...] = (
@@ -19,22 +19,9 @@ COLUMNS: tuple[Column[Scalar], ...] = (
 )
 
 
-class UserScalarsTable(KeyedTable[Scalar]):
-    DEFAULT_CSS = """
-    UserScalarsTable {
-        display: none;
-        height: auto;
-        max-height: 25%;
-        border-top: hkey $primary-background;
-    }
-    """
-
+class UserScalarsTable(AppearingTable[Scalar]):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(COLUMNS, key=lambda s: s[0], sort_column="name", **kwargs)
-        self.cursor_type = "none"
 
     def show_run(self, run: RunInfo | None) -> None:
-        scalars = run.user if run is not None else {}
-        if scalars:
-            self.display = True  # once shown, it stays: a run's scalars do not come and go
-        self.show(scalars.items())
+        self.show((run.user if run is not None else {}).items())
