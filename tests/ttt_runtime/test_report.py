@@ -5,6 +5,9 @@ test_reporter_e2e.py."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -163,3 +166,44 @@ def test_a_report_without_user_scalars_is_read_as_having_none_and_a_bad_one_is_n
     wire["user"] = {"lr": "0.1"}
     with pytest.raises(ProtocolError, match="'user.lr' must be a number or null, got str"):
         decode_message(json.dumps(wire))
+
+
+# A script that reports one step, waits for a monitor, then ends as argv[1] says: "raise" (an
+# uncaught exception) or "return" (it just ends). It never closes its reporter itself.
+ENDING = """
+import sys, time
+from ttt_runtime.report import Reporter
+reporter = Reporter()
+reporter.step(loss=1.0, tokens=1)
+while not reporter._server.monitors:
+    time.sleep(0.05)
+time.sleep(0.3)
+if sys.argv[1] == "raise":
+    raise RuntimeError("diverged at step 1")
+"""
+
+
+@pytest.mark.parametrize("ending", ["raise", "return"])
+def test_a_script_that_ends_or_raises_tells_its_monitors_and_leaves_no_socket(
+    private_tmpdir, ending
+):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ENDING, ending], stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, TMPDIR=str(private_tmpdir)),
+    )  # fmt: skip
+    try:
+        said = proc.stderr.readline()  # the private socket it made, printed
+        sock = said.split("listening on ")[1].split(" ")[0]
+        assert said == f"reporter: listening on {sock} (xltop --attach {sock})\n"
+        client = ChannelClient.connect(sock)
+        wait_until(lambda: not client.alive, 30, "the script to end")
+    finally:
+        _, err = proc.communicate(timeout=60)
+    if ending == "raise":
+        assert client.last_error.exc_type == "RuntimeError" and client.bye is None
+        assert client.last_error.message == "diverged at step 1"
+        assert proc.returncode == 1 and err.endswith("RuntimeError: diverged at step 1\n")
+    else:
+        assert client.bye.exit_code == 0 and client.bye.step == 1 and client.last_error is None
+        assert proc.returncode == 0 and err == ""
+    assert os.listdir(private_tmpdir) == ["mlx"]  # the socket's folder went with it
