@@ -6,7 +6,14 @@ import dataclasses
 import os
 from typing import Any
 
-from ttt_runtime.protocol import BlockTiming, Hello, LayerFigures, MlxReport, Telemetry
+from ttt_runtime.protocol import (
+    BlockTiming,
+    Hello,
+    LayerFigures,
+    MlxReport,
+    Telemetry,
+    WorkerFigures,
+)
 
 HELLO = Hello(
     pid=os.getpid(), run_id="test", mode="train", preset="tiny", config={}, socket="run.sock"
@@ -46,3 +53,12 @@ def telemetry(step: int, **changes: Any) -> Telemetry:
         blas="openblas",
     )
     return dataclasses.replace(report, **changes)
+
+
+def worker(stage: int, pid: int, restarts: int = 0) -> WorkerFigures:
+    """Stage `stage` of a two-stage Ray run (one block each), as its telemetry reports it."""
+    return WorkerFigures(
+        stage=stage, replica=0, blocks=(stage,), node_id="ab12", node_ip="127.0.0.1", pid=pid,
+        restarts=restarts, rss=200 << 20, active=10 << 20, cache=0, peak=20 << 20, fwd_ms=1.5,
+        bwd_ms=3.0, wait_ms=0.25, sent=4096, received=8192,
+    )  # fmt: skip

@@ -220,11 +220,7 @@ class Cluster:
         self.temp_dir: str | None = None
         previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
         if placement.address == "local":
-            # Ray's Unix sockets live under its temp dir; their paths cap at 107 bytes
-            self.temp_dir = tempfile.mkdtemp(prefix="xr-", dir="/tmp")
-            context = self._init(num_cpus=os.cpu_count(), include_dashboard=placement.dashboard,
-                       dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
-                       _temp_dir=self.temp_dir)  # fmt: skip
+            context = self._start_local(placement.dashboard)
         else:
             _check_reachable(placement.address)
             context = self._init(address=placement.address)
@@ -232,6 +228,21 @@ class Cluster:
             signal.signal(signum, self._leave_then(handler))
         url = context.dashboard_url
         self.dashboard_url = f"http://{url}" if url else None  # for xltop's Ray panel
+
+    def _start_local(self, dashboard: bool) -> Any:
+        """A private cluster on 127.0.0.1. Ray gives its node a fixed 30 s to start, which a
+        loaded machine can miss: then once more."""
+        for attempt in (1, 2):
+            # Ray's Unix sockets live under its temp dir; their paths cap at 107 bytes
+            self.temp_dir = tempfile.mkdtemp(prefix="xr-", dir="/tmp")
+            try:
+                return self._init(num_cpus=os.cpu_count(), include_dashboard=dashboard,
+                                  dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+                                  _temp_dir=self.temp_dir)  # fmt: skip
+            except RayError as exc:
+                if attempt == 2 or "timed out during startup" not in str(exc):
+                    raise
+                say(f"ttt-run: {exc}; starting it once more")
 
     def _init(self, **options: Any) -> Any:
         """ray.init, bounded: a cluster that accepts the connection but never answers would

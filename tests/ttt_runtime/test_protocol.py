@@ -7,14 +7,13 @@ import json
 import math
 
 import pytest
-from messages import HELLO, telemetry
+from messages import HELLO, telemetry, worker
 
 from ttt_runtime.protocol import (
     Bye,
     ErrorReport,
     ProtocolError,
     Reply,
-    WorkerFigures,
     decode_message,
     encode,
 )
@@ -23,29 +22,7 @@ MESSAGES = [
     HELLO,
     telemetry(3),
     telemetry(0, tokens_per_s=None, step_ms=None, sampled_step=None, blocks=(), layers=()),
-    telemetry(
-        4,
-        workers=(
-            WorkerFigures(
-                stage=1,
-                replica=0,
-                blocks=(2, 3),
-                node_id="ab12",
-                node_ip="127.0.0.1",
-                pid=4321,
-                restarts=1,
-                rss=None,
-                active=10,
-                cache=0,
-                peak=20,
-                fwd_ms=1.5,
-                bwd_ms=None,
-                wait_ms=0.25,
-                sent=4096,
-                received=8192,
-            ),
-        ),
-    ),  # fmt: skip
+    telemetry(4, workers=(worker(0, 4321), worker(1, 4322, restarts=1))),
     Reply(id=7, cmd="save", ok=True, extras={"path": "/tmp/a.safetensors"}),
     Reply(id=None, cmd=None, ok=False, error="not JSON: Expecting value"),
     ErrorReport(exc_type="RuntimeError", message="boom", traceback="Traceback ..."),

@@ -13,11 +13,12 @@ import time
 from pathlib import Path
 
 import jsonschema
-from messages import HELLO, telemetry
+from messages import HELLO, telemetry, worker
 from polling import wait_until
 from xltop_helpers import process_gone, read_rows, wait_for_rows
 
 from ttt_runtime.channel import ChannelServer
+from xltop.csvlog import CsvLog
 from xltop.jsonout import snapshot_to_line
 from xltop.monitor import MIN_INTERVAL_S, Monitor
 from xltop.runsources import STALL_MIN_S, AttachedRun, HostedRun
@@ -107,6 +108,33 @@ def tick_until_event(monitor: Monitor, prefix: str, timeout: float):
         if event is not None:
             return event, snapshot
     raise AssertionError(f"no event {prefix!r} within {timeout} s")
+
+
+def test_a_restarted_stage_actor_is_an_event_and_keeps_its_columns(tmp_path):
+    """A Ray run's telemetry: Ray restarted stage 1's actor (a new pid, one more restart)."""
+    server = ChannelServer(str(tmp_path / "run.sock"), HELLO)
+    monitor = Monitor(SystemSource(top_n=1), AttachedRun(server.path), interval=0.2)
+    log = None
+    try:
+        server.publish(telemetry(5, workers=(worker(0, 101), worker(1, 102))))
+        wait_until(lambda: monitor.runtime.sample().step == 5, what="the first report")
+        log = CsvLog.open(tmp_path / "run.csv", first := monitor.tick())
+        log.write(first)
+        server.publish(telemetry(6, workers=(worker(0, 101), worker(1, 203, restarts=1))))
+        event, snapshot = tick_until_event(monitor, "stage 1 replica 0", timeout=10.0)
+        assert "(pid 102 on node 127.0.0.1) died" in event and "as pid 203" in event
+        log.write(snapshot)
+        rows = read_rows(tmp_path / "run.csv")
+        assert [(r["stage1r0_pid"], r["stage1r0_restarts"]) for r in rows] == [
+            ("102", "0"), ("203", "1"),
+        ]  # fmt: skip
+        assert rows[-1]["stage0r0_rss_mib"] == "200.0" and event in rows[-1]["event"]
+        assert json.loads(snapshot_to_line(snapshot))["run"]["workers"][1]["pid"] == 203
+    finally:
+        if log is not None:
+            log.close()
+        monitor.close()
+        server.close()
 
 
 def test_a_stopped_run_is_posted_stalled_then_running_again():
