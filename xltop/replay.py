@@ -19,12 +19,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ttt_runtime.files import read_bounded
-from ttt_runtime.protocol import BlockTiming, LayerFigures
+from ttt_runtime.protocol import BlockTiming, LayerFigures, WorkerFigures
 from xltop import units
-from xltop.csvlog import BASE_COLUMNS, BLOCK_FIELDS, CLUSTER_COLUMNS, LAYER_FIELDS
+from xltop.csvlog import BASE_COLUMNS, BLOCK_FIELDS, CLUSTER_COLUMNS, LAYER_FIELDS, WORKER_COLUMNS
 from xltop.snapshot import MlxMemory, RunInfo, RunState, Snapshot, SystemInfo
 
 # Without these a row is no tick of a machine: a file lacking any of them is not an xltop log.
@@ -36,6 +36,7 @@ LISTED_LINES = 5  # skipped rows named by line number in the message; the rest a
 USER_PREFIX = "user_"  # xltop.csvlog's column of a user loop's scalar: user_<name>
 _T = TypeVar("_T")
 _PER_BLOCK = re.compile(r"(block|layer)(\d+)_(\w+)")
+_PER_WORKER = re.compile(r"stage(\d+)r(\d+)_(\w+)")  # xltop.csvlog.worker_label's columns
 
 
 class ReplayError(Exception):
@@ -85,8 +86,18 @@ class _Row:
 
     def mib_bytes(self, column: str) -> int | None:
         """A MiB cell as bytes (the CSV keeps one decimal: writing it back gives the same cell)."""
-        mib = self.number(column)
-        return None if mib is None else round(mib * units.MIB)
+        return self.scaled(column, units.MIB)
+
+    def scaled(self, column: str, unit: int) -> int | None:
+        """A cell of a count written in `unit`s (MiB, KiB), as the count."""
+        value = self.number(column)
+        return None if value is None else round(value * unit)
+
+    def as_written(self, column: str) -> float | None:
+        """A cell of xltop.csvlog's _in_unit with no unit: an integer stays one."""
+        return self._parse(
+            column, lambda cell: int(cell) if cell.lstrip("-").isdigit() else float(cell)
+        )
 
     def required(self, column: str) -> float:
         value = self.number(column)
@@ -107,6 +118,7 @@ class _Layout:
         self.columns = header
         counts = {"block": 0, "layer": 0}
         self.user: list[str] = []  # a user loop's extra scalars (ttt_runtime.report)
+        self.workers: list[tuple[int, int]] = []  # a Ray run's stage actors: (stage, replica)
         unknown = []
         known = {*BASE_COLUMNS, *CLUSTER_COLUMNS, "event"}
         fields = {"block": BLOCK_FIELDS, "layer": LAYER_FIELDS}
@@ -114,6 +126,9 @@ class _Layout:
             match = _PER_BLOCK.fullmatch(column)
             if match and match[3] in fields[match[1]]:
                 counts[match[1]] = max(counts[match[1]], int(match[2]) + 1)
+            elif (worker := _PER_WORKER.fullmatch(column)) and worker[3] in WORKER_COLUMNS:
+                if (key := (int(worker[1]), int(worker[2]))) not in self.workers:
+                    self.workers.append(key)
             elif column.startswith(USER_PREFIX) and column != USER_PREFIX:
                 self.user.append(column.removeprefix(USER_PREFIX))
             elif column not in known:
@@ -167,6 +182,8 @@ class _Layout:
             inner_lr=row.number("inner_lr"),
             conversation=row.integer("conversation") or 0,
             sampled_step=row.integer("sampled_step"),
+            baseline_bpb=row.number("baseline_bpb"),
+            gain=row.number("gain"),
             blocks=tuple(
                 BlockTiming(*(row.number(f"block{i}_{f}") for f in BLOCK_FIELDS))
                 for i in range(self.n_blocks)
@@ -176,11 +193,29 @@ class _Layout:
                 for i in range(self.n_layers)
             ),
             user={name: row.number(USER_PREFIX + name) for name in self.user},
+            workers=tuple(
+                worker
+                for stage, replica in self.workers
+                if (worker := _worker(row, stage, replica)) is not None
+            ),
             # The CSV keeps no backend or device: the header leaves them out.
             mlx=None
             if active is None
             else MlxMemory(active, cache or 0, peak or 0, limit or 0, backend="", device=""),
         )
+
+
+def _worker(row: _Row, stage: int, replica: int) -> WorkerFigures | None:
+    """A Ray stage actor's figures, None in a row where it has none. The CSV keeps neither its
+    blocks, node nor MLX cache."""
+    label = f"stage{stage}r{replica}_"
+    if not row.text(label + "pid"):
+        return None
+    figures: dict[str, Any] = {
+        name: row.as_written(label + column) if unit == 1 else row.scaled(label + column, unit)
+        for column, (name, unit) in WORKER_COLUMNS.items()
+    }
+    return WorkerFigures(stage, replica, blocks=(), node_id="", node_ip="", cache=0, **figures)
 
 
 def _few(items: list[str]) -> str:

@@ -7,6 +7,7 @@ the real CLI in a child process, and played in the real app under Pilot.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 from pathlib import Path
 
@@ -15,10 +16,11 @@ from test_app import events, pilot_test, until
 from test_reporter_e2e import _first_report, _xltop_rows, user_loop
 from xltop_helpers import read_rows, run_xltop
 
+from ttt_runtime.protocol import WorkerFigures
 from xltop import units
 from xltop.csvlog import CsvLog
 from xltop.replay import Recording, ReplayPlayer, load
-from xltop.snapshot import RunState
+from xltop.snapshot import RunState, Snapshot
 from xltop.tui.app import XltopApp
 from xltop.tui.widgets.header import RunHeader
 from xltop.tui.widgets.help_screen import HelpScreen
@@ -59,13 +61,18 @@ def rewritten(path: Path, to: Path, drop: str, add: str) -> Path:
 __all__ = ["user_loop"]  # a fixture of test_reporter_e2e.py's
 
 
+def write_log(snapshots: tuple[Snapshot, ...], path: Path) -> None:
+    """Log `snapshots` to `path` with the CSV sink."""
+    log = CsvLog(path, snapshots[0])
+    for snapshot in snapshots:
+        log.write(snapshot)
+    log.close()
+
+
 def assert_logs_the_same_file(recording: Recording, logged: Path, copy: Path) -> None:
     """Written again by the CSV sink, the replayed Snapshots make the very same file: every
     value read back equals the file's."""
-    log = CsvLog(copy, recording.snapshots[0])
-    for snapshot in recording.snapshots:
-        log.write(snapshot)
-    log.close()
+    write_log(recording.snapshots, copy)
     assert copy.read_bytes() == logged.read_bytes()
 
 
@@ -81,6 +88,34 @@ def test_a_replay_gives_back_exactly_what_a_real_headless_run_logged(logged, tmp
     assert last.run.loss_bpb == float(row["loss_bpb"])
     assert len(last.run.blocks) == len(last.run.layers) == 2  # the tiny preset's blocks
     assert "run running" in " ".join(recording.snapshots[0].events)
+
+
+def test_a_replay_gives_back_a_ray_runs_actors_and_an_adapt_runs_gain(logged, tmp_path):
+    # A Ray run's stage actors and an adapt run's base figures added to the real run's ticks
+    # (a Ray run is tested where it runs: tests/ttt_runtime/test_ray_run.py)
+    actors = [
+        WorkerFigures(stage, 0, blocks=(), node_id="", node_ip="", pid=4000 + stage, restarts=1,
+                      rss=(60 + stage) << 20, active=3 << 20, cache=0, peak=5 << 20, fwd_ms=2.5,
+                      bwd_ms=None if stage else 4.25, wait_ms=0.5, sent=123456, received=7890)
+        for stage in range(2)
+    ]  # fmt: skip
+    ticks = tuple(
+        dataclasses.replace(
+            s, run=dataclasses.replace(s.run, workers=tuple(actors), baseline_bpb=4.5, gain=-0.25)
+        )
+        for s in load(str(logged)).snapshots
+    )
+    ray_log = tmp_path / "ray.csv"
+    write_log(ticks, ray_log)
+    recording = load(str(ray_log))
+    assert recording.skipped == ()
+    run = recording.snapshots[-1].run
+    assert (run.baseline_bpb, run.gain) == (4.5, -0.25)
+    assert [(w.stage, w.pid, w.rss, w.bwd_ms, w.sent) for w in run.workers] == [
+        (0, 4000, 60 << 20, 4.25, 123494),  # sent: 120.6 KiB as the CSV keeps it
+        (1, 4001, 61 << 20, None, 123494),
+    ]
+    assert_logs_the_same_file(recording, ray_log, tmp_path / "copy.csv")
 
 
 @pytest.mark.slow
