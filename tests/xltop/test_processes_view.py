@@ -1,5 +1,6 @@
 """The processes table's filter (/) and tree view (t), under Pilot with a real process tree: a
-parent process with two children, spawned here and stopped by pid."""
+parent process with two children, spawned here and stopped by pid; and RowTable, the table it
+is drawn by, against DataTable."""
 
 from __future__ import annotations
 
@@ -12,13 +13,19 @@ import time
 
 import psutil
 import pytest
+from rich.style import Style
 from test_app import ALL_PROCESSES, drawn, events, pilot_test, until
+from textual.app import App, ComposeResult
+from textual.containers import Horizontal
+from textual.geometry import Region
+from textual.widgets import DataTable
 
 from xltop.snapshot import ProcessInfo
 from xltop.sources import SystemSource
 from xltop.tui.app import XltopApp
 from xltop.tui.widgets.keyed_table import Row
 from xltop.tui.widgets.processes import ProcessFilter, ProcessTable, as_tree
+from xltop.tui.widgets.row_table import RowTable, literal
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="children name themselves in /proc")
 
@@ -161,3 +168,55 @@ def test_a_loop_of_parents_loses_no_process():
     tree = as_tree(rows)
     assert sorted(row.key for row in tree) == ["10", "11", "20", "21"]
     assert [row.branch for row in tree][:2] == ["", "└─ "]  # 11 under 10
+
+
+class TwoTables(App[None]):
+    """The same rows in DataTable and in RowTable, side by side."""
+
+    CSS = "DataTable { width: 1fr; height: 8; }"
+    AUTO_FOCUS = None
+    ROWS = (("1", 4242, "python3 -m run", "0.5"), ("2", 17, "[x] literal", "7.0"),
+            ("3", 5, "sleep 300", "0.0"), ("4", 1, "init", "1.5"), ("5", 2, "kw", "0"))  # fmt: skip
+
+    def compose(self) -> ComposeResult:
+        with Horizontal():
+            for table in (DataTable(id="plain"), RowTable(id="rows")):
+                table.cursor_type, table.zebra_stripes = "row", True
+                yield table
+
+    def on_mount(self) -> None:
+        for table in self.query(DataTable):
+            table.add_columns("pid", "command", "cpu")
+            for key, *cells in self.ROWS:
+                table.add_row(*map(literal, cells), key=key)
+
+
+def cells(table: DataTable) -> list[list[tuple[str, Style | None]]]:
+    """What a table paints, character by character with its style."""
+    lines = table.render_lines(Region(0, 0, *table.size))
+    return [[(ch, seg.style) for seg in line for ch in seg.text] for line in lines]
+
+
+@pilot_test
+async def test_row_table_paints_what_datatable_paints_cursor_hover_and_updates_included():
+    app = TwoTables()
+    async with app.run_test(size=(120, 10)) as pilot:
+        tables = app.query_one("#plain", DataTable), app.query_one("#rows", RowTable)
+        for table in tables:
+            table.move_cursor(row=2)
+            table.update_cell("3", table.ordered_columns[2].key, "99.5")  # a tick's change
+        painted: dict[str, list] = {"plain": [], "rows": []}
+        for table in tables:  # each in turn: unfocused, focused, then with the mouse over row 3
+            app.set_focus(None)
+            await pilot.hover(app.screen, offset=(0, 9))  # the mouse off both
+            await pilot.pause()
+            painted[table.id].append(cells(table))
+            table.focus()
+            await pilot.pause()
+            painted[table.id].append(cells(table))
+            await pilot.hover(table, offset=(3, 4))
+            await pilot.pause()
+            painted[table.id].append(cells(table))
+        assert painted["rows"] == painted["plain"]
+        hovered = painted["plain"][2][4]
+        assert hovered != painted["plain"][1][4]  # the hover highlight was there to compare

@@ -1,34 +1,37 @@
-"""RowTable: a DataTable whose cell updates re-render only the rows they change, cheaply.
+"""RowTable: a DataTable whose cell updates repaint only the rows they change, cheaply.
 
-DataTable.update_cell bumps a counter that is part of every one of its render cache keys, so one
-changed cell re-renders every cell of the table on the next frame: two thirds of a tick's paint.
-Here an update marks its row, and the next paint drops only that row's cached renders. A one-line
-cell is drawn as one Segment: Rich's pipeline (markup parsing, Padding, Styled, line splitting)
-cost ~0.2 ms a cell, and it showed a command's "[...]" as markup. This leans on DataTable's
-private caches (textual 8.2); tests/xltop/test_app.py checks what it draws.
+DataTable.update_cell bumps a counter that is part of every one of its render cache keys and
+repaints the whole table, and its row rendering costs ~0.7 ms a row (a style lookup a cell): with
+the blocks changing every tick that was a third of a tick's paint. Here an update repaints its own
+row, and a body row of one-line str/int cells is drawn through the public line API
+(`render_line`), one Segment a cell, in DataTable's styles (zebra, cursor), cached by what it
+shows; the header, the row under the mouse (for DataTable's hover highlight) and a row with any
+other cell (a Text) keep DataTable's own path.
+Private parts used: the cell store (`_data`), its cache counter (`_update_count`) and the row
+order (`_row_locations`, for `order_rows`) of textual 8; tests/xltop/test_app.py checks what it
+draws, the snapshot tests how.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any
 
 from rich.cells import set_cell_size
 from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
 from textual._two_way_dict import TwoWayDict
-from textual._types import SegmentLines
-from textual.cache import LRUCache
+from textual.color import Color
 from textual.geometry import Region
 from textual.strip import Strip
 from textual.widgets import DataTable
-from textual.widgets.data_table import CellDoesNotExist, CellType, ColumnKey, RowKey
+from textual.widgets.data_table import CellType, ColumnKey, RowKey
 
 from xltop.units import CONTROL_CHARACTERS, printable
 
-CacheKey = TypeVar("CacheKey")
 _CONTROL_OR_MARKUP = re.compile(rf"\[|{CONTROL_CHARACTERS.pattern}")
 
 
@@ -44,7 +47,9 @@ def literal(value: Any) -> Any:
 class RowTable(DataTable):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        self._changed_rows: set[RowKey] = set()
+        self._drawn: dict[int, tuple[tuple, Strip]] = {}  # row index -> (what it showed, line)
+        self._row_styles: _RowStyles | None = None  # looked up once, kept while they hold
+        self._styled_for: object = None  # the pseudo-class state they were looked up in
 
     def update_cell(
         self,
@@ -55,16 +60,15 @@ class RowTable(DataTable):
         update_width: bool = False,
     ) -> None:
         value = literal(value)
-        if update_width:  # a width change re-renders everything anyway
+        if update_width:  # a width change repaints everything anyway
             super().update_cell(row_key, column_key, value, update_width=True)
             return
-        row = RowKey(row_key) if isinstance(row_key, str) else row_key
+        row_index = self.get_row_index(row_key)  # raises RowDoesNotExist
         column = ColumnKey(column_key) if isinstance(column_key, str) else column_key
-        row_index = self._row_locations.get(row)
-        if row_index is None or column not in self._column_locations:
-            raise CellDoesNotExist(f"No cell exists for row_key={row!r}, column_key={column!r}.")
+        self.get_column_index(column)  # raises ColumnDoesNotExist
+        row = RowKey(row_key) if isinstance(row_key, str) else row_key
         self._data[row][column] = value
-        self._changed_rows.add(row)
+        self._update_count += 1  # DataTable's caches (header, cursor row) follow the change
         self.refresh_row(row_index)
 
     def add_row(self, *cells: Any, **kwargs: Any) -> RowKey:
@@ -73,62 +77,126 @@ class RowTable(DataTable):
     def order_rows(self, keys: list[str]) -> None:
         """Put the rows in the order of `keys` (each row's key once). DataTable.sort orders by
         cell values, which need not say the order (a size shown as "1.2 GiB"); like it, this
-        re-renders every row."""
+        repaints every row."""
         self._row_locations = TwoWayDict({RowKey(key): index for index, key in enumerate(keys)})
         self._update_count += 1
         self.refresh()
 
+    def notify_style_update(self) -> None:
+        super().notify_style_update()
+        self._forget_styles()  # a new theme or CSS: every line's colours may change
+
     def render_lines(self, crop: Region) -> list[Strip]:
-        if self._changed_rows:
-            self._forget(self._changed_rows)
-            self._changed_rows = set()
+        state = self.get_pseudo_class_state()  # focus, hover...: the cursor's colours follow
+        if state != self._styled_for:
+            self._forget_styles()
+            self._styled_for = state
         return super().render_lines(crop)
 
-    def _forget(self, rows: set[RowKey]) -> None:
-        """Drop the cached renders of `rows`; every other row's stay valid."""
-        indices = {self._row_locations.get(row) for row in rows}
-        _discard(self._cell_render_cache, lambda key: key[0] in rows)  # (row key, column, ...)
-        _discard(self._row_render_cache, lambda key: key[0] in rows)  # (row key, line, ...)
-        _discard(self._row_renderable_cache, lambda key: key[1] in indices)  # (count, row index)
-        self._line_cache.clear()  # keyed by screen line: cheap to rebuild from the row caches
+    def _forget_styles(self) -> None:
+        self._row_styles = None
+        self._drawn.clear()
 
-    def _render_cell(
-        self,
-        row_index: int,
-        column_index: int,
-        base_style: Style,
-        width: int,
-        cursor: bool = False,
-        hover: bool = False,
-    ) -> SegmentLines:
-        row_key = self._row_locations.get_key(row_index)
-        column_key = self._column_locations.get_key(column_index)
-        # Only one-line str/int cells of the body are drawn here (no key: the header row, index
-        # -1, or the row labels' column).
-        if (
-            row_key is None
-            or column_key is None
-            or not isinstance(value := self._data[row_key].get(column_key), (str, int))
-            or self.rows[row_key].height != 1
-            or self.fixed_rows
-            or self.fixed_columns
-        ):
-            return super()._render_cell(row_index, column_index, base_style, width, cursor, hover)
-        # The same key as DataTable's, so its invalidations (sort, resize, focus) apply here too.
-        key = (row_key, column_key, base_style, cursor, hover,
-               self._show_hover_cursor, self._update_count, self._pseudo_class_state)  # fmt: skip
-        lines = self._cell_render_cache.get(key)
-        if lines is None:
-            component_style, post_style = self._get_styles_to_render_cell(
-                False, False, False, hover, cursor, self.show_cursor, self._show_hover_cursor,
-                self.cursor_foreground_priority == "css", self.cursor_background_priority == "css",
-            )  # fmt: skip
-            meta = Style.from_meta({"row": row_index, "column": column_index})
-            pad = " " * self.cell_padding
-            text = set_cell_size(str(value), width - 2 * len(pad))
-            lines = [[Segment(pad + text + pad, base_style + meta + component_style + post_style)]]
-            self._cell_render_cache[key] = lines
-        return lines
+    def render_line(self, y: int) -> Strip:
+        header = self.header_height if self.show_header else 0
+        row_index = y - header + self.scroll_offset.y
+        plain = (
+            y >= header
+            and 0 <= row_index < self.row_count
+            and not (self.fixed_rows or self.fixed_columns)
+            and self.cursor_type in ("row", "none")
+            # the row under the mouse may carry DataTable's hover highlight
+            and not (
+                self.cursor_type == "row" and self.is_mouse_over and row_index == self.hover_row
+            )
+        )
+        if not plain:
+            return super().render_line(y)
+        row = self.ordered_rows[row_index]
+        cells = self.get_row(row.key)
+        if row.height != 1 or row.label is not None or not _one_line(cells):
+            return super().render_line(y)
+        cursor = self.cursor_type == "row" and self.show_cursor and row_index == self.cursor_row
+        widths = tuple(column.get_render_width(self) for column in self.ordered_columns)
+        shown = (tuple(cells), cursor, widths, self.size.width, self.scroll_offset.x)
+        drawn = self._drawn.get(row_index)
+        if drawn is not None and drawn[0] == shown:
+            return drawn[1]
+        line = self._draw_row(row_index, cells, widths, cursor)
+        self._drawn[row_index] = (shown, line)
+        return line
+
+    def _draw_row(
+        self, row_index: int, cells: list[Any], widths: tuple[int, ...], cursor: bool
+    ) -> Strip:
+        """A plain row as DataTable draws it: its zebra style (and the cursor's), the cells
+        padded to their column widths, the rest of the line in the row's style; each cell's
+        meta says where a click lands."""
+        styles = self._styles()
+        odd = self.zebra_stripes and row_index % 2
+        cell_style, rest_style = (styles.odd if odd else styles.even)[cursor]
+        pad = " " * self.cell_padding
+        segments = [
+            Segment(pad + set_cell_size(str(cell), width - 2 * len(pad)) + pad,
+                    cell_style + Style.from_meta({"row": row_index, "column": column_index}))
+            for column_index, (cell, width) in enumerate(zip(cells, widths, strict=True))
+        ]  # fmt: skip
+        rest = max(0, self.size.width - sum(widths))
+        meta = Style.from_meta({"row": row_index, "column": 0, "out_of_bounds": True})
+        segments.append(Segment(" " * rest, rest_style + meta))
+        scroll_x, width = self.scroll_offset.x, self.size.width
+        line = Strip(segments).crop(scroll_x, scroll_x + width)
+        return line.adjust_cell_length(width, styles.base)
+
+    def _styles(self) -> _RowStyles:
+        """The rows' styles, looked up once while they hold (each lookup walks the CSS)."""
+        if self._row_styles is None:
+            base = self.rich_style
+            if self.zebra_stripes:
+                even = self.get_component_styles("datatable--even-row").rich_style
+                odd = self.get_component_styles("datatable--odd-row").rich_style
+            else:
+                even = odd = base
+            cursor = self.get_component_rich_style("datatable--cursor")
+            priority = Style.null()  # which of the cursor's colours win over the cell's
+            if self.cursor_foreground_priority == "css":
+                priority += Style.from_color(color=cursor.color)
+            if self.cursor_background_priority == "css":
+                priority += Style.from_color(bgcolor=cursor.bgcolor)
+            extend = self._extension()
+
+            def pair(row: Style) -> tuple[tuple[Style, Style], tuple[Style, Style]]:
+                return (row, extend(row)), (row + cursor + priority, row + cursor)
+
+            self._row_styles = _RowStyles(base, pair(even), pair(odd))
+        return self._row_styles
+
+    def _extension(self) -> Callable[[Style], Style]:
+        """The style past the last column, from a row's style: DataTable's own rule."""
+        if self.cursor_type == "row":
+            return lambda style: style
+        background = self.background_colors[1]
+
+        def faded(style: Style) -> Style:
+            if style.bgcolor is None:
+                return Style.from_color(style.color, style.bgcolor)
+            colour = Color.from_rich_color(style.bgcolor).blend(background, factor=0.25)
+            return Style.from_color(color=style.color, bgcolor=colour.rich_color)
+
+        return faded
+
+
+@dataclass(frozen=True)
+class _RowStyles:
+    """(cells' style, the rest of the line's style), off and on the cursor, by zebra stripe."""
+
+    base: Style
+    even: tuple[tuple[Style, Style], tuple[Style, Style]]
+    odd: tuple[tuple[Style, Style], tuple[Style, Style]]
+
+
+def _one_line(cells: list[Any]) -> bool:
+    return all(isinstance(cell, (str, int)) and "\n" not in str(cell) for cell in cells)
 
 
 def int_key(row_key: RowKey) -> int:
@@ -136,9 +204,3 @@ def int_key(row_key: RowKey) -> int:
     if row_key.value is None:  # never: such tables give every row its key
         raise ValueError("a row added without its number as key")
     return int(row_key.value)
-
-
-def _discard(cache: LRUCache[CacheKey, Any], stale: Callable[[CacheKey], bool]) -> None:
-    """Drop the entries of `cache` whose key is stale."""
-    for key in [key for key in cache.keys() if stale(key)]:  # noqa: SIM118 (no __iter__)
-        cache.discard(key)
