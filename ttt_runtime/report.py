@@ -90,6 +90,7 @@ class _FastWeights:
         self._augmented = caches is not None  # cache maps are [W; b] with a batch axis
         self.origin = self.before = self._read()
         self.count = len(self.origin)
+        self.measured = False  # figures taken since `watch`
 
     def advance(self, measure: bool) -> list[dict] | None:
         """Take the step's fast weights (references: free); their figures when `measure`."""
@@ -97,6 +98,7 @@ class _FastWeights:
         self.before = now
         if not measure:
             return None
+        self.measured = True
         return fast_weight_stats(*(self._as_params(w) for w in (now, before, self.origin)))
 
     def _as_params(self, reading: list[tuple[mx.array, ...]]) -> list[dict[str, mx.array]]:
@@ -157,12 +159,13 @@ class Reporter:
     def step(
         self, loss: Any = None, tokens: int = 0, step: int | None = None, **scalars: Any
     ) -> None:
-        """One step (or, with `step`, up to that step) of the loop is done: `loss` (a number or
-        an evaluated MLX scalar), the `tokens` it consumed, extra named scalars. The time since
-        the last call is the step time (the first call: the warm-up). Blocks while paused."""
+        """One step (or, with `step`, up to that step) of the loop is done: `loss`, the `tokens`
+        it consumed, extra named scalars (numbers or MLX scalars, read as Python numbers here:
+        a report is plain JSON). The time since the last call is the step time (the first
+        call: the warm-up). Blocks while paused."""
         now = time.perf_counter()
-        last = self._record
-        steps = 1 if step is None else step - last.step
+        last, tokens = self._record, int(tokens)
+        steps = 1 if step is None else int(step) - last.step
         if steps < 1:
             raise ValueError(f"step {step} does not come after step {last.step}")
         elapsed = now - self._clock
@@ -203,8 +206,11 @@ class Reporter:
         self._record = self._record._replace(layers=layers, sampled_step=None)
 
     def _is_sampled(self, step: int, steps: int) -> bool:
-        """The first step, then whenever `sample_every` divides a step the call covers."""
-        return step == 0 or (step + steps) // self.sample_every > step // self.sample_every
+        """The first step after `watch`, then whenever `sample_every` divides a step the call
+        covers."""
+        watched = self._fast_weights
+        fresh = watched is not None and not watched.measured
+        return fresh or (step + steps) // self.sample_every > step // self.sample_every
 
     def _obey_saves(self) -> None:
         while self._for_loop:

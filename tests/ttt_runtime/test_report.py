@@ -95,7 +95,7 @@ def test_a_report_carries_the_loops_figures_and_its_own_mlx_memory(tmp_path):
     try:
         held = mx.zeros((1 << 18,))  # 1 MiB of this process's MLX memory
         mx.eval(held)
-        reporter.step(loss=mx.array(2.5), tokens=100)  # the first: its time is the warm-up
+        reporter.step(loss=mx.array(2.5), tokens=mx.array(100))  # the first: the warm-up
         time.sleep(0.05)
         reporter.step(loss=2.0, tokens=100, step=3, grad_norm=1.5, skipped=None)
         report = _newest(client, 3)
@@ -153,6 +153,13 @@ def test_a_watched_ttt_layers_fast_weights_are_reported(tmp_path):
         assert figures.update_norm == pytest.approx(expected["update_norm"], rel=1e-5)
         assert figures.drift == pytest.approx(expected["drift"], rel=1e-5)
         assert 0 < figures.update_norm < figures.drift  # three steps drift further than one
+
+        reporter.watch(layer, caches=[cache])  # a new conversation: measured on its first step
+        mx.eval(layer(mx.random.normal((1, 8, 16)), cache=cache))
+        reporter.step(tokens=8)
+        renewed = _newest(client, 5)
+        assert renewed.sampled_step == 5 and renewed.layers[0].update_norm > 0
+        assert renewed.layers[0].drift == pytest.approx(renewed.layers[0].update_norm)
     finally:
         client.close()
         reporter.close()
