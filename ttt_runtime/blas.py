@@ -54,10 +54,12 @@ _PRIVATE = ("numpy.libs", "scipy_openblas")
 
 
 class BlasPreload(NamedTuple):
-    """An optimized BLAS to LD_PRELOAD, and the folders its own libraries are found in."""
+    """An optimized BLAS to LD_PRELOAD, the folders its own libraries are found in, and its
+    OPENBLAS_NUM_THREADS unless the user set one (None: OpenBLAS's own choice)."""
 
     library: str
     library_path: tuple[str, ...] = ()
+    threads: int | None = None
 
 
 def find_optimized_blas(
@@ -90,7 +92,8 @@ def preload_environment(
     """The environment variables to set for a child process of `base_env` (a Ray actor's
     runtime_env env_vars, a run's launch) so it runs on the optimized BLAS: LD_PRELOAD with it
     first (an inherited BLAS entry dropped; without one found or when not `enabled`, MLX's
-    bundled BLAS is used), LD_LIBRARY_PATH with its libraries' folders, and BLAS_DECIDED."""
+    bundled BLAS is used), LD_LIBRARY_PATH with its libraries' folders, OPENBLAS_NUM_THREADS
+    for the wheel's, and BLAS_DECIDED."""
     preload = find_blas_preload(candidates=candidates) if enabled else None
     inherited = [p for p in base_env.get("LD_PRELOAD", "").split(":") if p and "blas" not in p]
     env = {BLAS_DECIDED: "1"}
@@ -100,6 +103,8 @@ def preload_environment(
     if preload and preload.library_path:
         inherited_path = [p for p in base_env.get("LD_LIBRARY_PATH", "").split(":") if p]
         env["LD_LIBRARY_PATH"] = ":".join([*preload.library_path, *inherited_path])
+    if preload and preload.threads and "OPENBLAS_NUM_THREADS" not in base_env:
+        env["OPENBLAS_NUM_THREADS"] = str(preload.threads)
     return env
 
 
@@ -145,8 +150,11 @@ def _wheel_openblas(cpu_flags: frozenset[str]) -> BlasPreload | None:
     link_folder = _gfortran_link_folder(gfortran)
     if link_folder is None:
         return None
-    # MLX's libgfortran finds its libquadmath beside it ($ORIGIN), which is the link's folder
-    return BlasPreload(library, (link_folder, os.path.dirname(gfortran)))
+    # MLX's libgfortran looks for its libquadmath beside it ($ORIGIN): that is the link's
+    # folder, so MLX's own folder is on the path too. One thread: the wheel's build waits for
+    # its threads by spinning on nops (Debian's calls sched_yield), and with another process
+    # on the cores each GEMM then waits out a time slice (a step took 5 s instead of 0.4 s).
+    return BlasPreload(library, (link_folder, os.path.dirname(gfortran)), threads=1)
 
 
 def _gfortran_link_folder(gfortran: str) -> str | None:

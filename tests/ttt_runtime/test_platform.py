@@ -205,8 +205,12 @@ def test_without_a_system_openblas_the_run_preloads_the_wheels_with_mlxs_gfortra
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the libgfortran.so.5 link
     preload = find_blas_preload(candidates=())  # no system OpenBLAS is found
     assert preload is not None and "cmeel.prefix" in preload.library
-    env = {**os.environ, **preload_environment(os.environ, candidates=())}
+    base = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    env = {**base, **preload_environment(base, candidates=())}
     assert env["LD_PRELOAD"].split(":")[0] == preload.library
+    assert env["OPENBLAS_NUM_THREADS"] == "1"  # its threads spin: a busy core stalls each GEMM
+    mine = preload_environment({**base, "OPENBLAS_NUM_THREADS": "2"}, candidates=())
+    assert "OPENBLAS_NUM_THREADS" not in mine  # the user's choice stands
     blas, mapped = _blas_in_use(run_by_hand(env=env))
     assert blas == "openblas"
     assert preload.library in mapped  # first in LD_PRELOAD: MLX's GEMM calls resolve to it
