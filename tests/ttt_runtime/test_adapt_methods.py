@@ -5,6 +5,8 @@ tested in its test_adapt_<method>.py."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from adapt_helpers import (
     GRADIENT,
@@ -15,12 +17,13 @@ from adapt_helpers import (
     learner,
     same_arrays,
 )
-from polling import run_client
-from test_run import READY_S, every_report
+from polling import run_client, wait_until
+from test_run import READY_S
 
 from ttt_runtime import checkpoint as ckpt
 from ttt_runtime.config import ConfigError, RunConfig
 from ttt_runtime.corpora import corpus_files
+from ttt_runtime.run import TTTRun
 
 
 @pytest.mark.parametrize("method", GRADIENT)
@@ -97,20 +100,20 @@ def test_adapt_settings_out_of_their_rules_are_one_line(settings, message):
         RunConfig(**settings)
 
 
-@pytest.mark.slow
 def test_an_adapt_run_reports_the_base_beside_the_adapted_bpb_and_their_mean_gap(
-    spawned_run, small_base
+    small_base, tmp_path
 ):
     prose = str(corpus_files("prose")[1])  # pydoc_data/topics.py: the reference's prose
-    run = spawned_run("--resume", small_base, "--mode", "adapt", "--adapt-method", "dynamic",
-                      "--adapt-lr", "0.003", "--sample-every", "2", "--data", prose,
-                      "--start-paused", "true")  # fmt: skip
-
-    def listening(run) -> None:
-        run_client(run, READY_S).close()
-
-    start = ckpt.load(small_base).step  # a resumed run counts on from the base's steps
-    reports = every_report(run, listening, lambda m: m.step >= start + 9)
+    config = adapt_config(small_base, "dynamic", sample_every=2, data=prose)
+    run = TTTRun(config, str(tmp_path / "s.sock"), resume=small_base)
+    try:
+        reports = []
+        for _ in range(9):
+            run.run_step()
+            reports.append(run.telemetry())
+    finally:
+        run.close()
+    start = reports[0].step - 1  # a resumed run counts on from the base's steps
     assert reports[0].baseline_bpb is None and reports[0].gain is None  # not sampled yet
     sampled = [m for m in reports if m.sampled_step == m.step]
     # the base is scored on the sampled steps only: after the warm-up, then every 2
@@ -120,3 +123,18 @@ def test_an_adapt_run_reports_the_base_beside_the_adapted_bpb_and_their_mean_gap
         assert m.gain == pytest.approx(sum(gaps[: i + 1]) / (i + 1), abs=1e-9)
     assert reports[-1].baseline_bpb == sampled[-1].baseline_bpb  # held between samples
     assert sampled[-1].gain < 0  # dynamic evaluation already beats the base on prose
+
+
+@pytest.mark.slow
+def test_a_spawned_adapt_run_sends_its_gain_over_the_channel(spawned_run, small_base):
+    run = spawned_run("--resume", small_base, "--mode", "adapt", "--adapt-method", "dynamic",
+                      "--sample-every", "2")  # fmt: skip
+    client = run_client(run, READY_S)
+    try:
+        last = wait_until(
+            lambda: (m := client.latest()) is not None and m.gain is not None and m,
+            READY_S, "a report with the gain",
+        )  # fmt: skip
+    finally:
+        client.close()
+    assert last.mode == "adapt" and last.baseline_bpb > 0 and math.isfinite(last.gain)

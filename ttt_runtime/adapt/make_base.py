@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="make_base", description=__doc__.splitlines()[0])
     parser.add_argument("out", metavar="OUT.safetensors")
     parser.add_argument("--preset", default="default")
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--seed", type=int, default=0)
     try:
         args = parser.parse_args(argv)
