@@ -1,11 +1,16 @@
 """benchmarks/bench_scale.py at its --quick size: the real script in a real interpreter, its
-tables and its plot."""
+tables and its plot; bench_ray.py's gradient-averaging figures (no cluster needed)."""
 
+import importlib.util
 import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
+
+import pytest
+
+from ttt_runtime.config import RunConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 SCALE = ROOT / "benchmarks" / "bench_scale.py"
@@ -68,3 +73,24 @@ def test_bad_sizes_are_one_line_and_exit_2():
         assert done.returncode == 2, done.stdout
         assert words in done.stderr.strip().splitlines()[-1]
         assert "Traceback" not in done.stderr
+
+
+def test_ray_bench_averages_real_gradients_within_the_quantization_step(monkeypatch):
+    """bench_ray's gradient figures on the tiny model: a u8 payload is a quarter of float32's,
+    uncompressed averaging is exact to float32, and a u8 average is off by at most half a level
+    (exact) or one level (SWAR's rounding on top); a level is at most 2 max |g| / 255."""
+    pytest.importorskip("ray")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as when run: its neighbours import
+    spec = importlib.util.spec_from_file_location("bench_ray", ROOT / "benchmarks" / "bench_ray.py")
+    bench_ray = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_ray)
+    config = RunConfig.from_preset("tiny").with_overrides(batch_size=2)
+    none, u8, u8_swar = (
+        bench_ray.averaging_figures(config, compression, average, repeats=1)
+        for compression, average in (("none", "exact"), ("u8", "exact"), ("u8", "swar"))
+    )
+    assert u8["bytes"] < none["bytes"] / 3.9 and u8["bytes"] == u8_swar["bytes"]
+    assert none["max"] < 1e-6 and none["rms"] < 1e-6
+    assert 0 < u8["max"] <= 1.01 / 255 and u8["rms"] > 0
+    assert 0 < u8_swar["max"] <= 2.01 / 255
+    assert all(f["payload_ms"] > 0 and f["average_ms"] > 0 for f in (none, u8, u8_swar))
