@@ -217,7 +217,10 @@ class Stage:
 
     def load(self, arrays: dict[str, mx.array], cache_offsets: list[int]) -> None:
         """This stage's part of a whole checkpoint's arrays (ValueError if they do not fit);
-        the optimizer state and the caches only where the checkpoint has them."""
+        the optimizer state and the caches only where the checkpoint has them. Whatever a step
+        left half done (a restart's) is dropped."""
+        self._saved.clear()
+        self._grads, self._micros = None, 0
         first, owned = self.blocks.start, set(self.blocks)
         mine = {}
         for name, value in arrays.items():

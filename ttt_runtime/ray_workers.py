@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict
-from typing import Any
+from typing import Any, NoReturn
 
 import mlx.core as mx
 import numpy as np
@@ -117,8 +117,11 @@ class StageWorker:
 
     def gradient_range(self) -> dict[str, tuple[float, float]]:
         """Per gradient, its (min, max): the replicas quantize to the range they share."""
-        return {k: (float(np.min(v)), float(np.max(v)))
-                for k, v in self.stage.gradients().items()}  # fmt: skip
+        ranges = {}
+        for name, grad in self.stage.gradients().items():
+            values = np.array(grad)
+            ranges[name] = (float(values.min()), float(values.max()))
+        return ranges
 
     def gradient_payload(self, *ranges: dict[str, tuple[float, float]]) -> dict[str, Any]:
         """This replica's gradients as they go on the wire (quantized unless "none"; to the
@@ -454,7 +457,7 @@ class RayLearner:
         """Nothing to do: each stage runs block by block always, so no step compiles apart."""
 
     # -- faults ---------------------------------------------------------------------------------
-    def _recover(self, failure: RayActorError) -> None:
+    def _recover(self, failure: RayActorError) -> NoReturn:
         """After a failed step: LearnerRestarted once every dead actor is back (Ray restarted
         it), LearnerFailed if one cannot come back."""
         came_back = []

@@ -5,13 +5,16 @@ interrupted), restarts used up, an address nobody answers, and SIGTERM leaving n
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import jsonschema
 import mlx.core as mx
 import psutil
 import pytest
@@ -77,6 +80,7 @@ def test_a_two_stage_run_reports_its_workers_and_obeys_every_command(ray_run, tm
         assert worker.fwd_ms > 0 and worker.bwd_ms > 0 and worker.sent > 0 and worker.received > 0
     assert len(first.blocks) == 4 and all(b.bwd_ms for b in first.blocks)
     assert len(first.layers) == 4 and first.loss_bpb > 0
+    assert_xltop_joins_the_workers_to_their_actors(run.socket_path, first.workers)
 
     assert client.request("pause").ok
     paused = client.latest().step
@@ -94,6 +98,27 @@ def test_a_two_stage_run_reports_its_workers_and_obeys_every_command(ray_run, tm
     }  # fmt: skip
     assert client.request("resume").ok
     telemetry_where(run, client, lambda m: m.step > paused, what="steps after resume")
+
+
+def assert_xltop_joins_the_workers_to_their_actors(socket_path: str, workers) -> None:
+    """The real xltop attached to the run finds the run's cluster (from its hello) and shows
+    each stage actor with the run's figures of it, in JSON that keeps the schema."""
+    schema = json.loads((Path(__file__).parents[1] / "xltop" / "snapshot_schema.json").read_text())
+    done = subprocess.run(
+        [sys.executable, "-m", "xltop", "--attach", socket_path, "--json-stream", "--count", "20",
+         "--interval", "1"],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    snapshots = [json.loads(line) for line in done.stdout.splitlines()]
+    for snapshot in snapshots:
+        jsonschema.validate(snapshot, schema)
+    joined = [
+        {(a["worker"]["stage"], a["pid"]) for a in s["ray"]["actors"] if a["worker"]}
+        for s in snapshots
+        if s["ray"] is not None
+    ]
+    assert {(w.stage, w.pid) for w in workers} in joined, joined[-3:]
 
 
 def test_a_checkpoint_moves_between_one_process_two_and_four_stages(ray_run, spawned_run, tmp_path):
@@ -184,15 +209,65 @@ def test_sigterm_stops_a_private_local_cluster_and_leaves_nothing(spawned_run, m
     if reason := ray_missing():
         pytest.skip(reason)
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    before = {p for p in os.listdir("/tmp") if p.startswith("xr-")}
     run = spawned_run("--ray", "local", "--stages", "2")
     client = run_client(run, 180.0)
     telemetry_where(run, client, lambda m: m.step >= 2 and m.workers)
     family = psutil.Process(run.pid).children(recursive=True)
     assert len(family) > 3  # Ray's own processes and the two actors
-    temp = {p for p in os.listdir("/tmp") if p.startswith("xr-")} - before
-    assert len(temp) == 1
+    # the private cluster's temp dir, as its processes were told it
+    (temp,) = {m[0] for p in family for m in re.finditer(r"/tmp/xr-[a-z0-9_]+", " ".join(
+        p.cmdline()))}  # fmt: skip
     os.kill(run.pid, signal.SIGTERM)
     assert run.wait(60) == 0
     gone = wait_until(lambda: not any(p.is_running() for p in family), 30, "Ray's processes")
-    assert gone and not os.path.exists(os.path.join("/tmp", temp.pop()))
+    assert gone and not os.path.exists(temp)
+
+
+def test_replicas_average_compressed_gradients_and_report_every_actor(ray_run):
+    run = ray_run("--stages", "2", "--replicas", "2", "--grad-compression", "u8",
+                  "--grad-average", "swar")  # fmt: skip
+    client = run_client(run, 120.0)
+    report = telemetry_where(run, client, lambda m: m.step >= 4, what="step 4")
+    assert sorted((w.stage, w.replica) for w in report.workers) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert len({w.pid for w in report.workers}) == 4
+    assert all(w.sent > 0 and w.received > 0 for w in report.workers)
+    assert report.loss_bpb is not None and 0 < report.loss_bpb < 9
+
+
+def test_stages_spread_over_the_nodes_of_the_cluster(ray_head, ray_run):
+    node = ray_head.add_node()  # a second raylet on this machine: a real second node
+    try:
+        run = ray_run("--stages", "2")
+        client = run_client(run, 120.0)
+        report = telemetry_where(run, client, lambda m: m.step >= 2, what="step 2")
+        assert len({w.node_id for w in report.workers}) == 2, report.workers
+        assert run.stop() == 0
+    finally:
+        LocalRayCluster.stop_group(node)
+
+
+def test_a_cluster_with_token_auth_takes_the_token_and_refuses_a_run_without_it(
+    spawned_run, monkeypatch
+):
+    if reason := ray_missing():
+        pytest.skip(reason)
+    cluster = LocalRayCluster(token="0123456789abcdef0123456789abcdef")
+    try:
+        cluster.start_head()
+        env = cluster.env()
+        for name in ("HOME", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
+            monkeypatch.setenv(name, env[name])
+        run = spawned_run(*TINY_4, "--ray", cluster.gcs_address, "--stages", "2")
+        client = run_client(run, 120.0)
+        telemetry_where(run, client, lambda m: m.step >= 2 and m.workers, what="step 2")
+        assert run.stop() == 0
+        monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
+        done = subprocess.run(
+            [sys.executable, "-m", "ttt_runtime", "run", *TINY_4, "--ray", cluster.gcs_address],
+            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1, done.stderr
+        assert lines[0].startswith("ttt-run: error: cannot join the Ray cluster:"), lines
+    finally:
+        cluster.stop()

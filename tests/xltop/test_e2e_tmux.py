@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import process_gone, read_rows
 from polling import wait_until
@@ -95,3 +96,37 @@ def test_xltop_in_tmux_pause_clear_log_quit(tmux, tmp_path):
     assert process_gone(run_pid)  # the hosted run was stopped
     rows = csv_rows(tmp_path)
     assert rows and all(r["ts"] for r in rows)  # closed with whole rows
+
+
+def test_xltop_hosts_a_ray_run_shows_its_workers_and_a_killed_stage_restarts(tmux, tmp_path):
+    """`xltop --ray-run`: a 2-stage run on a private local cluster (token auth on, as Ray
+    starts it, in a private HOME), its workers table and its actors in the Ray panel; a stage
+    actor SIGKILLed is restarted and the run goes on; q leaves nothing running."""
+    pytest.importorskip("ray")
+    exit_file, home = tmp_path / "exit_code", tmp_path / "home"
+    home.mkdir()
+    command = (f"env -u LD_PRELOAD -u RAY_AUTH_MODE HOME={home} {XLTOP} --ray-run --stages 2 "
+               f"--preset tiny; echo $? > {exit_file}")  # fmt: skip
+    tmux("new-session", "-d", "-s", "xltop", "-x", "160", "-y", "50", "-c", str(tmp_path),
+         command)  # fmt: skip
+    screen = tmux.wait_for("live step counter", lambda s: live_step(s) > 0, timeout=240)
+    run_pid = int(re.search(r"pid (\d+)\s+step", screen).group(1))
+    tmux.wait_for("the workers table", lambda s: "sent/recv" in s and " 1.0 " in s)
+    tmux.wait_for("the Ray panel's stage actors", lambda s: "StageWorker" in s and "1.0: 1" in s)
+    family = psutil.Process(run_pid).children(recursive=True)
+    stage = next(p for p in family if "StageWorker" in " ".join(p.cmdline() or [p.name()]))
+    stage.kill()
+    tmux.wait_for("the restart event", lambda s: f"(pid {stage.pid} on node" in s, timeout=180)
+    step = live_step(tmux.screen())
+    tmux.wait_for("steps after the restart", lambda s: live_step(s) > step, timeout=180)
+
+    tmux("send-keys", "-t", "xltop", "q")
+    wait_until(
+        lambda: exit_file.exists() and exit_file.read_text().strip(),
+        TIMEOUT_S,
+        lambda: f"xltop to exit:\n{tmux.screen()}",
+        interval=0.2,
+    )
+    assert exit_file.read_text().strip() == "0"
+    gone = wait_until(lambda: not any(p.is_running() for p in family), 60, "the run's processes")
+    assert gone and process_gone(run_pid)
