@@ -51,8 +51,6 @@ SERIES: dict[str, tuple[str, tuple[tuple[str, Callable[[Snapshot], float | None]
             ("inner mean", lambda s: _mean_inner_loss(s)),
             # adapt mode: the unadapted base on the sampled chunks, beside the adapted outer bpb
             ("base bpb", lambda s: s.run.baseline_bpb if s.run else None),
-            # adapt mode: the unadapted base on the sampled chunks, beside the adapted outer bpb
-            ("base bpb", lambda s: s.run.baseline_bpb if s.run else None),
         ),
     ),
 }
@@ -104,7 +102,7 @@ def draw(title: str, series: Sequence[Series], xlim: tuple[float, float], width:
     left_w, right_w = (LABEL_WIDTH + 1 if side else 0 for side in axes)
     rows, plot_w = height - 2, width - left_w - right_w
     if rows < 2 or plot_w < 4:  # too small to plot: the title only
-        return [heading] + [Strip.blank(width)] * (height - 1)
+        return ([heading] + [Strip.blank(width)] * (height - 1))[:height]
     bits = [[0] * plot_w for _ in range(rows)]
     colours: list[list[str | None]] = [[None] * plot_w for _ in range(rows)]
     for side, span in zip(axes, spans, strict=True):
@@ -115,25 +113,26 @@ def draw(title: str, series: Sequence[Series], xlim: tuple[float, float], width:
                 steps = max(abs(bx - ax), abs(by - ay), 1)
                 for i in range(steps + 1):  # the dots along the segment from a to b
                     dx, dy = ax + (bx - ax) * i // steps, ay + (by - ay) * i // steps
-                    bits[dy // 4][dx // 2] |= DOTS[dx % 2][dy % 4]
-                    colours[dy // 4][dx // 2] = s.colour
+                    row, col = dy >> 2, dx >> 1
+                    bits[row][col] |= DOTS[dx & 1][dy & 3]
+                    colours[row][col] = s.colour
     ticks = _tick_rows(rows)
     legend = [s for s in series if s.points][:rows]
     strips = [heading]
     for row in range(rows):
         cells = [chr(0x2800 + b) if b else " " for b in bits[row]]
-        styles = [_style(c) for c in colours[row]]
+        styles = colours[row]  # a colour's name a cell: cheaper to compare than Rich styles
         if row < len(legend):  # the legend, in the top left corner
             text = f"⣿ {legend[row].label}"[: plot_w - 1]
             cells[1 : 1 + len(text)] = text
-            styles[1 : 1 + len(text)] = [_style(legend[row].colour)] + [None] * (len(text) - 1)
+            styles[1 : 1 + len(text)] = [legend[row].colour] + [None] * (len(text) - 1)
         segments = []
         if spans[0] is not None:
             segments.append(_y_label(spans[0], row, rows, ticks, left=True))
         start = 0
         for col in range(1, plot_w + 1):  # one segment per run of same-styled cells
             if col == plot_w or styles[col] != styles[start]:
-                segments.append(Segment("".join(cells[start:col]), styles[start]))
+                segments.append(Segment("".join(cells[start:col]), _style(styles[start])))
                 start = col
         if spans[1] is not None:
             segments.append(_y_label(spans[1], row, rows, ticks, left=False))

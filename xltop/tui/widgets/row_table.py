@@ -48,6 +48,7 @@ class RowTable(DataTable):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self._drawn: dict[int, tuple[tuple, Strip]] = {}  # row index -> (what it showed, line)
+        self._to_repaint: set[int] = set()  # rows whose line is marked for the next paint
         self._row_styles: _RowStyles | None = None  # looked up once, kept while they hold
         self._styled_for: object = None  # the pseudo-class state they were looked up in
 
@@ -69,7 +70,10 @@ class RowTable(DataTable):
         row = RowKey(row_key) if isinstance(row_key, str) else row_key
         self._data[row][column] = value
         self._update_count += 1  # DataTable's caches (header, cursor row) follow the change
-        self.refresh_row(row_index)
+        if row_index not in self._to_repaint:  # a row's line once a paint, whatever its changes
+            self._to_repaint.add(row_index)
+            header = self.header_height if self.show_header else 0
+            self.refresh(Region(0, header + row_index - self.scroll_offset.y, self.size.width, 1))
 
     def add_row(self, *cells: Any, **kwargs: Any) -> RowKey:
         return super().add_row(*map(literal, cells), **kwargs)
@@ -87,6 +91,7 @@ class RowTable(DataTable):
         self._forget_styles()  # a new theme or CSS: every line's colours may change
 
     def render_lines(self, crop: Region) -> list[Strip]:
+        self._to_repaint.clear()
         state = self.get_pseudo_class_state()  # focus, hover...: the cursor's colours follow
         if state != self._styled_for:
             self._forget_styles()
