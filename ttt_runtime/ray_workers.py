@@ -35,7 +35,7 @@ import ray
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 
 from ttt_runtime import swar
-from ttt_runtime.blas import find_optimized_blas
+from ttt_runtime.blas import preload_environment
 from ttt_runtime.config import RayConfig, RunConfig
 from ttt_runtime.console import say
 from ttt_runtime.device import memory_counters
@@ -324,8 +324,8 @@ class RayLearner:
             raise
 
     def _start_actors(self) -> None:
-        blas = find_optimized_blas()
-        env = {"env_vars": {"LD_PRELOAD": blas}} if blas else {}
+        # the fast BLAS, as this machine has it (a node laid out otherwise falls back to MLX's)
+        env = {"env_vars": preload_environment(os.environ)}
         actor = ray.remote(StageWorker).options(
             num_cpus=0, max_restarts=self.placement.max_restarts, max_task_retries=0,
             scheduling_strategy="SPREAD", runtime_env=env,

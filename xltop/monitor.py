@@ -113,8 +113,9 @@ def _joined(cluster: ClusterState, run: RunInfo | None) -> ClusterState:
 
 
 BUNDLED_BLAS_HINT = (
-    "the run uses MLX's bundled BLAS, ~40x slower at GEMM than OpenBLAS: "
-    "install it (apt-get install libopenblas0-pthread) and xltop preloads it"
+    "the run uses MLX's bundled BLAS, ~40x slower at GEMM than OpenBLAS: none was found that "
+    "runs here (apt-get install libopenblas0-pthread, or pip's cmeel-openblas on x86-64 with "
+    "AVX2) and xltop preloads it"
 )
 
 
