@@ -41,7 +41,9 @@ if TYPE_CHECKING:  # imported where a cluster is watched: urllib's import is not
     from xltop.replay import ReplayPlayer
     from xltop.tui.app import XltopApp  # imported for the TUI only: Textual is not light
 
-RUN_FLAGS = ("mode", "preset", "config", "data", "seed", "resume", "stages", "replicas")
+RUN_FLAGS = (
+    "mode", "preset", "config", "data", "seed", "resume", "adapt_method", "stages", "replicas",
+)  # fmt: skip
 MAX_INTERVAL_S = 86400.0  # a tick a day
 MAX_DURATION_S = 365 * 86400.0  # longer: leave --duration out
 READY_TIMEOUT_S = 120.0  # a run's first step includes importing MLX and building the model
@@ -194,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", metavar="N")  # checked with the other run flags, as ttt-run does
     run.add_argument("--resume", metavar="CKPT", help="resume from a checkpoint")
     run.add_argument(
+        "--adapt-method",
+        metavar="METHOD",
+        help="adapt mode: ttt, reset, dynamic, lora, tent or ttt++ (docs/adaptation.md)",
+    )
+    run.add_argument(
         "--ray-run",
         action="store_true",
         help="spread the run over Ray actors on a private local cluster (its Ray panel shows)",
@@ -208,8 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _flag(name: str) -> str:
+    """A run option's flag, as both xltop and ttt-run spell it."""
+    return "--" + name.replace("_", "-")
+
+
 def _given_run_flags(args: argparse.Namespace) -> list[str]:
-    given = [f"--{f}" for f in RUN_FLAGS if getattr(args, f) is not None]
+    given = [_flag(f) for f in RUN_FLAGS if getattr(args, f) is not None]
     return given + (["--ray-run"] if args.ray_run else [])
 
 
@@ -306,7 +318,7 @@ def _run_args(args: argparse.Namespace) -> list[str]:
     for flag in RUN_FLAGS:
         value = getattr(args, flag)
         if value is not None:
-            argv += [f"--{flag}", str(value)]
+            argv += [_flag(flag), str(value)]
     error = validate_run_args(argv)
     if error:
         raise UsageError(error)

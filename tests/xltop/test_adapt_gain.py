@@ -8,6 +8,7 @@ from pathlib import Path
 
 import jsonschema
 from messages import telemetry
+from xltop_helpers import run_xltop
 
 from xltop.csvlog import snapshot_to_row
 from xltop.jsonout import snapshot_to_json
@@ -48,3 +49,12 @@ def test_a_run_without_a_base_shows_no_gain():
     jsonschema.validate(snapshot_to_json(snapshot), SCHEMA)
     assert "vs base" not in str(RunHeader._run_line(snapshot.run))
     assert dict(SERIES["loss"][1])["base bpb"](snapshot) is None
+
+
+def test_xltop_passes_the_adapt_method_to_the_run_it_hosts():
+    refused = run_xltop("--json", "--preset", "tiny", "--mode", "adapt", "--adapt-method", "sgd")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "adapt_method='sgd': must be one of ttt, reset, dynamic" in refused.stderr
+    hosted = run_xltop("--json", "--preset", "tiny", "--mode", "adapt", "--adapt-method", "reset")
+    assert hosted.returncode == 0, hosted.stderr
+    assert json.loads(hosted.stdout)["run"]["mode"] == "adapt"
