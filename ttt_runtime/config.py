@@ -297,11 +297,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mlp": dict(layer_type="mlp", hidden_size=128, num_heads=4),
     "adapt": dict(mode="adapt", batch_size=1, seq_len=128),
     # the base `make base` trains to adapt (ttt_runtime/adapt/make_base.py): TTT-Linear, small
-    # enough to train in minutes on a laptop's CPU
+    # enough to train on a CPU (800 steps took 19 minutes on a loaded 2-core machine)
     "base": dict(
-        num_blocks=2, hidden_size=64, num_heads=4, intermediate_size=256, seq_len=128,
+        num_blocks=2,
+        hidden_size=64,
+        num_heads=4,
+        intermediate_size=256,
+        seq_len=128,
         batch_size=4,
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -340,6 +344,9 @@ class RayConfig:
 
     def check(self, run: RunConfig) -> None:
         """ConfigError unless `run`'s model and batch can be placed this way."""
+        if run.adapt_method != "ttt":  # the methods learn in the run's process (ttt_runtime.adapt)
+            raise ConfigError(f"adapt_method={run.adapt_method!r}: a run spread over Ray actors "
+                              "adapts with 'ttt' only")  # fmt: skip
         if self.stages > run.num_blocks:
             raise ConfigError(f"stages={self.stages}: at most num_blocks={run.num_blocks} "
                               "(each stage owns at least one block)")  # fmt: skip

@@ -21,7 +21,7 @@ from polling import run_client, wait_until
 from test_run import READY_S
 
 from ttt_runtime import checkpoint as ckpt
-from ttt_runtime.config import ConfigError, RunConfig
+from ttt_runtime.config import ConfigError, RayConfig, RunConfig
 from ttt_runtime.corpora import corpus_files
 from ttt_runtime.run import TTTRun
 
@@ -123,6 +123,13 @@ def test_an_adapt_run_reports_the_base_beside_the_adapted_bpb_and_their_mean_gap
         assert m.gain == pytest.approx(sum(gaps[: i + 1]) / (i + 1), abs=1e-9)
     assert reports[-1].baseline_bpb == sampled[-1].baseline_bpb  # held between samples
     assert sampled[-1].gain < 0  # dynamic evaluation already beats the base on prose
+
+
+def test_a_run_spread_over_ray_actors_refuses_a_method_other_than_ttt():
+    run = RunConfig(mode="adapt", adapt_method="dynamic")
+    with pytest.raises(ConfigError, match="^adapt_method='dynamic': a run spread over Ray actors"):
+        RayConfig("local").check(run)
+    RayConfig("local").check(run.with_overrides(adapt_method="ttt"))
 
 
 @pytest.mark.slow
