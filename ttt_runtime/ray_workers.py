@@ -18,6 +18,7 @@ position to it) and goes on. An actor that cannot come back stops the run (`Lear
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -49,6 +50,7 @@ INIT_TIMEOUT_S = 60.0  # a cluster that takes the connection but never answers; 
 READY_TIMEOUT_S = 120.0  # actors start a Python with MLX each: seconds on a loaded machine
 RESTART_WAIT_S = 60.0  # how long a dead actor may take to come back
 STEP_TIMEOUT_S = 600.0
+SHUTDOWN_WAIT_S = 10.0  # for a private cluster's processes to exit after ray.shutdown
 
 
 class RayError(RuntimeError):
@@ -280,10 +282,17 @@ class Cluster:
         return leave
 
     def close(self) -> None:
-        """Leave the cluster (a private one stops) and remove its temp dir."""
+        """Leave the cluster; a private one stops, and its temp dir is removed once its
+        processes are gone (ray.shutdown returns while they still write their logs there)."""
+        private = psutil.Process().children(recursive=True) if self.temp_dir else []
         if ray.is_initialized():
             ray.shutdown()
         if self.temp_dir:
+            _, alive = psutil.wait_procs(private, timeout=SHUTDOWN_WAIT_S)
+            for process in alive:
+                with contextlib.suppress(psutil.Error):
+                    process.kill()
+            psutil.wait_procs(alive, timeout=SHUTDOWN_WAIT_S)
             shutil.rmtree(self.temp_dir, ignore_errors=True)
             self.temp_dir = None
 

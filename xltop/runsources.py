@@ -31,6 +31,7 @@ from xltop.snapshot import MlxMemory, RunInfo, RunState
 
 SEND_TIMEOUT_S = 5.0
 STOP_TIMEOUT_S = 10.0
+RAY_STOP_TIMEOUT_S = 40.0  # a Ray run also stops its actors, and a private cluster with them
 
 # A run reports once per step, and once a second while paused (ttt_runtime.run's
 # PAUSED_REPORT_S). It is stalled when xltop has read no new report for
@@ -302,7 +303,8 @@ class HostedRun(_ChannelRun):
             client, self._client = self._client, None
         if client is not None:
             client.close()
-        self._proc.stop(STOP_TIMEOUT_S, on_wait=on_wait)
+        ray = "--ray" in self.run_args
+        self._proc.stop(RAY_STOP_TIMEOUT_S if ray else STOP_TIMEOUT_S, on_wait=on_wait)
 
     def close(self, on_wait: Callable[[str], None] | None = None) -> None:
         """Stop the run; `on_wait(sentence)` hears what it waits for if that takes a while."""

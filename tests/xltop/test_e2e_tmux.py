@@ -109,6 +109,7 @@ def test_xltop_hosts_a_ray_run_shows_its_workers_and_a_killed_stage_restarts(tmu
                f"--preset tiny; echo $? > {exit_file}")  # fmt: skip
     tmux("new-session", "-d", "-s", "xltop", "-x", "160", "-y", "50", "-c", str(tmp_path),
          command)  # fmt: skip
+    tmux("resize-window", "-t", "xltop", "-x", "160", "-y", "50")  # room for every panel
     screen = tmux.wait_for("live step counter", lambda s: live_step(s) > 0, timeout=240)
     run_pid = int(re.search(r"pid (\d+)\s+step", screen).group(1))
     tmux.wait_for("the workers table", lambda s: "sent/recv" in s and " 1.0 " in s)
