@@ -89,7 +89,7 @@ class TTTRun:
         self.device = device_info()  # fixed for the process; memory is re-read per report
         self.blas = loaded_blas()
         # adapt mode: the base's bpb on the last sampled chunk, the mean gain over them so far
-        self.baseline: dict[str, float | None] = {"baseline_bpb": None, "gain": None}
+        self.baseline: dict[str, Any] = {"baseline_bpb": None, "gain": None}
         self.gains: list[float] = []
         self.placement = placement
         self.learner = self._learner(restored, resume)
