@@ -403,6 +403,7 @@ async def test_a_hostile_command_line_is_shown_literally_in_the_table_and_kill_d
         assert "\\x1b]0;PWNED\\x07\\x1b[2J[bold]B[/bold] [/x]" in shown
         await pilot.press("n")
         await until(pilot, lambda: not isinstance(app.screen, KillDialog), "the dialog to close")
-        table.select_pid(victim.pid)
+        table.select_pid(victim.pid)  # scrolled onto the screen by the next frames
+        await until(pilot, lambda: str(victim.pid) in drawn(table), "the victim's row drawn")
         row = next(line for line in drawn(table).splitlines() if str(victim.pid) in line)
         assert "\x1b" not in row and "\\x1b]0;PWNED" in row

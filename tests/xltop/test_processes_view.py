@@ -14,6 +14,7 @@ import time
 import psutil
 import pytest
 from rich.style import Style
+from rich.text import Text
 from test_app import ALL_PROCESSES, drawn, events, pilot_test, until
 from textual.app import App, ComposeResult
 from textual.containers import Horizontal
@@ -171,12 +172,14 @@ def test_a_loop_of_parents_loses_no_process():
 
 
 class TwoTables(App[None]):
-    """The same rows in DataTable and in RowTable, side by side."""
+    """The same rows in DataTable and in RowTable, side by side: str, int, a literal (a plain
+    Text) and a styled Text cell."""
 
     CSS = "DataTable { width: 1fr; height: 8; }"
     AUTO_FOCUS = None
     ROWS = (("1", 4242, "python3 -m run", "0.5"), ("2", 17, "[x] literal", "7.0"),
-            ("3", 5, "sleep 300", "0.0"), ("4", 1, "init", "1.5"), ("5", 2, "kw", "0"))  # fmt: skip
+            ("3", 5, "sleep 300", "0.0"), ("4", 1, "init", "1.5"),
+            ("5", 2, Text("bold", style="bold"), "0"))  # fmt: skip
 
     def compose(self) -> ComposeResult:
         with Horizontal():

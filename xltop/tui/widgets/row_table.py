@@ -3,10 +3,10 @@
 DataTable.update_cell bumps a counter that is part of every one of its render cache keys and
 repaints the whole table, and its row rendering costs ~0.7 ms a row (a style lookup a cell): with
 the blocks changing every tick that was a third of a tick's paint. Here an update repaints its own
-row, and a body row of one-line str/int cells is drawn through the public line API
+row, and a body row of one-line str/int/plain-Text cells is drawn through the public line API
 (`render_line`), one Segment a cell, in DataTable's styles (zebra, cursor), cached by what it
 shows; the header, the row under the mouse (for DataTable's hover highlight) and a row with any
-other cell (a Text) keep DataTable's own path.
+other cell (a styled Text) keep DataTable's own path.
 Private parts used: the cell store (`_data`), its cache counter (`_update_count`) and the row
 order (`_row_locations`, for `order_rows`) of textual 8; tests/xltop/test_app.py checks what it
 draws, the snapshot tests how.
@@ -201,7 +201,15 @@ class _RowStyles:
 
 
 def _one_line(cells: list[Any]) -> bool:
-    return all(isinstance(cell, (str, int)) and "\n" not in str(cell) for cell in cells)
+    """Cells drawn as their text: str, int, and unstyled Text (what `literal` makes)."""
+    return all(
+        (isinstance(cell, (str, int)) or _plain_text(cell)) and "\n" not in str(cell)
+        for cell in cells
+    )
+
+
+def _plain_text(cell: Any) -> bool:
+    return isinstance(cell, Text) and not cell.spans and not cell.style
 
 
 def int_key(row_key: RowKey) -> int:
