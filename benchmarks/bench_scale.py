@@ -187,9 +187,9 @@ def attention_skip(mode: str, tokens: int, hidden: int, args) -> str | None:
     """Why attention is not run at this size (or None): the bounds of the module docstring."""
     scores_gib = hidden // HEAD_DIM * tokens**2 * 4 / 2**30
     if mode == "prefill" and scores_gib > args.attention_gib:
-        return f"skipped: its scores alone are {scores_gib:,.0f} GiB"
+        return f"skipped: its scores alone would be {scores_gib:.3g} GiB (--attention-gib)"
     if mode == "stream" and tokens > args.attention_tokens:
-        return f"skipped: over --attention-tokens {args.attention_tokens:,}"
+        return f"skipped: over --attention-tokens {args.attention_tokens:,} (quadratic time)"
     return None
 
 
@@ -264,20 +264,23 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
 
 
 def scale_table(results: dict) -> str:
-    rows = []
+    """The table, then why each skipped cell was skipped."""
+    rows, reasons = [], []
     for name in LAYERS:
         for tokens, cells in results[name].items():
             row = [name, f"{tokens:,}"]
             for mode in ("prefill", "stream"):
                 cell = cells[mode]
                 if isinstance(cell, str):
-                    row += [cell, "", ""]
+                    row += ["skipped", "", ""]
+                    reasons.append(f"{name} {mode} at {tokens:,} tokens {cell}")
                 else:
                     seconds, mib = cell
                     row += [f"{seconds:.3f}", f"{tokens / seconds:,.0f}", f"{mib:,.0f}"]
             rows.append(row)
     header = ["layer", "tokens", "prefill s", "tok/s", "peak MiB", "stream s", "tok/s", "peak MiB"]
-    return markdown(header, rows)
+    table = markdown(header, rows)
+    return f"{table}\n\n" + "\n".join(reasons) if reasons else table
 
 
 def decode_table(results: dict, contexts: list[int]) -> str:
@@ -325,6 +328,8 @@ def crossover(results: dict, name: str, mode: str) -> str:
         if not isinstance(results["attention"][t][mode], str)
         and not isinstance(results[name][t][mode], str)
     ]
+    if not both:
+        return "not compared: attention was skipped at every length"
     faster = [t for t in both if results[name][t][mode][0] < results["attention"][t][mode][0]]
     if not faster:
         return f"no, slower at every length both ran ({', '.join(f'{t:,}' for t in both)})"

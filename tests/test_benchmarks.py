@@ -58,9 +58,16 @@ def test_quick_run_prints_every_layer_at_every_size_and_draws_the_plot(tmp_path)
         assert plot.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_quick_run_writes_no_plot_unless_asked(tmp_path):
-    done = run_scale("--quick", "--tokens", "128")
+def test_attention_past_its_bounds_is_skipped_with_the_reason_and_no_plot_unless_asked():
+    done = run_scale("--quick", "--attention-tokens", "128", "--attention-gib", "0.00001")
     assert done.returncode == 0, done.stderr
+    rows = {
+        tuple(c.strip() for c in line.strip("|").split("|")[:3])
+        for line in done.stdout.splitlines()
+    }
+    assert ("attention", "128", "skipped") in rows  # 128 x 128 scores: 64 KiB > 0.00001 GiB
+    assert "attention stream at 512 tokens skipped: over --attention-tokens 128" in done.stdout
+    assert "attention prefill at 128 tokens skipped: its scores alone would be" in done.stdout
     assert "plot:" not in done.stdout
 
 
