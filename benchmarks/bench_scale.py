@@ -395,7 +395,6 @@ def svg_plot(panels: list[tuple[str, dict]], path: Path) -> None:
                     f'<text x="{lx + 26}" y="{height + 12}">{label}</text>'
                 )
     total, height = width * len(panels), height + 24
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{total}" height="{height}" '
         f'font-family="sans-serif" font-size="11"><rect width="{total}" height="{height}" '
@@ -459,6 +458,16 @@ def parse_args() -> argparse.Namespace:
             parser.error(f"{flag} {hidden}: must be a multiple of the head dim, {HEAD_DIM}")
     if args.plot is None and not args.quick:
         args.plot = DEFAULT_PLOT
+    if args.plot:  # found out now, not after the hour the benchmark can take
+        folder = args.plot.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            parser.error(f"--plot {args.plot}: {folder} is not a folder")
+        except OSError as exc:
+            parser.error(f"--plot {args.plot}: {folder} cannot be made ({exc.strerror})")
+        if not os.access(folder, os.W_OK):
+            parser.error(f"--plot {args.plot}: {folder} is not writable")
     return args
 
 

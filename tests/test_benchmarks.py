@@ -75,6 +75,8 @@ def test_bad_sizes_are_one_line_and_exit_2():
     for args, words in (
         (("--tokens", "0"), "--tokens"),
         (("--hidden", "100"), "--hidden 100"),
+        (("--decode-hidden", "64", "96"), "--decode-hidden 96"),
+        (("--plot", "/dev/null/scale.svg"), "--plot /dev/null/scale.svg"),
     ):
         done = run_scale("--quick", *args)
         assert done.returncode == 2, done.stdout
