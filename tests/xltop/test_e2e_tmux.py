@@ -34,12 +34,15 @@ class Tmux:
     def screen(self) -> str:
         return self("capture-pane", "-p", "-t", "xltop")
 
+    def size(self) -> str:
+        return self("display", "-p", "-t", "xltop", "#{window_width}x#{window_height}").strip()
+
     def wait_for(self, what: str, predicate, timeout: float = TIMEOUT_S) -> str:
         """The screen, once `predicate` accepts it."""
         return wait_until(
             lambda: predicate(screen := self.screen()) and screen,
             timeout,
-            lambda: f"{what} on screen:\n{self.screen()}",
+            lambda: f"{what} on the {self.size()} screen:\n{self.screen()}",
             interval=0.2,
         )
 
@@ -64,7 +67,7 @@ def csv_rows(folder: Path) -> list[dict[str, str]]:
 
 def test_xltop_in_tmux_pause_clear_log_quit(tmux, tmp_path):
     exit_file = tmp_path / "exit_code"
-    command = f"env -u LD_PRELOAD {XLTOP} --preset tiny; echo $? > {exit_file}"
+    command = f"env -u LD_PRELOAD -u COLUMNS -u LINES {XLTOP} --preset tiny; echo $? > {exit_file}"
     tmux("new-session", "-d", "-s", "xltop", "-x", "120", "-y", "40", "-c", str(tmp_path),
          command)  # fmt: skip
     screen = tmux.wait_for("live step counter", lambda s: live_step(s) > 0)
@@ -105,11 +108,13 @@ def test_xltop_hosts_a_ray_run_shows_its_workers_and_a_killed_stage_restarts(tmu
     pytest.importorskip("ray")
     exit_file, home = tmp_path / "exit_code", tmp_path / "home"
     home.mkdir()
-    command = (f"env -u LD_PRELOAD -u RAY_AUTH_MODE HOME={home} {XLTOP} --ray-run --stages 2 "
+    # COLUMNS/LINES, where set, would fix the TUI's size (shutil.get_terminal_size reads them
+    # first): the pane's own size is wanted
+    command = (f"env -u LD_PRELOAD -u RAY_AUTH_MODE -u COLUMNS -u LINES HOME={home} {XLTOP} "
+               f"--ray-run --stages 2 "
                f"--preset tiny; echo $? > {exit_file}")  # fmt: skip
     tmux("new-session", "-d", "-s", "xltop", "-x", "160", "-y", "50", "-c", str(tmp_path),
          command)  # fmt: skip
-    tmux("resize-window", "-t", "xltop", "-x", "160", "-y", "50")  # room for every panel
     screen = tmux.wait_for("live step counter", lambda s: live_step(s) > 0, timeout=240)
     run_pid = int(re.search(r"pid (\d+)\s+step", screen).group(1))
     tmux.wait_for("the workers table", lambda s: "sent/recv" in s and " 1.0 " in s)
