@@ -336,6 +336,10 @@ class RayConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        host, _, port = self.address.rpartition(":")
+        if self.address != "local" and not (host and port.isdigit() and 0 < int(port) < 65536):
+            raise ConfigError(f"ray={self.address!r:.60}: must be 'local' or a cluster's "
+                              "host:port")  # fmt: skip
         if self.grad_average == "swar" and self.grad_compression == "none":
             raise ConfigError("grad_average='swar': needs grad_compression 'u8' or 'u16'")
         if self.grad_average == "swar" and self.replicas & (self.replicas - 1):

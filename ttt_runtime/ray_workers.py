@@ -298,9 +298,7 @@ class Cluster:
 
 
 def _check_reachable(address: str) -> None:
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise RayError(f"--ray {address}: not 'local' nor host:port")
+    host, _, port = address.rpartition(":")  # its form checked by RayConfig
     try:
         socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as exc:

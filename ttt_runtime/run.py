@@ -109,7 +109,12 @@ class TTTRun:
         state = LearnerState(restored.arrays, restored.cache_offsets) if restored else None
         try:
             if self.placement is not None:
-                from ttt_runtime.ray_workers import RayError, RayLearner  # Ray only if asked
+                try:  # Ray only when asked for
+                    from ttt_runtime.ray_workers import RayError, RayLearner
+                except ModuleNotFoundError as exc:
+                    if exc.name != "ray":
+                        raise
+                    raise SetupError("--ray needs Ray: pip install 'xltop[ray]'") from None
 
                 try:
                     return RayLearner(self.config, self.placement, state)

@@ -271,3 +271,54 @@ def test_a_cluster_with_token_auth_takes_the_token_and_refuses_a_run_without_it(
         assert lines[0].startswith("ttt-run: error: cannot join the Ray cluster:"), lines
     finally:
         cluster.stop()
+
+
+def test_an_adapt_run_carries_each_stages_fast_weights_from_chunk_to_chunk(ray_run):
+    run = ray_run("--mode", "adapt", "--stages", "2", "--sample-every", "2")
+    client = run_client(run, 120.0)
+    report = telemetry_where(
+        run, client, lambda m: m.step >= 5 and m.sampled_step and m.sampled_step >= 4,
+        what="a sampled step after the first chunks",
+    )  # fmt: skip
+    assert [w.bwd_ms for w in report.workers] == [None, None]  # no backward in adapt mode
+    assert len(report.layers) == 4 and all(layer.drift > 0 for layer in report.layers)
+    assert client.request("reset").ok
+    reset = telemetry_where(run, client, lambda m: m.conversation == 1, what="the reset")
+    assert all(layer.drift == 0 for layer in reset.layers)
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--ray", "foo"], "ray='foo': must be 'local' or a cluster's host:port"),
+        (["--ray", "local", "--stages", "5"], "stages=5: at most num_blocks=4"),
+        (["--ray", "local", "--replicas", "3"], "replicas=3: must divide batch_size=2"),
+        (["--ray", "local", "--grad-average", "swar", "--grad-compression", "none"],
+         "grad_average='swar': needs grad_compression 'u8' or 'u16'"),
+        (["--stages", "2"], "--stages: needs --ray"),
+        (["--ray", "local", "--max-restarts", "-1"], "max_restarts=-1: must be an integer"),
+    ],
+)  # fmt: skip
+def test_a_placement_that_cannot_be_is_one_line_before_anything_starts(flags, message):
+    done = subprocess.run(
+        [sys.executable, "-m", "ttt_runtime", "run", *TINY_4, *flags],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert (
+        done.returncode == 2
+        and done.stderr
+        == f"ttt-run: error: {message}" + (done.stderr[len(f"ttt-run: error: {message}") :])
+    )
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_without_ray_installed_a_ray_run_says_how_to_get_it(tmp_path):
+    script = (
+        "import sys; sys.modules['ray'] = None\n"  # the import of ray fails, as if not installed
+        "from ttt_runtime.__main__ import main\n"
+        f"sys.exit(main(['--preset', 'tiny', '--ray', 'local', '--socket', '{tmp_path}/r.sock']))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip() == "ttt-run: error: --ray needs Ray: pip install 'xltop[ray]'"
