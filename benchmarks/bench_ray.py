@@ -12,8 +12,9 @@ cluster (tests/ray_helpers.LocalRayCluster, started once, stopped by its own pro
    model's stage on its own rows): per --grad-compression x --grad-average, the bytes a
    replica puts on the wire per step, the max and RMS error against the float64 mean (relative
    to the largest |g| sent and to the mean's RMS), ms to build the payload (quantize) and ms to
-   average (`ray_workers._average`). Then the loss of three 2 x 2 runs over the same steps
-   (same seed, same data): none, u16 exact, u8 swar.
+   average (`ray_workers._average`). Then the loss over the same steps (same seed, same data)
+   of 2 x 2 runs with none, u16 exact and u8 swar gradients, and of one process (what float
+   rounding alone moves).
 
     .venv/bin/python benchmarks/bench_ray.py [--preset tiny] [--quick]
 """
@@ -48,7 +49,14 @@ PLACEMENTS = {
 }
 AVERAGINGS = [("none", "exact"), ("u16", "exact"), ("u8", "exact"), ("u16", "swar"),
               ("u8", "swar")]  # fmt: skip
-LOSS_RUNS = [("none", "exact"), ("u16", "exact"), ("u8", "swar")]
+# the loss runs: 1 process is the reference for what float rounding alone moves (2 x 2 with
+# uncompressed gradients computes the same mean gradient, in another order)
+LOSS_RUNS = {
+    "1 process": [],
+    "none exact": ["--grad-compression", "none"],
+    "u16 exact": ["--grad-compression", "u16"],
+    "u8 swar": ["--grad-compression", "u8", "--grad-average", "swar"],
+}
 START_TIMEOUT_S = 300.0  # a run starts Python, MLX and (Ray) its actors: slow on a loaded machine
 
 
@@ -254,15 +262,15 @@ def bench_averaging(config: RunConfig, repeats: int) -> None:
 
 
 def bench_loss(base: list[str], address: str, steps: int) -> None:
-    """Three 2 x 2 runs, side by side from the same start: the loss at every 10th step."""
+    """2 x 2 runs and one process, side by side from the same start: the loss at every 10th
+    step and the mean of the last 10."""
     runs = {}
     try:
-        for compression, average in LOSS_RUNS:
-            runs[f"{compression} {average}"] = start_run(
-                [*base, "--ray", address, "--stages", "2", "--replicas", "2",
-                 "--grad-compression", compression, "--grad-average", average,
-                 "--max-steps", str(steps), "--sample-every", "0"]
-            )  # fmt: skip
+        for name, gradients in LOSS_RUNS.items():
+            ray = ["--ray", address, "--stages", "2", "--replicas", "2"] if gradients else []
+            runs[name] = start_run(
+                [*base, *ray, *gradients, "--max-steps", str(steps), "--sample-every", "0"]
+            )
         for _, client in runs.values():
             assert client.request("resume").ok
         failed = {}
@@ -276,15 +284,16 @@ def bench_loss(base: list[str], address: str, steps: int) -> None:
     curves = {name: {m.step: m.loss_bpb for m in client.reports if m.loss_bpb is not None}
               for name, (_, client) in runs.items()}  # fmt: skip
     marks = [s for s in range(10, steps + 1, 10)] or [steps]
-    print(f"\n   loss (bits per byte) of 2 stages x 2 replicas, same seed and data, {steps} steps")
-    print(f"  {'gradients':<12}" + "".join(f"{f'step {s}':>9}" for s in marks)
+    print(f"\n   loss (bits per byte) of 2 stages x 2 replicas by gradients on the wire, and of "
+          f"1 process; same seed and data, {steps} steps")  # fmt: skip
+    print(f"  {'run':<12}" + "".join(f"{f'step {s}':>9}" for s in marks)
           + f"{'last 10':>9}{'vs none':>9}")  # fmt: skip
-    tails = {}
+    tails = {name: statistics.mean(curve[s] for s in range(steps - 9, steps + 1) if s in curve)
+             for name, curve in curves.items() if name not in failed}  # fmt: skip
     for name, curve in curves.items():
         if name in failed:
             print(f"  {name:<12}failed: {' '.join(failed[name])[:200]}")
             continue
-        tails[name] = statistics.mean(curve[s] for s in range(steps - 9, steps + 1) if s in curve)
         cells = "".join(f"{curve.get(s, float('nan')):9.3f}" for s in marks)
         versus = tails[name] - tails.get("none exact", float("nan"))
         print(f"  {name:<12}{cells}{tails[name]:9.3f}{versus:+9.3f}")
