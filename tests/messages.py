@@ -60,5 +60,5 @@ def worker(stage: int, pid: int, restarts: int = 0) -> WorkerFigures:
     return WorkerFigures(
         stage=stage, replica=0, blocks=(stage,), node_id="ab12", node_ip="127.0.0.1", pid=pid,
         restarts=restarts, rss=200 << 20, active=10 << 20, cache=0, peak=20 << 20, fwd_ms=1.5,
-        bwd_ms=3.0, wait_ms=0.25, sent=4096, received=8192,
+        bwd_ms=3.0, wait_ms=0.25, sync_ms=None, sent=4096, received=8192,
     )  # fmt: skip

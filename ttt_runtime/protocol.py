@@ -90,6 +90,7 @@ class WorkerFigures:
     fwd_ms: float  # its forward time over the last step, all micro-batches
     bwd_ms: float | None  # None in adapt mode
     wait_ms: float  # time between its calls within the last step: waiting for input
+    sync_ms: float | None  # averaging the replicas' gradients (None without replicas)
     sent: int  # bytes it returned over the last step (activations, cotangents, gradients)
     received: int  # bytes it was sent over the last step
 

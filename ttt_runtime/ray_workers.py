@@ -66,8 +66,11 @@ class StageWorker:
     """One replica of one stage, in a Ray actor: a `Stage` behind numpy in and out, with the
     actor's own figures (its process's memory, its time computing, waiting and moving bytes)."""
 
-    def __init__(self, config: RunConfig, placement: RayConfig, index: int, rows: int):
+    def __init__(
+        self, config: RunConfig, placement: RayConfig, index: int, replica: int, rows: int
+    ):
         self.stage = Stage(config, index, placement.stages, rows)
+        self.replica = replica
         self.compression = placement.grad_compression
         self.average = placement.grad_average
         self.process = psutil.Process()
@@ -79,6 +82,7 @@ class StageWorker:
     def _begin(self, sampled: bool) -> None:
         self.stage.begin_step(sampled)
         self.wait_ms, self.sent, self.received = 0.0, 0, 0
+        self.sync_ms: float | None = None  # averaging the replicas' gradients
         self._idle_since: float | None = None
 
     def _enter(self, *arrays: Any) -> None:
@@ -149,8 +153,11 @@ class StageWorker:
         self._enter()
         if self.stage.train:
             if payloads:
-                self.received += sum(_payload_bytes(v) for p in payloads for v in p.values())
+                others = [p for r, p in enumerate(payloads) if r != self.replica]
+                self.received += sum(_payload_bytes(v) for p in others for v in p.values())
+                start = time.perf_counter()
                 gradients = _average(payloads, self.average)
+                self.sync_ms = (time.perf_counter() - start) * 1e3
             else:
                 gradients = self.stage.gradients()
             self.stage.apply(gradients)
@@ -159,7 +166,8 @@ class StageWorker:
         counters = memory_counters()
         return {
             **asdict(report),
-            "wait_ms": self.wait_ms, "sent": self.sent, "received": self.received,
+            "wait_ms": self.wait_ms, "sync_ms": self.sync_ms, "sent": self.sent,
+            "received": self.received,
             "rss": self.process.memory_info().rss, "active": counters["active"],
             "cache": counters["cache"], "peak": counters["peak"], "pid": os.getpid(),
         }  # fmt: skip
@@ -205,8 +213,7 @@ def _average(payloads: tuple[dict[str, Any], ...], how: str) -> dict[str, mx.arr
             )  # fmt: skip
         else:
             total = swar.ExactAccumulator(np.shape(_values(parts[0])))
-            for part in parts:
-                total.add(_values(part))
+            total.add(np.stack([_values(part) for part in parts]))  # one pass over the limbs
             value = total.value() / len(parts)
         mean[name] = mx.array(np.asarray(value, np.float32))
     return mean
@@ -338,7 +345,7 @@ class RayLearner:
             scheduling_strategy="SPREAD", runtime_env=env,
         )  # fmt: skip
         self.actors: list[list[Any]] = [
-            [actor.remote(self.config, self.placement, k, self.rows) for _ in self._replicas()]
+            [actor.remote(self.config, self.placement, k, r, self.rows) for r in self._replicas()]
             for k in range(self.placement.stages)
         ]
         self.restarts = [[0 for _ in self._replicas()] for _ in self.actors]
@@ -554,7 +561,8 @@ class RayLearner:
                     cache=report.get("cache", 0), peak=report.get("peak", 0),
                     fwd_ms=sum(report.get("fwd_ms", [])),
                     bwd_ms=sum(report["bwd_ms"]) if self.train and report else None,
-                    wait_ms=report.get("wait_ms", 0.0), sent=report.get("sent", 0),
+                    wait_ms=report.get("wait_ms", 0.0), sync_ms=report.get("sync_ms"),
+                    sent=report.get("sent", 0),
                     received=report.get("received", 0),
                 ))  # fmt: skip
         return tuple(figures)

@@ -46,7 +46,8 @@ LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(LayerFigures))
 WORKER_COLUMNS = {
     "pid": ("pid", 1), "restarts": ("restarts", 1), "rss_mib": ("rss", MIB),
     "mlx_active_mib": ("active", MIB), "mlx_peak_mib": ("peak", MIB), "fwd_ms": ("fwd_ms", 1),
-    "bwd_ms": ("bwd_ms", 1), "wait_ms": ("wait_ms", 1), "sent_kib": ("sent", 1024),
+    "bwd_ms": ("bwd_ms", 1), "wait_ms": ("wait_ms", 1), "sync_ms": ("sync_ms", 1),
+    "sent_kib": ("sent", 1024),
     "received_kib": ("received", 1024),
 }  # fmt: skip
 

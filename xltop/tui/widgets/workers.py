@@ -18,6 +18,8 @@ from xltop.tui.widgets.keyed_table import AppearingTable, Column
 
 
 def blocks_text(worker: WorkerFigures) -> str:
+    if not worker.blocks:  # a replayed CSV keeps none
+        return units.MISSING
     first, last = worker.blocks[0], worker.blocks[-1]
     return str(first) if first == last else f"{first}-{last}"
 
@@ -43,6 +45,8 @@ COLUMNS: tuple[Column[WorkerFigures], ...] = (
     Column("bwd", "bwd ms", 7, lambda w: _ms(w.bwd_ms), order=lambda w: w.bwd_ms,
            largest_first=True),
     Column("wait", "wait ms", 7, lambda w: _ms(w.wait_ms), order=lambda w: w.wait_ms,
+           largest_first=True),
+    Column("sync", "sync ms", 7, lambda w: _ms(w.sync_ms), order=lambda w: w.sync_ms,
            largest_first=True),
     Column("moved", "sent/recv", 17, lambda w: f"{units.size(w.sent)}/{units.size(w.received)}",
            order=lambda w: w.sent + w.received, largest_first=True),
