@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -55,6 +56,24 @@ def _digest(arrays: dict[str, mx.array], fields: dict[str, str]) -> str:
         digest.update(f"{name}:{value.dtype}:{value.shape};".encode())
         digest.update(np.ascontiguousarray(value).tobytes())
     return digest.hexdigest()
+
+
+def check_writable(path: str) -> None:
+    """CheckpointError (as `save` would give it) unless a checkpoint can be written at `path`
+    now: for a caller with a long job before its save. A full disk can still refuse it later."""
+    target = os.path.abspath(path)
+    if os.path.exists(target) and not os.path.isfile(target):
+        raise CheckpointError(f"cannot write checkpoint {target}: not a regular file")
+    folder = os.path.dirname(target)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise CheckpointError(f"cannot write checkpoint {target}: {folder} is not a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise CheckpointError(f"cannot write checkpoint {target}: {reason}") from None
 
 
 def save(path: str, checkpoint: Checkpoint) -> str:

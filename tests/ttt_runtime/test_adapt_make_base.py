@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -52,4 +53,16 @@ def test_an_unwritable_target_is_one_line_and_exit_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         f"make_base: error: cannot write checkpoint {target}: not a regular file"
+    ]
+
+
+def test_a_target_it_could_not_write_is_refused_before_the_training(tmp_path):
+    """A folder that cannot be made is found at once, not after the minutes of training."""
+    (tmp_path / "a-file").write_text("not a folder")
+    target = tmp_path / "a-file" / "base.safetensors"
+    start = time.monotonic()
+    result = make_base(str(target), "--preset", "tiny", "--steps", "100000")
+    assert time.monotonic() - start < 60 and result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"make_base: error: cannot write checkpoint {target}: {target.parent} is not a folder"
     ]

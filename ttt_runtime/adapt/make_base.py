@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.steps < 1:
             raise ConfigError(f"--steps {args.steps}: must be at least 1")
         config = RunConfig.from_preset(args.preset).with_overrides(mode="train", seed=args.seed)
+        ckpt.check_writable(args.out)  # before the training, not after it
         report = train_base(config, args.steps, args.out)
     except (ConfigError, ckpt.CheckpointError) as exc:
         print(f"make_base: error: {exc}", file=sys.stderr)
