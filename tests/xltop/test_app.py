@@ -304,13 +304,13 @@ async def test_f_freezes_the_display_while_the_run_goes_on(attached):
         await until_steps(pilot, app, 2)
         await pilot.press("f")
         panel = app.main_screen.query_one(MemoryPanel)
-        frozen_content, frozen_step = panel.content, run_of(app).step
+        frozen_snapshot, frozen_step = panel.snapshot, run_of(app).step
         await until_steps(pilot, app, 3)
-        assert panel.content is frozen_content
+        assert panel.snapshot is frozen_snapshot
         assert "FROZEN" in str(app.main_screen.query_one("#header").content)
         assert run_of(app).step > frozen_step  # the run went on
         await pilot.press("f")
-        await until(pilot, lambda: panel.content is not frozen_content, "a live display")
+        await until(pilot, lambda: panel.snapshot is not frozen_snapshot, "a live display")
 
 
 @pilot_test
@@ -383,6 +383,40 @@ async def test_tables_redraw_exactly_the_cells_a_tick_changed():
         assert " 0.005 " in after[0].splitlines()[block0]  # block 0's drift
         lines = zip(before[1].splitlines(), after[1].splitlines(), strict=True)
         assert sum(a != b for a, b in lines) == 1  # only the run's row: no other process changed
+
+
+@pilot_test
+async def test_memory_panel_draws_a_bar_a_line_in_its_width_coloured_by_fill():
+    # The panel is drawn straight to strips (no Rich Text layout): each bar must still fill
+    # the panel's width exactly, in proportion, coloured by how full it is, and a line too
+    # long for the panel is cut, never wrapped onto the next bar's line.
+    app = XltopApp(FakeMonitor(ticks=0), host="testhost")
+    async with app.run_test(size=(160, 45)) as pilot:
+        panel = app.main_screen.query_one(MemoryPanel)
+        snapshot = fake_snapshot(0)
+        busy = dataclasses.replace(snapshot.system, cpu_percent=95.0)
+        app.show_snapshot(dataclasses.replace(snapshot, system=busy))
+        await pilot.pause(0.1)
+        lines = panel.text.splitlines()
+        width = panel.size.width
+        labels = ["run RSS", "MLX active", "MLX cache", "MLX peak", "system", "CPU"]
+        assert [line.split("[")[0].strip() for line in lines] == [*labels, lines[6]]
+        assert lines[6] == "MLX ceiling 24 GiB (cpu)"
+        for line in lines[:6]:
+            assert len(line) == width  # label, bar and figures fill the width
+        cpu = lines[5]
+        cells = cpu.index("]") - cpu.index("[") - 1
+        assert cpu.count("|") == round(0.95 * cells) and "95% run 98%" in cpu
+        cpu_fill, system_fill = (
+            {s.style.color.name for s in panel.lines()[row] if s.text[:1] == "|"} for row in (5, 4)
+        )
+        assert cpu_fill == {"red"} and system_fill == {"green"}  # >= 90% red; 50% green
+        huge = dataclasses.replace(snapshot.system, used=10**15, total=10**15, cpu_percent=100.0)
+        app.show_snapshot(dataclasses.replace(snapshot, system=huge))
+        await pilot.pause(0.1)
+        lines = panel.text.splitlines()
+        assert len(lines) == 7 and lines[6].startswith("MLX ceiling")  # nothing wrapped
+        assert len(lines[4]) == width and lines[4].startswith("system     [||||] ")  # cut
 
 
 # a command line as a hostile user can write it: terminal escapes (retitle, clear the screen) and
