@@ -2,6 +2,6 @@
 
 import sys
 
-from xltop.cli import main
+from xltop.entry import main
 
 sys.exit(main())
