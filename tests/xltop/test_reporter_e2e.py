@@ -137,6 +137,9 @@ async def test_the_tui_shows_the_loops_scalars_and_its_p_pauses_the_loop(user_lo
         assert "user/regression" in header
         await pilot.press("p")
         await until(pilot, lambda: run_of(app).state == "paused", "the loop to pause")
+        # a step() already past its pause check when the command came is still counted
+        settled = app.snapshots_shown
+        await until(pilot, lambda: app.snapshots_shown >= settled + 2, "the step in flight")
         held, shown = run_of(app).step, app.snapshots_shown
         await until(pilot, lambda: app.snapshots_shown >= shown + 3, "three ticks")
         assert run_of(app).step == held  # step() blocks in the loop's own process
