@@ -26,6 +26,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any, NoReturn
 
@@ -248,9 +249,10 @@ class Cluster:
             # Ray's Unix sockets live under its temp dir; their paths cap at 107 bytes
             self.temp_dir = tempfile.mkdtemp(prefix="xr-", dir="/tmp")
             try:
-                return self._init(num_cpus=os.cpu_count(), include_dashboard=dashboard,
-                                  dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
-                                  _temp_dir=self.temp_dir)  # fmt: skip
+                with _tmpdir(self.temp_dir):  # Ray's processes' own scratch goes there too
+                    return self._init(num_cpus=os.cpu_count(), include_dashboard=dashboard,
+                                      dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+                                      _temp_dir=self.temp_dir)  # fmt: skip
             except RayError as exc:
                 if attempt == 2 or "timed out during startup" not in str(exc):
                     raise
@@ -304,6 +306,21 @@ class Cluster:
             self.temp_dir = None
 
 
+@contextlib.contextmanager
+def _tmpdir(path: str) -> Iterator[None]:
+    """TMPDIR=`path` for the processes started meanwhile (a private cluster's: its dashboard's
+    multiprocessing leaves /tmp/pymp-* folders behind when stopped), then as it was."""
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = path
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TMPDIR"]
+        else:
+            os.environ["TMPDIR"] = before
+
+
 def _check_reachable(address: str) -> None:
     host, _, port = address.rpartition(":")  # its form checked by RayConfig
     try:
@@ -339,7 +356,10 @@ class RayLearner:
 
     def _start_actors(self) -> None:
         # the fast BLAS, as this machine has it (a node laid out otherwise falls back to MLX's)
-        env = {"env_vars": preload_environment(os.environ)}
+        env_vars = preload_environment(os.environ)
+        if self.cluster.temp_dir:  # a private cluster's processes got its TMPDIR: not MLX's,
+            env_vars["TMPDIR"] = tempfile.gettempdir()  # which compiles kernels under it
+        env = {"env_vars": env_vars}
         actor = ray.remote(StageWorker).options(
             num_cpus=0, max_restarts=self.placement.max_restarts, max_task_retries=0,
             scheduling_strategy="SPREAD", runtime_env=env,

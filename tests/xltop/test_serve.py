@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -52,6 +53,9 @@ class Browser:
     """A headless Chromium of the test's own (profile in tmp_path), stopped by pid."""
 
     def __init__(self, profile: Path):
+        # its scratch (org.chromium.Chromium.* folders, Unix sockets: a short path) in a folder
+        # of its own rather than /tmp, removed with it
+        self.scratch = tempfile.mkdtemp(prefix="cr-")
         self.proc = subprocess.Popen(
             [
                 CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
@@ -59,7 +63,7 @@ class Browser:
                 "--window-size=1400,900", "about:blank",
             ],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            start_new_session=True,
+            start_new_session=True, env={**os.environ, "TMPDIR": self.scratch},
         )  # fmt: skip
         assert self.proc.stderr is not None
         for line in self.proc.stderr:  # it says where its DevTools listen, then goes on
@@ -72,6 +76,7 @@ class Browser:
     def stop(self) -> None:
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
+        shutil.rmtree(self.scratch, ignore_errors=True)
         assert self.proc.stderr is not None
         self.proc.stderr.close()
 
