@@ -210,7 +210,7 @@ def replica_gradients(config: RunConfig, compression: str, average: str) -> list
     data = np.random.default_rng(config.seed).integers(0, 256, (2, rows, config.seq_len + 1))
     workers = []
     for replica in range(2):
-        worker = StageWorker(config, placement, 0, rows)
+        worker = StageWorker(config, placement, 0, replica, rows)
         tokens = data[replica].astype(np.int32)
         worker.forward(0, tokens[:, :-1], None, False)
         worker.backward(0, None, tokens[:, 1:])

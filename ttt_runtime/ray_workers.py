@@ -34,6 +34,7 @@ import mlx.core as mx
 import numpy as np
 import psutil
 import ray
+import ray.exceptions
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 
 from ttt_runtime import swar
@@ -54,7 +55,7 @@ STEP_TIMEOUT_S = 600.0
 SHUTDOWN_WAIT_S = 10.0  # for a private cluster's processes to exit after ray.shutdown
 
 
-class RayError(RuntimeError):
+class RaySetupError(RuntimeError):
     """The cluster cannot be reached or the actors cannot start: one line for the user."""
 
 
@@ -253,7 +254,7 @@ class Cluster:
                     return self._init(num_cpus=os.cpu_count(), include_dashboard=dashboard,
                                       dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
                                       _temp_dir=self.temp_dir)  # fmt: skip
-            except RayError as exc:
+            except RaySetupError as exc:
                 if attempt == 2 or "timed out during startup" not in str(exc):
                     raise
                 say(f"ttt-run: {exc}; starting it once more")
@@ -274,7 +275,7 @@ class Cluster:
             return ray.init(log_to_driver=False, configure_logging=False, **options)
         except Exception as exc:  # Ray raises many kinds here; the user needs one line
             self.close()
-            raise RayError(f"cannot join the Ray cluster: {_first_line(exc)}") from None
+            raise RaySetupError(f"cannot join the Ray cluster: {_first_line(exc)}") from None
         finally:
             done.set()
 
@@ -327,7 +328,7 @@ def _check_reachable(address: str) -> None:
         socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__.replace("Error", "").lower() or str(exc)
-        raise RayError(f"cannot reach the Ray cluster at {address}: {reason}") from None
+        raise RaySetupError(f"cannot reach the Ray cluster at {address}: {reason}") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -375,10 +376,10 @@ class RayLearner:
                               READY_TIMEOUT_S)  # fmt: skip
             self.places = [[self._place(where) for where in row] for row in found]
         except GetTimeoutError:
-            raise RayError(f"the stage actors did not start in {READY_TIMEOUT_S:.0f} s "
+            raise RaySetupError(f"the stage actors did not start in {READY_TIMEOUT_S:.0f} s "
                            "(is the cluster short of memory?)") from None  # fmt: skip
         except RayActorError as exc:
-            raise RayError(f"a stage actor failed to start: {_first_line(exc)}") from None
+            raise RaySetupError(f"a stage actor failed to start: {_first_line(exc)}") from None
         self.reports: list[list[dict | None]] = [[None for _ in row] for row in self.actors]
 
     def _place(self, where: dict) -> dict:
@@ -407,7 +408,7 @@ class RayLearner:
                 if self.train
                 else self._adapt(inputs, targets, sampled)
             )
-        except RayActorError as exc:
+        except ray.exceptions.RayError as exc:  # an actor died, or met a call of that step
             self._recover(exc)  # raises
         seconds = time.perf_counter() - start
         sample = self._sample() if sampled else None
@@ -491,7 +492,7 @@ class RayLearner:
         """Nothing to do: each stage runs block by block always, so no step compiles apart."""
 
     # -- faults ---------------------------------------------------------------------------------
-    def _recover(self, failure: RayActorError) -> NoReturn:
+    def _recover(self, failure: ray.exceptions.RayError) -> NoReturn:
         """After a failed step: LearnerRestarted once every dead actor is back (Ray restarted
         it), LearnerFailed if one cannot come back."""
         came_back = []

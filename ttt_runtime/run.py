@@ -110,7 +110,7 @@ class TTTRun:
         try:
             if self.placement is not None:
                 try:  # Ray only when asked for
-                    from ttt_runtime.ray_workers import RayError, RayLearner
+                    from ttt_runtime.ray_workers import RayLearner, RaySetupError
                 except ModuleNotFoundError as exc:
                     if exc.name != "ray":
                         raise
@@ -118,7 +118,7 @@ class TTTRun:
 
                 try:
                     return RayLearner(self.config, self.placement, state)
-                except RayError as exc:
+                except RaySetupError as exc:
                     raise SetupError(str(exc)) from None
             mx.random.seed(self.config.seed)
             model = TTTModel(self.config.model_config())
