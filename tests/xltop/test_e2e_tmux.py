@@ -24,10 +24,11 @@ class Tmux:
     """One private tmux server (its own socket) holding one session."""
 
     def __init__(self, tmp_path: Path):
-        self.socket = f"xltop-test-{tmp_path.name}"
+        # its socket in the test's folder: -L would leave tmux's /tmp/tmux-UID behind
+        self.socket = str(tmp_path / "tmux.sock")
 
     def __call__(self, *args: str) -> str:
-        out = subprocess.run(["tmux", "-L", self.socket, *args], capture_output=True,
+        out = subprocess.run(["tmux", "-S", self.socket, *args], capture_output=True,
                              text=True, timeout=30)  # fmt: skip
         return out.stdout
 
