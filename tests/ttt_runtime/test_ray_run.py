@@ -22,6 +22,7 @@ from polling import run_client, wait_until
 from ray_helpers import LocalRayCluster, free_port, ray_missing
 
 from ttt_runtime.checkpoint import load
+from xltop.raycluster import RayCluster
 
 pytestmark = pytest.mark.slow
 TINY_4 = ("--preset", "tiny", "--num-blocks", "4", "--batch-size", "2", "--sample-every", "3")
@@ -236,13 +237,18 @@ def test_replicas_average_compressed_gradients_and_report_every_actor(ray_run):
 
 def test_stages_spread_over_the_nodes_of_the_cluster(ray_head, ray_run):
     node = ray_head.add_node()  # a second raylet on this machine: a real second node
+    watcher = RayCluster(ray_head.url, None, interval=0.5)
     try:
+        # the cluster lists the node as alive a moment after `ray start` says it runs; actors
+        # placed before that all land on the head
+        wait_until(lambda: watcher.sample().nodes_alive == 2, 60, "the second node alive")
         run = ray_run("--stages", "2")
         client = run_client(run, 120.0)
         report = telemetry_where(run, client, lambda m: m.step >= 2, what="step 2")
         assert len({w.node_id for w in report.workers}) == 2, report.workers
         assert run.stop() == 0
     finally:
+        watcher.close()
         LocalRayCluster.stop_group(node)
 
 
