@@ -35,6 +35,16 @@ class Tmux:
     def screen(self) -> str:
         return self("capture-pane", "-p", "-t", "xltop")
 
+    def quit(self, exit_file: Path) -> str:
+        """Press q; the exit status the session's command wrote to `exit_file`."""
+        self("send-keys", "-t", "xltop", "q")
+        return wait_until(
+            lambda: exit_file.exists() and exit_file.read_text().strip(),
+            TIMEOUT_S,
+            lambda: f"xltop to exit:\n{self.screen()}",
+            interval=0.2,
+        )
+
     def size(self) -> str:
         return self("display", "-p", "-t", "xltop", "#{window_width}x#{window_height}").strip()
 
@@ -89,14 +99,7 @@ def test_xltop_in_tmux_pause_clear_log_quit(tmux, tmp_path):
     tmux.wait_for("resumed run", lambda s: "RUN PAUSED" not in s and live_step(s) > 0)
     wait_until(lambda: len(csv_rows(tmp_path)) >= 2, TIMEOUT_S, "CSV rows", interval=0.2)
 
-    tmux("send-keys", "-t", "xltop", "q")
-    wait_until(
-        lambda: exit_file.exists() and exit_file.read_text().strip(),
-        TIMEOUT_S,
-        lambda: f"xltop to exit:\n{tmux.screen()}",
-        interval=0.2,
-    )
-    assert exit_file.read_text().strip() == "0"
+    assert tmux.quit(exit_file) == "0"
     assert process_gone(run_pid)  # the hosted run was stopped
     rows = csv_rows(tmp_path)
     assert rows and all(r["ts"] for r in rows)  # closed with whole rows
@@ -127,13 +130,6 @@ def test_xltop_hosts_a_ray_run_shows_its_workers_and_a_killed_stage_restarts(tmu
     step = live_step(tmux.screen())
     tmux.wait_for("steps after the restart", lambda s: live_step(s) > step, timeout=180)
 
-    tmux("send-keys", "-t", "xltop", "q")
-    wait_until(
-        lambda: exit_file.exists() and exit_file.read_text().strip(),
-        TIMEOUT_S,
-        lambda: f"xltop to exit:\n{tmux.screen()}",
-        interval=0.2,
-    )
-    assert exit_file.read_text().strip() == "0"
+    assert tmux.quit(exit_file) == "0"
     gone = wait_until(lambda: not any(p.is_running() for p in family), 60, "the run's processes")
     assert gone and process_gone(run_pid)
