@@ -386,6 +386,42 @@ async def test_tables_redraw_exactly_the_cells_a_tick_changed():
 
 
 @pilot_test
+async def test_a_process_that_comes_as_one_goes_takes_its_row_without_a_layout():
+    # On a busy machine a process enters the top 30 as one leaves in many ticks: removing a row
+    # lays the whole screen out again, so the newcomer takes the leaver's row instead.
+    app = XltopApp(FakeMonitor(ticks=0), host="testhost")
+    async with app.run_test(size=(160, 45)) as pilot:
+        processes = app.main_screen.query_one(ProcessTable)
+        app.show_snapshot(fake_snapshot(0))
+        await pilot.pause(0.1)
+        layouts: list[bool] = []
+        refresh = processes.refresh
+
+        def recording(*regions, layout: bool = False, **kwargs):
+            layouts.append(layout)
+            return refresh(*regions, layout=layout, **kwargs)
+
+        processes.refresh = recording  # type: ignore[method-assign]
+        snapshot = fake_snapshot(1)
+        *kept, leaver = snapshot.processes
+        newcomer = dataclasses.replace(leaver, pid=99_999, command="python newcomer.py")
+        app.show_snapshot(dataclasses.replace(snapshot, processes=(*kept, newcomer)))
+        await pilot.pause(0.1)
+        assert layouts and not any(layouts)
+        keys = [row.key.value for row in processes.ordered_rows]
+        assert "99999" in keys and str(leaver.pid) not in keys
+        assert len(keys) == len(snapshot.processes)
+        assert processes.items["99999"] is newcomer
+        # a newcomer wider than any command so far widens the column, as an added row does
+        command = "python wide.py --" + "x" * 60
+        wide = dataclasses.replace(leaver, pid=99_998, command=command, rss=64 << 30)  # on top
+        app.show_snapshot(dataclasses.replace(fake_snapshot(2), processes=(*kept, wide)))
+        await pilot.pause(0.1)
+        assert "99999" not in processes.items
+        assert any(command in line for line in drawn(processes).splitlines())
+
+
+@pilot_test
 async def test_memory_panel_draws_a_bar_a_line_in_its_width_coloured_by_fill():
     # The panel is drawn straight to strips (no Rich Text layout): each bar must still fill
     # the panel's width exactly, in proportion, coloured by how full it is, and a line too

@@ -1,9 +1,10 @@
 """KeyedTable: a RowTable of items keyed by id (a pid, a Ray node or actor id), sortable.
 
-`show(items)` updates a row that stays cell by cell, adds a row that appears and removes one that
-goes; the rows follow the sort column (click a header, or `cycle_sort`), unknown values last,
-and the cursor stays on the same item when they re-sort. A filter (`set_filter`) keeps the items
-whose searchable columns hold its text; like the sort, it holds across `show`s.
+`show(items)` updates a row that stays cell by cell, puts a row that appears in the place of one
+that goes (else adds or removes one); the rows follow the sort column (click a header, or
+`cycle_sort`), unknown values last, and the cursor stays on the same item when they re-sort. A
+filter (`set_filter`) keeps the items whose searchable columns hold its text; like the sort, it
+holds across `show`s.
 """
 
 from __future__ import annotations
@@ -93,13 +94,18 @@ class KeyedTable(RowTable, Generic[Item]):
         """Show `latest` as filtered and arranged now: rows by key, changed cells only."""
         selected = self.selected_key()
         rows = {row.key: row for row in self.in_order([i for i in self.latest if self.matches(i)])}
-        for key in [key for key in self.shown if key not in rows]:
+        gone = [key for key in self.shown if key not in rows]
+        new = [key for key in rows if key not in self.shown]
+        # a row that comes takes the place of one that goes: no layout, one line repainted
+        for old_key, key in zip(gone, new, strict=False):
+            self.replace_row(old_key, key, *self._cells(rows[key]).values())
+        for key in gone[len(new) :]:
             self.remove_row(key)
+        for key in new[len(gone) :]:
+            self.add_row(*self._cells(rows[key]).values(), key=key)
         for key, row in rows.items():
             old = self.shown.get(key)
-            if old is None:
-                self.add_row(*self._cells(row).values(), key=key)
-            elif old != row:
+            if old is not None and old != row:
                 before = self._cells(old)
                 for column_key, value in self._cells(row).items():
                     if before[column_key] != value:

@@ -7,16 +7,19 @@ row, and a body row of one-line str/int/plain-Text cells is drawn through the pu
 (`render_line`), one Segment a cell, in DataTable's styles (zebra, cursor), cached by what it
 shows; the header, the row under the mouse (for DataTable's hover highlight) and a row with any
 other cell (a styled Text) keep DataTable's own path.
-Private parts used: the cell store (`_data`), its cache counter (`_update_count`) and the row
-order (`_row_locations`, for `order_rows`) of textual 8; tests/xltop/test_app.py checks what it
-draws, the snapshot tests how.
+Private parts used: the cell store (`_data`), its cache counter (`_update_count`), the row
+order (`_row_locations`, for `order_rows` and `replace_row`) and, for `replace_row`, the rows
+waiting to be measured (`_new_rows`, `_require_update_dimensions`) of textual 8;
+tests/xltop/test_app.py checks what it draws, the snapshot tests how.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import zip_longest
 from typing import Any
 
 from rich.cells import set_cell_size
@@ -28,7 +31,7 @@ from textual.color import Color
 from textual.geometry import Region
 from textual.strip import Strip
 from textual.widgets import DataTable
-from textual.widgets.data_table import CellType, ColumnKey, RowKey
+from textual.widgets.data_table import CellType, ColumnKey, DuplicateKey, RowKey
 
 from xltop.units import CONTROL_CHARACTERS, printable
 
@@ -70,13 +73,41 @@ class RowTable(DataTable):
         row = RowKey(row_key) if isinstance(row_key, str) else row_key
         self._data[row][column] = value
         self._update_count += 1  # DataTable's caches (header, cursor row) follow the change
-        if row_index not in self._to_repaint:  # a row's line once a paint, whatever its changes
-            self._to_repaint.add(row_index)
-            header = self.header_height if self.show_header else 0
-            self.refresh(Region(0, header + row_index - self.scroll_offset.y, self.size.width, 1))
+        self._repaint_row(row_index)
 
     def add_row(self, *cells: Any, **kwargs: Any) -> RowKey:
         return super().add_row(*map(literal, cells), **kwargs)
+
+    def replace_row(self, old_key: str, new_key: str, *cells: Any) -> None:
+        """Row `old_key` becomes row `new_key` showing `cells`, where it stands. A removed
+        row lays the whole screen out again (DataTable.remove_row: ~7 ms, and the table
+        repainted); when a row goes and another comes the table keeps its size, and this
+        repaints one line."""
+        old, new = RowKey(old_key), RowKey(new_key)
+        if new in self._row_locations:
+            raise DuplicateKey(f"The row key {new_key!r} already exists.")
+        row_index = self.get_row_index(old)  # raises RowDoesNotExist
+        order = [new if row.key == old else row.key for row in self.ordered_rows]
+        self.rows[new] = dataclasses.replace(self.rows.pop(old), key=new)
+        del self._data[old]
+        self._data[new] = {
+            column.key: literal(cell)
+            for column, cell in zip_longest(self.ordered_columns, cells)
+        }  # fmt: skip
+        self._row_locations = TwoWayDict({key: index for index, key in enumerate(order)})
+        # as add_row: an auto-width column is measured against the new cells when idle
+        self._new_rows.add(new)
+        self._require_update_dimensions = True
+        self.check_idle()
+        self._update_count += 1
+        self._repaint_row(row_index)
+
+    def _repaint_row(self, row_index: int) -> None:
+        """Mark a row's line for the next paint, once whatever its changes."""
+        if row_index not in self._to_repaint:
+            self._to_repaint.add(row_index)
+            header = self.header_height if self.show_header else 0
+            self.refresh(Region(0, header + row_index - self.scroll_offset.y, self.size.width, 1))
 
     def order_rows(self, keys: list[str]) -> None:
         """Put the rows in the order of `keys` (each row's key once). DataTable.sort orders by
