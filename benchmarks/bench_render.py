@@ -22,6 +22,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -75,8 +76,12 @@ async def render_times(
 def cpu_share(seconds: float) -> tuple[float, float, float]:
     """(xltop UI %, its main thread's %, run %) of one core over `seconds`, after the run's
     first steps."""
-    socket = f"bench-render-{int(time.time())}"
-    tmux = ["tmux", "-L", socket]
+    with tempfile.TemporaryDirectory(prefix="bench-render-") as folder:
+        # the server's socket in a folder of its own (-L would leave /tmp/tmux-UID behind)
+        return _cpu_share(["tmux", "-S", f"{folder}/tmux.sock"], seconds)
+
+
+def _cpu_share(tmux: list[str], seconds: float) -> tuple[float, float, float]:
     xltop = Path(sys.executable).parent / "xltop"
     # COLUMNS/LINES inherited from the caller would hold the TUI at 80x24, not the pane's size.
     command = f"env -u LD_PRELOAD -u COLUMNS -u LINES {xltop} --interval 1"
