@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -154,6 +155,7 @@ class Reporter:
         self._service = threading.Thread(target=self._serve, name="reporter", daemon=True)
         self._service.start()
         atexit.register(self._at_exit)
+        _open_reporters.add(self)
 
     # -- the loop's side ------------------------------------------------------------------------
     def step(
@@ -322,6 +324,14 @@ class Reporter:
         if self._private:
             remove_private_socket(self.socket)
         atexit.unregister(self._at_exit)
+        _open_reporters.discard(self)
+
+    def _disown(self) -> None:
+        """In a forked child: the channel, its socket and its monitors are the parent's (the
+        threads serving them were not forked), so the child's copy only records, never blocks
+        on a pause, and its close (at its exit too) touches nothing."""
+        self._closed, self._paused = True, False
+        self._for_loop.clear()
 
     def _at_exit(self) -> None:
         # an uncaught exception ends the script: its monitors hear it as a run's error
@@ -332,6 +342,17 @@ class Reporter:
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         self.close(exc if isinstance(exc, Exception) else None)
+
+
+_open_reporters: weakref.WeakSet[Reporter] = weakref.WeakSet()
+
+
+def _disown_in_child() -> None:
+    for reporter in list(_open_reporters):
+        reporter._disown()
+
+
+os.register_at_fork(after_in_child=_disown_in_child)
 
 
 def _checked(scalars: dict[str, Any], known: dict[str, Any]) -> dict[str, float | None]:

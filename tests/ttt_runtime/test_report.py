@@ -214,3 +214,42 @@ def test_a_script_that_ends_or_raises_tells_its_monitors_and_leaves_no_socket(
         assert client.bye.exit_code == 0 and client.bye.step == 1 and client.last_error is None
         assert proc.returncode == 0 and err == ""
     assert os.listdir(private_tmpdir) == ["mlx"]  # the socket's folder went with it
+
+
+# A loop that forks a worker once a monitor is there: the worker inherits the reporter, steps
+# and ends the normal way (its atexit runs); then the loop steps once more and ends when told.
+FORKING = """
+import os, sys, time
+from ttt_runtime.report import Reporter
+reporter = Reporter(socket=sys.argv[1])
+reporter.step(loss=1.0, tokens=1)
+while not reporter._server.monitors:
+    time.sleep(0.05)
+if os.fork() == 0:
+    reporter.step(loss=2.0, tokens=1)
+    sys.exit(0)
+os.wait()
+reporter.step(loss=3.0, tokens=1)
+print("forked", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_forked_child_leaves_its_parents_reporter_alone(tmp_path):
+    sock = str(tmp_path / "r.sock")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FORKING, sock], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: os.path.exists(sock) or proc.poll() is not None, 60, "the socket")
+        client = ChannelClient.connect(sock)
+        assert proc.stdout.readline() == "forked\n"
+        report = _newest(client, 2)  # the child's step counted nowhere, its exit closed nothing
+        assert report.loss_bpb == 3.0 and client.alive and client.bye is None
+        assert os.path.exists(sock)
+    finally:
+        _, err = proc.communicate("\n", timeout=60)
+    assert proc.returncode == 0 and err == ""
+    wait_until(lambda: not client.alive, 10, "the loop's bye")
+    assert client.bye.step == 2 and not os.path.exists(sock)
