@@ -253,3 +253,37 @@ def test_a_forked_child_leaves_its_parents_reporter_alone(tmp_path):
     assert proc.returncode == 0 and err == ""
     wait_until(lambda: not client.alive, 10, "the loop's bye")
     assert client.bye.step == 2 and not os.path.exists(sock)
+
+
+def test_mlx_lms_trainer_run_twice_with_one_callback_reports_on(tmp_path):
+    """A second train() (a second phase, more epochs) counts its iterations from 1 again: the
+    callback goes on from where the first ended instead of refusing the step inside mlx-lm."""
+    pytest.importorskip("mlx_lm", reason="mlx-lm is not installed (pip install xltop[mlx-lm])")
+    import mlx.optimizers as optim
+    from mlx_lm.models import llama
+    from mlx_lm.tuner.trainer import TrainingArgs, train
+
+    from ttt_runtime.mlx_lm_callback import XltopCallback
+
+    model = llama.Model(llama.ModelArgs(
+        model_type="llama", hidden_size=16, num_hidden_layers=1, intermediate_size=32,
+        num_attention_heads=2, rms_norm_eps=1e-5, vocab_size=32))  # fmt: skip
+    data = [(list(range(i, i + 17)), 0) for i in range(8)]
+    args = TrainingArgs(
+        batch_size=2, iters=4, steps_per_report=2, steps_per_eval=100, max_seq_length=32,
+        adapter_file=str(tmp_path / "a.safetensors"),
+    )  # fmt: skip
+    reporter, client = _pair(tmp_path)
+    try:
+        callback = XltopCallback(reporter)
+        reports = []
+        for _ in range(2):
+            train(model, optim.Adam(learning_rate=1e-3), data, None, args,
+                  training_callback=callback)  # fmt: skip
+            reports.append(_newest(client, 4 * (len(reports) + 1)))
+        first, second = reports
+        assert (first.step, second.step) == (4, 8)
+        assert second.tokens == 2 * first.tokens > 0  # sequences of one length: the same count
+    finally:
+        client.close()
+        reporter.close()
