@@ -29,7 +29,7 @@ import psutil
 from xltop import __version__
 from xltop.csvlog import CsvLogError, CsvSink, check_writable
 from xltop.jsonout import snapshot_to_line
-from xltop.monitor import MIN_INTERVAL_S, Monitor, RuntimeSource
+from xltop.monitor import MAX_INTERVAL_S, MIN_INTERVAL_S, Monitor, RuntimeSource
 from xltop.snapshot import RunState, Snapshot
 from xltop.sources import SystemSource
 from xltop.table import format_snapshot, status_line
@@ -44,7 +44,6 @@ if TYPE_CHECKING:  # imported where a cluster is watched: urllib's import is not
 RUN_FLAGS = (
     "mode", "preset", "config", "data", "seed", "resume", "adapt_method", "stages", "replicas",
 )  # fmt: skip
-MAX_INTERVAL_S = 86400.0  # a tick a day
 MAX_DURATION_S = 365 * 86400.0  # longer: leave --duration out
 READY_TIMEOUT_S = 120.0  # a run's first step includes importing MLX and building the model
 ATTACHED_READY_TIMEOUT_S = 10.0  # an attached run is up already (it may be paused and silent)

@@ -17,6 +17,7 @@ from xltop.snapshot import ClusterState, ProcessInfo, RunInfo, RunState, Snapsho
 from xltop.watchdog import Watchdog
 
 MIN_INTERVAL_S = 0.2  # the floor: the monitor must not eat the machine it watches
+MAX_INTERVAL_S = 86400.0  # a tick a day
 
 
 class SystemSampler(Protocol):

@@ -11,8 +11,10 @@ A file that is not an xltop CSV at all is refused (ReplayError), naming what it 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import math
 import re
 import threading
 import time
@@ -25,10 +27,15 @@ from ttt_runtime.files import read_bounded
 from ttt_runtime.protocol import BlockTiming, LayerFigures, WorkerFigures
 from xltop import units
 from xltop.csvlog import BASE_COLUMNS, BLOCK_FIELDS, CLUSTER_COLUMNS, LAYER_FIELDS, WORKER_COLUMNS
+from xltop.monitor import MAX_INTERVAL_S
 from xltop.snapshot import MlxMemory, RunInfo, RunState, Snapshot, SystemInfo
 
 # Without these a row is no tick of a machine: a file lacking any of them is not an xltop log.
 REQUIRED_COLUMNS = ("ts", "interval_s", "total_mib", "used_mib", "avail_mib", "cpu_pct")
+# The times and intervals xltop can have logged: the clock shows the one (up to year 9999), the
+# replay waits out the other.
+TS_RANGE = (0.0, 253402300799.0)
+INTERVAL_RANGE = (0.0, MAX_INTERVAL_S)
 # Every row is held in memory as a Snapshot: a day of 1 s ticks of a 24-block run is ~150 MiB.
 MAX_BYTES = 512 * 1024 * 1024
 SPEEDS = (1, 10, 100)  # the replay speeds `x` cycles through
@@ -72,11 +79,16 @@ class _Row:
         return self.cells.get(column, "")
 
     def _parse(self, column: str, kind: Callable[[str], _T]) -> _T | None:
+        """NaN and infinities are refused too: xltop writes none (the runtime's protocol drops
+        them), and a size or a time made of one does not convert."""
         cell = self.text(column)
-        try:
-            return kind(cell) if cell else None
-        except ValueError:
-            raise ValueError(f"{column} is {cell[:40]!r}") from None
+        if not cell:
+            return None
+        with contextlib.suppress(ValueError):
+            value = kind(cell)
+            if not isinstance(value, float) or math.isfinite(value):
+                return value
+        raise ValueError(f"{column} is {cell[:40]!r}")
 
     def number(self, column: str) -> float | None:
         return self._parse(column, float)
@@ -99,10 +111,12 @@ class _Row:
             column, lambda cell: int(cell) if cell.lstrip("-").isdigit() else float(cell)
         )
 
-    def required(self, column: str) -> float:
+    def required(self, column: str, within: tuple[float, float] = (-math.inf, math.inf)) -> float:
         value = self.number(column)
         if value is None:
             raise ValueError(f"{column} is empty")
+        if not within[0] <= value <= within[1]:
+            raise ValueError(f"{column} is {self.text(column)[:40]!r}, out of range")
         return value
 
 
@@ -153,8 +167,8 @@ class _Layout:
         )
         event = row.text("event")
         return Snapshot(
-            time=row.required("ts"),
-            interval=row.required("interval_s"),
+            time=row.required("ts", TS_RANGE),
+            interval=row.required("interval_s", INTERVAL_RANGE),
             system=SystemInfo(total, used, available, cpu_percent=row.required("cpu_pct")),
             run=self._run(row),
             events=tuple(event.split(" | ")) if event else (),

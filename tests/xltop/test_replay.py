@@ -288,3 +288,40 @@ async def test_replay_keys_play_pause_step_and_speed_up(logged):
         assert shown_step(app) == steps[-1]
         assert "end of the replay: 10 ticks" in events(app)
         assert f"{TICKS}/{TICKS} end" in header_text(app)
+
+
+def with_cells(path: Path, to: Path, cells: dict[int, tuple[str, str]]) -> Path:
+    """The log at `path` with one cell changed on each line in `cells`: {line: (column, text)}."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for line, (column, text) in cells.items():
+        rows[line - 2][column] = text  # line 1 is the header
+    with open(to, "w", newline="") as f:
+        writer = csv.DictWriter(f, rows[0].keys(), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return to
+
+
+def test_rows_with_numbers_xltop_never_writes_are_skipped_and_named(logged, tmp_path):
+    # NaN and infinities (the runtime's protocol sends none), a time the clock cannot show, an
+    # interval the replay could not wait out: each crashed the summary or the TUI's tick
+    hostile = {
+        2: ("ts", "nan"),
+        3: ("loss_bpb", "inf"),
+        4: ("rss_mib", "-inf"),
+        5: ("ts", "1e300"),
+        6: ("interval_s", "1e12"),
+    }
+    path = with_cells(logged, tmp_path / "hostile.csv", hostile)
+    recording = load(str(path))
+    assert len(recording.snapshots) == TICKS - len(hostile)
+    assert recording.skipped == (
+        "skipped 5 rows that do not parse: line 2 (ts is 'nan'), line 3 (loss_bpb is 'inf'), "
+        "line 4 (rss_mib is '-inf'), line 5 (ts is '1e300', out of range), "
+        "line 6 (interval_s is '1e12', out of range)",
+    )
+    result = run_xltop("--replay", str(path), "--once", timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [f"xltop: replay: {recording.skipped[0]}"]
+    assert f"{TICKS - len(hostile)} ticks" in result.stdout
