@@ -231,6 +231,8 @@ class ChannelServer:
         self._in_hand: _Connection | None = None  # whose command the run loop is obeying
         self._answered = 0  # lines the channel answered at once since the run loop looked
         self._closing = False
+        if not socket_path or "\0" in socket_path:  # "": Linux's bind() makes up a name
+            raise ChannelError(f"cannot listen at {socket_path!r}: not a path")
         size = len(os.fsencode(socket_path))
         if size > MAX_SOCKET_PATH:
             raise ChannelError(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import os
 import re
+import reprlib
 import secrets
 import sys
 import threading
@@ -129,7 +130,7 @@ class Reporter:
         if sample_every < 1:
             raise ValueError(f"sample_every must be at least 1, got {sample_every}")
         self._private = socket is None
-        self.socket = private_socket_path() if socket is None else socket
+        self.socket = private_socket_path() if socket is None else os.fsdecode(socket)
         self.name = name or os.path.basename(sys.argv[0] or "") or "python"
         self._save = save
         self.sample_every = sample_every
@@ -166,10 +167,11 @@ class Reporter:
         a report is plain JSON). The time since the last call is the step time (the first
         call: the warm-up). Blocks while paused."""
         now = time.perf_counter()
-        last, tokens = self._record, int(tokens)
-        steps = 1 if step is None else int(step) - last.step
+        last, tokens, loss = self._record, _count("tokens", tokens), _number("loss", loss)
+        steps = 1 if step is None else _count("step", step) - last.step
         if steps < 1:
             raise ValueError(f"step {step} does not come after step {last.step}")
+        user = {**last.user, **_checked(scalars, last.user)} if scalars else last.user
         elapsed = now - self._clock
         self._clock = now
         first = last.step == 0 and last.warmup_ms is None
@@ -180,9 +182,9 @@ class Reporter:
             tokens=last.tokens + tokens,
             tokens_per_s=None if first or elapsed <= 0 else tokens / elapsed,
             step_ms=None if first else elapsed * 1e3 / steps,
-            loss=None if loss is None else float(loss),
+            loss=loss,
             warmup_ms=elapsed * 1e3 if first else last.warmup_ms,
-            user={**last.user, **_checked(scalars, last.user)} if scalars else last.user,
+            user=user,
             sampled_step=last.step + steps if sample is not None else last.sampled_step,
             layers=tuple(_layer_figures(**f) for f in sample) if sample else last.layers,
         )
@@ -363,15 +365,33 @@ def _checked(scalars: dict[str, Any], known: dict[str, Any]) -> dict[str, float 
             raise ValueError(f"scalar name {name!r}: letters, digits and _ only, at most 64")
     if len(known) + len(new) > MAX_SCALARS:
         raise ValueError(f"at most {MAX_SCALARS} extra scalars ({len(known) + len(new)} given)")
-    values = {}
-    for name, value in scalars.items():
-        try:
-            values[name] = None if value is None else float(value)
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"scalar {name!r} must be a number, got {type(value).__name__}"
-            ) from None
-    return values
+    return {name: _number(f"scalar {name!r}", value) for name, value in scalars.items()}
+
+
+def _number(what: str, value: Any) -> float | None:
+    """`value` (a number, a NumPy or MLX scalar: an unevaluated one is evaluated) as a float,
+    None for None; ValueError naming `what` was wrong."""
+    if value is None:
+        return None
+    try:
+        if isinstance(value, (str, bytes)):  # float() reads "1.5": text is no number here
+            raise TypeError
+        return float(value)
+    except OverflowError:  # an integer beyond a float's range
+        raise ValueError(f"{what} is out of a float's range") from None
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number, got {type(value).__name__}") from None
+
+
+def _count(what: str, value: Any) -> int:
+    """`value` as a whole number of at least 0; ValueError naming `what` was wrong."""
+    try:
+        count = int(value)
+    except (TypeError, ValueError, OverflowError):  # None, text, NaN, infinity
+        count = -1
+    if count < 0:
+        raise ValueError(f"{what} must be a whole number of at least 0, got {reprlib.repr(value)}")
+    return count
 
 
 def _layer_figures(w_norm: float | None, update_norm: float | None, drift: float | None):

@@ -17,7 +17,7 @@ import pytest
 from messages import telemetry
 from polling import wait_until
 
-from ttt_runtime.channel import ChannelClient
+from ttt_runtime.channel import ChannelClient, ChannelError
 from ttt_runtime.config import TTTLayerConfig
 from ttt_runtime.figures import fast_weight_stats
 from ttt_runtime.layers import TTTLinear
@@ -117,6 +117,14 @@ def test_a_report_carries_the_loops_figures_and_its_own_mlx_memory(tmp_path):
     [
         (lambda r: r.step(**{"a b": 1}), "scalar name 'a b': letters, digits and _ only"),
         (lambda r: r.step(lr="fast"), "scalar 'lr' must be a number, got str"),
+        (lambda r: r.update_scalars(lr="0.1"), "scalar 'lr' must be a number, got str"),
+        (lambda r: r.step(huge=10**400), "scalar 'huge' is out of a float's range"),
+        (lambda r: r.step(loss="low"), "loss must be a number, got str"),
+        (lambda r: r.step(loss=mx.array([1.0, 2.0])), "loss must be a number, got array"),
+        (lambda r: r.step(tokens=None), "tokens must be a whole number of at least 0, got None"),
+        (lambda r: r.step(tokens=-4), "tokens must be a whole number of at least 0, got -4"),
+        (lambda r: r.step(tokens=float("nan")), "tokens must be a whole number of at least 0"),
+        (lambda r: r.step(step="ten"), "step must be a whole number of at least 0, got 'ten'"),
         (lambda r: r.step(**{f"s{i}": 1 for i in range(65)}), "at most 64 extra scalars"),
         (lambda r: (r.step(step=5), r.step(step=5)), "step 5 does not come after step 5"),
         (lambda r: r.watch(nn.Linear(2, 2)), "Linear has no TTT layers"),
@@ -129,6 +137,19 @@ def test_a_mistake_in_the_users_call_is_one_clear_error(tmp_path, call, message)
             call(reporter)
     finally:
         reporter.close()
+
+
+def test_a_socket_is_any_path_like_and_an_empty_one_is_refused(tmp_path):
+    reporter = Reporter(socket=tmp_path / "r.sock")  # a pathlib.Path, as a user writes one
+    try:
+        reporter.step(loss=1.0)
+        client = ChannelClient.connect(str(tmp_path / "r.sock"))
+        assert _newest(client, 1).loss_bpb == 1.0 and client.hello.socket == reporter.socket
+        client.close()
+    finally:
+        reporter.close()
+    with pytest.raises(ChannelError, match="cannot listen at '': not a path"):
+        Reporter(socket="")
 
 
 def test_a_watched_ttt_layers_fast_weights_are_reported(tmp_path):
