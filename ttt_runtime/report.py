@@ -50,6 +50,7 @@ PUBLISH_S = 0.1  # the newest record goes out at most this often (xltop ticks ev
 PAUSED_REPORT_S = 1.0  # a paused loop still reports this often (as a paused TTT run does)
 PAUSE_POLL_S = 0.05  # a paused step() looks this often for a resume, a save, a monitor gone
 MAX_SCALARS = 64  # extra scalars of one loop: one report must fit a line (channel.MAX_LINE)
+MAX_NAME = 200  # characters of the run's name: it goes out with every report
 SCALAR_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")  # it becomes a CSV column, user_<name>
 UNSUPPORTED = "not supported by a user loop's reporter"
 
@@ -129,6 +130,8 @@ class Reporter:
     ):
         if sample_every < 1:
             raise ValueError(f"sample_every must be at least 1, got {sample_every}")
+        if name is not None and len(name) > MAX_NAME:
+            raise ValueError(f"name: at most {MAX_NAME} characters, got {len(name)}")
         self._private = socket is None
         self.socket = private_socket_path() if socket is None else os.fsdecode(socket)
         self.name = name or os.path.basename(sys.argv[0] or "") or "python"

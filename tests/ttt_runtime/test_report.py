@@ -139,6 +139,13 @@ def test_a_mistake_in_the_users_call_is_one_clear_error(tmp_path, call, message)
         reporter.close()
 
 
+def test_a_name_too_long_for_a_header_is_refused_before_listening(tmp_path):
+    # it goes out with every report: a megabyte of name would be encoded ten times a second
+    with pytest.raises(ValueError, match="name: at most 200 characters, got 1000000"):
+        Reporter(socket=str(tmp_path / "r.sock"), name="x" * 10**6)
+    assert not (tmp_path / "r.sock").exists()
+
+
 def test_a_socket_is_any_path_like_and_an_empty_one_is_refused(tmp_path):
     reporter = Reporter(socket=tmp_path / "r.sock")  # a pathlib.Path, as a user writes one
     try:
