@@ -18,6 +18,7 @@ import ipaddress
 import os
 import shlex
 import signal
+import socket
 import stat
 import sys
 import time
@@ -44,6 +45,7 @@ if TYPE_CHECKING:  # imported where a cluster is watched: urllib's import is not
 RUN_FLAGS = (
     "mode", "preset", "config", "data", "seed", "resume", "adapt_method", "stages", "replicas",
 )  # fmt: skip
+DEFAULT_INTERVAL_S = 1.0
 MAX_DURATION_S = 365 * 86400.0  # longer: leave --duration out
 READY_TIMEOUT_S = 120.0  # a run's first step includes importing MLX and building the model
 ATTACHED_READY_TIMEOUT_S = 10.0  # an attached run is up already (it may be paused and silent)
@@ -119,9 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--interval",
         type=_SECONDS,
-        default=1.0,
         metavar="S",
-        help=f"seconds between ticks (default 1, {MIN_INTERVAL_S:g} to {MAX_INTERVAL_S:g})",
+        help=f"seconds between ticks (default {DEFAULT_INTERVAL_S:g}, {MIN_INTERVAL_S:g} to "
+        f"{MAX_INTERVAL_S:g})",
     )
     stop = parser.add_mutually_exclusive_group()
     stop.add_argument(
@@ -248,6 +250,8 @@ def _check_serve(args: argparse.Namespace) -> None:
     if args.once or args.json or args.json_stream or args.headless or args.poll:
         raise UsageError("--serve serves the TUI; not with --once, --json, --headless or --poll")
     host = args.host if args.host is not None else SERVE_HOST
+    if not host.strip():  # aiohttp would listen on every address
+        raise UsageError("--host is empty: give the address to serve on")
     if not _is_loopback(host) and not args.expose:
         raise UsageError(
             f"--host {host} is not a loopback address: whoever reaches it gets the TUI, its run "
@@ -256,7 +260,8 @@ def _check_serve(args: argparse.Namespace) -> None:
 
 
 def _check_replay(args: argparse.Namespace) -> None:
-    """A replay shows a log in the TUI or sums it up: nothing live goes with it."""
+    """A replay shows a log in the TUI or sums it up: nothing live goes with it, and the log
+    sets the pace and the count of ticks."""
     live = [
         flag
         for flag, given in (
@@ -266,6 +271,9 @@ def _check_replay(args: argparse.Namespace) -> None:
             ("--headless", args.headless or args.poll),
             ("--json", args.json),
             ("--json-stream", args.json_stream),
+            ("--interval", args.interval),
+            ("--count", args.count),
+            ("--duration", args.duration),
         )
         if given
     ]
@@ -533,8 +541,13 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         Server(command, host=host, port=port, title="xltop").serve()
     except OSError as exc:  # the port is taken, the address is not this machine's
-        # aiohttp's message repeats the address: its errno says it all
-        _say(f"cannot serve on {host}:{port}: {os.strerror(exc.errno) if exc.errno else exc}")
+        # aiohttp's message repeats the address: its errno says it all; a name that does not
+        # resolve has a resolver's errno, which os.strerror does not know, and words of its own
+        if isinstance(exc, socket.gaierror) or not exc.errno:
+            why = exc.strerror or exc
+        else:
+            why = os.strerror(exc.errno)
+        _say(f"cannot serve on {host}:{port}: {why}")
         return 1
     return 0
 
@@ -548,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.replay is not None:
             return _replay(args)
         mode = _output_mode(args)
-        interval = args.poll or args.interval
+        interval = args.poll or args.interval or DEFAULT_INTERVAL_S
         count = 1 if mode in ("once", "json") else args.count
         limits = (args.mem_soft, args.mem_hard)
         watchdog = Watchdog(*limits) if any(limits) else None

@@ -223,6 +223,10 @@ def test_a_file_that_is_no_xltop_log_is_one_line_and_exit_2(tmp_path):
         (["--headless", "--ray", "auto"], "not with --ray, --headless"),
         (["--preset", "tiny"], "--preset configure a hosted run; not with --replay"),
         (["--no-run"], "argument --no-run: not allowed with argument --replay"),
+        # the log sets the pace and the count of ticks
+        (["--interval", "0.2"], "--replay plays a log; not with --interval"),
+        (["--count", "3"], "--replay plays a log; not with --count"),
+        (["--duration", "5"], "--replay plays a log; not with --duration"),
     ],
 )
 def test_live_flags_do_not_go_with_a_replay(logged, flags, words):

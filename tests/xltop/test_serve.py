@@ -212,6 +212,9 @@ def test_a_host_other_than_loopback_needs_expose():
                                 "--headless or --poll"),
         (["--serve", "--port", "0"], "xltop: argument --port: '0' must be between 1 and 65535 "
                                      "(see xltop --help)"),
+        # an unset variable (--host "$HOST"): aiohttp would listen on every address
+        (["--serve", "--host", "", "--expose"], "xltop: --host is empty: give the address to "
+                                                 "serve on"),
     ],
 )  # fmt: skip
 def test_serve_flags_are_checked_before_anything_starts(flags, line):
@@ -230,3 +233,16 @@ def test_a_port_in_use_is_one_line_and_exit_1():
     assert result.stderr.splitlines()[-1] == (
         f"xltop: cannot serve on 127.0.0.1:{port}: Address already in use"
     )
+
+
+def test_a_host_that_does_not_resolve_is_one_line_naming_why():
+    # getaddrinfo's errors are negative: os.strerror said "Unknown error -2"
+    port = str(free_port())
+    result = run_xltop(
+        "--serve", "--host", "no-such-host.invalid", "--expose", "--port", port, "--no-run",
+        timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    line = result.stderr.splitlines()[-1]
+    assert line.startswith(f"xltop: cannot serve on no-such-host.invalid:{port}: "), line
+    assert "Unknown error" not in line and line.count(":") == 3, line
