@@ -53,6 +53,11 @@ LINES_PER_LOOK = 8  # lines of all peers the run loop takes per look (between tw
 # Linux's sun_path holds 108 bytes and macOS's 104, a terminating NUL included
 MAX_SOCKET_PATH = 103 if sys.platform == "darwin" else 107
 _ACCEPT_RETRY_S = 0.1  # after a failed accept (out of descriptors or memory), try again
+# A write to a peer already gone fails with EPIPE and never raises SIGPIPE: a process that gave
+# SIGPIPE its default action back (a user's loop piped into `head`) would be killed by it.
+# Linux has a flag for each send; macOS an option of the socket (SO_NOSIGPIPE, 0x1022).
+_SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
+_SO_NOSIGPIPE = None if _SEND_FLAGS else getattr(socket, "SO_NOSIGPIPE", 0x1022)
 
 
 class ChannelError(Exception):
@@ -179,7 +184,7 @@ class _Connection:
                 batch = b"".join(line for _, line in self._outbox)
                 self._outbox.clear()
             try:
-                self.sock.sendall(batch)
+                self.sock.sendall(batch, _SEND_FLAGS)
             except OSError:
                 self.close()
                 return
@@ -340,6 +345,8 @@ class ChannelServer:
 
     def _admit(self, conn: socket.socket) -> None:
         conn.settimeout(None)
+        if _SO_NOSIGPIPE is not None:
+            conn.setsockopt(socket.SOL_SOCKET, _SO_NOSIGPIPE, 1)
         uid = peer_uid(conn)
         if uid is not None and uid != os.getuid():
             conn.close()  # another user: refused before a byte is read
@@ -355,7 +362,7 @@ class ChannelServer:
             conn.settimeout(1.0)  # one short line into an empty socket buffer
             refusal = f"too many monitors ({MAX_MONITORS})"
             with contextlib.suppress(OSError):
-                conn.sendall(reply_line({"cmd": "hello"}, ok=False, error=refusal))
+                conn.sendall(reply_line({"cmd": "hello"}, ok=False, error=refusal), _SEND_FLAGS)
             conn.close()
 
     def _forget(self, peer: _Connection) -> None:

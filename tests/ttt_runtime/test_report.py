@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -315,3 +316,39 @@ def test_mlx_lms_trainer_run_twice_with_one_callback_reports_on(tmp_path):
     finally:
         client.close()
         reporter.close()
+
+
+# A loop that restored SIGPIPE's default action (as scripts piped into `head` do): a write to a
+# monitor already gone must not kill it. It steps until told to end.
+SIGPIPE_DEFAULT = """
+import signal, sys, threading
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+from ttt_runtime.report import Reporter
+reporter = Reporter(socket=sys.argv[1])
+told = threading.Thread(target=sys.stdin.readline)
+told.start()
+while told.is_alive():
+    reporter.step(loss=1.0)
+    told.join(0.005)
+reporter.close()
+print("steps", reporter._record.step)
+"""
+
+
+def test_monitors_that_go_at_once_do_not_kill_a_loop_with_sigpipes_default_action(tmp_path):
+    sock = str(tmp_path / "r.sock")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SIGPIPE_DEFAULT, sock], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: os.path.exists(sock) or proc.poll() is not None, 60, "the socket")
+        for _ in range(300):  # each gone before its hello is written: the hello meets EPIPE
+            with socket.socket(socket.AF_UNIX) as gone:
+                try:
+                    gone.connect(sock)
+                except OSError:  # the loop died: its exit status below says how
+                    break
+    finally:
+        out, err = proc.communicate("\n", timeout=60)
+    assert proc.returncode == 0 and err == "" and out.startswith("steps ")
