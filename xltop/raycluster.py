@@ -14,6 +14,7 @@ Deaths, restarts and reachability changes are strings that `events()` hands out 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import re
@@ -237,8 +238,10 @@ def _get_json(url: str, path: str, token: Token | None, timeout: float) -> Any:
         if 300 <= exc.code < 400:
             raise _NoAnswer(f"HTTP {exc.code} redirects to {exc.headers.get('Location')}") from None
         raise _NoAnswer(f"HTTP {exc.code} {exc.reason}") from None
-    except (OSError, ValueError) as exc:  # URLError and timeouts are OSErrors; bad JSON
-        raise _NoAnswer(_reason(exc)) from None
+    except (OSError, ValueError, RecursionError) as exc:  # URLError and timeouts are OSErrors;
+        raise _NoAnswer(_reason(exc)) from None  # bad JSON, or JSON nested too deep
+    except http.client.HTTPException as exc:  # not HTTP: its text is whatever the server sent
+        raise _NoAnswer(f"a broken HTTP reply ({type(exc).__name__})") from None
 
 
 def _state_api_rows(url: str, resource: str, token: Token | None) -> list[dict[str, Any]]:
@@ -329,7 +332,7 @@ class NodeDetail:
         reply = _get_json(url, f"/nodes/{node_id}", token, REQUEST_TIMEOUT_S)
         try:
             return cls.from_reply(reply)
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):  # JSON's 1e400 is inf: int(inf)
             raise _NoAnswer(f"/nodes/{node_id} has an unknown shape") from None
 
 
@@ -474,7 +477,8 @@ class RayCluster:
         try:
             nodes = [_node(row, self._details) for row in node_rows]
             actors = [_actor(row, self._details) for row in actor_rows]
-        except (AttributeError, TypeError, ValueError) as exc:  # a Ray that answers otherwise
+        # a Ray that answers otherwise; JSON's 1e400 is inf, and int(inf) an OverflowError
+        except (AttributeError, TypeError, ValueError, OverflowError) as exc:
             self._fail(None, f"an answer xltop cannot read: {exc}")
             return
         nodes.sort(key=lambda node: (not node.is_head, node.ip, node.node_id))

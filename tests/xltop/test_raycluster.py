@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.server
+import json
 import os
 import re
 import signal
@@ -23,6 +24,7 @@ from conftest import start_cluster
 from ray_helpers import LocalRayCluster, three_actors_listed
 
 from xltop.raycluster import (
+    DETAIL_INTERVAL_S,
     MAX_REPLY_BYTES,
     REPLY_DEADLINE_S,
     TOKEN_HINT,
@@ -253,6 +255,97 @@ def test_a_reply_that_trickles_in_is_given_up_like_a_silent_one(watch):
         finally:
             stop.set()
             server.shutdown()
+
+
+NODE = "ab" * 28  # Ray's ids: 56 hex digits
+
+
+def _json_reply(body: object) -> bytes:
+    return b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n" + json.dumps(body).encode()
+
+
+def _state_api(rows: list) -> bytes:
+    return _json_reply({"result": True, "data": {"result": {"result": rows}}})
+
+
+_NODE_ROW = {"node_id": NODE, "state": "ALIVE", "node_ip": "127.0.0.1", "resources_total": {}}
+# A one-node cluster's dashboard, each path's whole reply (status line included)
+_SANE_DASHBOARD = {
+    "/api/version": _json_reply({"ray_version": "2.60.0"}),
+    "/api/v0/nodes": _state_api([_NODE_ROW]),
+    "/api/v0/actors": _state_api([]),
+    f"/nodes/{NODE}": _json_reply({"data": {"detail": {"cpu": 5.0, "mem": [8, 4]}}}),
+}
+
+
+class _Scripted(http.server.BaseHTTPRequestHandler):
+    """Writes the server's `replies[path]` as it is, whatever it holds."""
+
+    def do_GET(self):
+        self.wfile.write(self.server.replies[self.path.split("?")[0]])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def scripted_dashboard():
+    """A one-node cluster's dashboard whose replies a test changes: (server, url)."""
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Scripted) as server:
+        server.replies = dict(_SANE_DASHBOARD)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        yield server, f"http://127.0.0.1:{server.server_address[1]}"
+        server.shutdown()
+
+
+_INFINITE_STORE = {"object_store_memory": 1e400}
+
+
+# json's 1e400 is inf, and int(inf) an OverflowError; deep nesting is a RecursionError, a bad
+# status line an HTTPException. Each killed the polling thread (the screen kept the last figures
+# for ever), and check_reachable said "no answer in 5 s" after a traceback.
+@pytest.mark.parametrize(
+    "path, reply",
+    [
+        ("/api/v0/nodes", b"\x00\xffnot HTTP at all\r\n\r\n"),
+        ("/api/v0/nodes", b"HTTP/1.0 200 OK\r\n\r\n" + b"[" * 100_000 + b"]" * 100_000),
+        ("/api/v0/nodes", _state_api([{**_NODE_ROW, "resources_total": _INFINITE_STORE}])),
+        ("/api/v0/actors", _state_api([{"actor_id": "a", "num_restarts": 1e400}])),
+    ],
+    ids=["not-http", "nested-too-deep", "infinite-store", "infinite-restarts"],
+)  # fmt: skip
+def test_a_hostile_reply_is_an_outage_and_polling_goes_on(watch, scripted_dashboard, path, reply):
+    server, url = scripted_dashboard
+    source = watch(url, interval=0.2)
+    wait_for(source, lambda s: s.reachable, timeout=10)
+    server.replies[path] = reply
+    events: list[str] = []
+    state = wait_for(source, lambda s: s.error is not None, timeout=15, events=events)
+    assert one_line(state.error).startswith(f"ray cluster at {url} unreachable since ")
+    server.replies = dict(_SANE_DASHBOARD)
+    wait_for(source, lambda s: s.reachable, timeout=15, events=events)
+    assert events == [state.error, f"ray cluster at {url} reachable again"]
+    if path == "/api/v0/nodes":  # the check before anything starts says it as fast
+        server.replies["/api/version"] = reply
+        started = time.monotonic()
+        problem = one_line(check_reachable(url))
+        assert time.monotonic() - started < 3.0, problem
+        assert problem.startswith((f"no Ray dashboard answers at {url}: ", url)), problem
+        assert problem.isprintable() and "no answer in" not in problem
+
+
+def test_a_node_detail_with_an_infinite_rss_leaves_that_nodes_figures_unknown(
+    watch, scripted_dashboard
+):
+    server, url = scripted_dashboard
+    source = watch(url, interval=0.2)
+    wait_for(source, lambda s: s.nodes and s.nodes[0].cpu_percent == 5.0, timeout=10)
+    workers = [{"pid": 1, "memoryInfo": {"rss": 1e400}}]
+    server.replies[f"/nodes/{NODE}"] = _json_reply({"data": {"detail": {"workers": workers}}})
+    limit = DETAIL_INTERVAL_S + 10  # read again every 5 s; a loaded machine
+    wait_for(source, lambda s: s.reachable and s.nodes[0].cpu_percent is None, timeout=limit)
+    server.replies = dict(_SANE_DASHBOARD)
+    wait_for(source, lambda s: s.nodes[0].cpu_percent == 5.0, timeout=limit)
 
 
 # --- token authentication (a cluster of its own) ----------------------------------------
