@@ -170,7 +170,7 @@ class Reporter:
         a report is plain JSON). The time since the last call is the step time (the first
         call: the warm-up). Blocks while paused."""
         now = time.perf_counter()
-        last, tokens, loss = self._record, _count("tokens", tokens), _number("loss", loss)
+        last, tokens, loss = self._record, _count("tokens", tokens), _number(loss)
         steps = 1 if step is None else _count("step", step) - last.step
         if steps < 1:
             raise ValueError(f"step {step} does not come after step {last.step}")
@@ -368,26 +368,33 @@ def _checked(scalars: dict[str, Any], known: dict[str, Any]) -> dict[str, float 
             raise ValueError(f"scalar name {name!r}: letters, digits and _ only, at most 64")
     if len(known) + len(new) > MAX_SCALARS:
         raise ValueError(f"at most {MAX_SCALARS} extra scalars ({len(known) + len(new)} given)")
-    return {name: _number(f"scalar {name!r}", value) for name, value in scalars.items()}
+    return {name: _number(value, name) for name, value in scalars.items()}
 
 
-def _number(what: str, value: Any) -> float | None:
+def _number(value: Any, scalar: str | None = None) -> float | None:
     """`value` (a number, a NumPy or MLX scalar: an unevaluated one is evaluated) as a float,
-    None for None; ValueError naming `what` was wrong."""
-    if value is None:
-        return None
-    try:
-        if isinstance(value, (str, bytes)):  # float() reads "1.5": text is no number here
-            raise TypeError
-        return float(value)
-    except OverflowError:  # an integer beyond a float's range
-        raise ValueError(f"{what} is out of a float's range") from None
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a number, got {type(value).__name__}") from None
+    None for None; ValueError naming the extra `scalar` (None: the loss) when it is none. A call
+    every step: nothing is spent on the message until it is needed."""
+    if value is None or type(value) is float:
+        return value
+    beyond_range = False
+    if type(value) not in (str, bytes):  # float() reads "1.5": text is no number here
+        try:
+            return float(value)
+        except OverflowError:  # an integer too large for a float
+            beyond_range = True
+        except (TypeError, ValueError):
+            pass
+    what = "loss" if scalar is None else f"scalar {scalar!r}"
+    if beyond_range:
+        raise ValueError(f"{what} is out of a float's range")
+    raise ValueError(f"{what} must be a number, got {type(value).__name__}")
 
 
 def _count(what: str, value: Any) -> int:
     """`value` as a whole number of at least 0; ValueError naming `what` was wrong."""
+    if type(value) is int and value >= 0:  # the common case, a call every step
+        return value
     try:
         count = int(value)
     except (TypeError, ValueError, OverflowError):  # None, text, NaN, infinity
