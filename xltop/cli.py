@@ -289,6 +289,8 @@ def _check_combinations(args: argparse.Namespace) -> None:
         raise UsageError(f"{', '.join(given)} configure a hosted run; not with {other}")
     if args.ray_token_file is not None and args.ray is None and not args.ray_run:
         raise UsageError("--ray-token-file needs --ray or --ray-run")
+    if args.ray_run:  # read at the run's hello, its cluster started: a bad one must fail first
+        _check_ray_token(args.ray_token_file)
     placement = [f"--{f}" for f in ("stages", "replicas") if getattr(args, f) is not None]
     if placement and not args.ray_run:
         raise UsageError(f"{', '.join(placement)}: only with --ray-run")
@@ -315,6 +317,15 @@ def _check_combinations(args: argparse.Namespace) -> None:
             check_writable(args.csv)
         except CsvLogError as exc:
             raise UsageError(str(exc)) from None
+
+
+def _check_ray_token(token_file: str | None) -> None:
+    from xltop.raycluster import RayClusterError, find_token
+
+    try:
+        find_token(token_file)
+    except RayClusterError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _run_args(args: argparse.Namespace) -> list[str]:

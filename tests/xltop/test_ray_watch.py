@@ -82,6 +82,9 @@ def test_an_address_nobody_answers_exits_1_within_5_s_in_one_line():
         (["--ray", "head", "--ray-token-file", "/nonexistent/token"],
          "xltop: cannot read the Ray token file /nonexistent/token: "),
         (["--ray-token-file", "/etc/hostname"], "xltop: --ray-token-file needs --ray"),
+        # read before the run starts its cluster (once, read at the run's hello: a traceback)
+        (["--ray-run", "--ray-token-file", "/nonexistent/token"],
+         "xltop: cannot read the Ray token file /nonexistent/token: "),
         (["--ray", "head", "--mem-hard", "50%"], "xltop: --mem-soft/--mem-hard act on a run; "),
     ],
 )  # fmt: skip
