@@ -141,6 +141,7 @@ class Reporter:
         self._device = device_info()
         self._blas = loaded_blas()
         self._record = _Record()
+        self._lock = threading.Lock()  # one call at a time builds the next record from the last
         self._clock = time.perf_counter()  # when the step being timed began
         self._fast_weights: _FastWeights | None = None
         self._paused = False
@@ -168,29 +169,30 @@ class Reporter:
         """One step (or, with `step`, up to that step) of the loop is done: `loss`, the `tokens`
         it consumed, extra named scalars (numbers or MLX scalars, read as Python numbers here:
         a report is plain JSON). The time since the last call is the step time (the first
-        call: the warm-up). Blocks while paused."""
-        now = time.perf_counter()
-        last, tokens, loss = self._record, _count("tokens", tokens), _number(loss)
-        steps = 1 if step is None else _count("step", step) - last.step
-        if steps < 1:
-            raise ValueError(f"step {step} does not come after step {last.step}")
-        user = {**last.user, **_checked(scalars, last.user)} if scalars else last.user
-        elapsed = now - self._clock
-        self._clock = now
-        first = last.step == 0 and last.warmup_ms is None
-        watched = self._fast_weights
-        sample = watched.advance(self._is_sampled(last.step, steps)) if watched else None
-        self._record = _Record(
-            step=last.step + steps,
-            tokens=last.tokens + tokens,
-            tokens_per_s=None if first or elapsed <= 0 else tokens / elapsed,
-            step_ms=None if first else elapsed * 1e3 / steps,
-            loss=loss,
-            warmup_ms=elapsed * 1e3 if first else last.warmup_ms,
-            user=user,
-            sampled_step=last.step + steps if sample is not None else last.sampled_step,
-            layers=tuple(_layer_figures(**f) for f in sample) if sample else last.layers,
-        )
+        call: the warm-up). Blocks while paused. Any thread may call it."""
+        tokens, loss = _count("tokens", tokens), _number(loss)
+        with self._lock:
+            now, last = time.perf_counter(), self._record
+            steps = 1 if step is None else _count("step", step) - last.step
+            if steps < 1:
+                raise ValueError(f"step {step} does not come after step {last.step}")
+            user = {**last.user, **_checked(scalars, last.user)} if scalars else last.user
+            elapsed = now - self._clock
+            self._clock = now
+            first = last.step == 0 and last.warmup_ms is None
+            watched = self._fast_weights
+            sample = watched.advance(self._is_sampled(last.step, steps)) if watched else None
+            self._record = _Record(
+                step=last.step + steps,
+                tokens=last.tokens + tokens,
+                tokens_per_s=None if first or elapsed <= 0 else tokens / elapsed,
+                step_ms=None if first else elapsed * 1e3 / steps,
+                loss=loss,
+                warmup_ms=elapsed * 1e3 if first else last.warmup_ms,
+                user=user,
+                sampled_step=last.step + steps if sample is not None else last.sampled_step,
+                layers=tuple(_layer_figures(**f) for f in sample) if sample else last.layers,
+            )
         if self._for_loop:
             self._obey_saves()
         if self._paused:
@@ -199,18 +201,20 @@ class Reporter:
     def update_scalars(self, **scalars: Any) -> None:
         """Set extra scalars without counting a step (a validation loss); they go out with the
         next report."""
-        last = self._record
-        user = {**last.user, **_checked(scalars, last.user)}
-        self._record = last._replace(user=user)
+        with self._lock:
+            last = self._record
+            self._record = last._replace(user={**last.user, **_checked(scalars, last.user)})
 
     def watch(self, model: nn.Module, caches: Sequence[TTTCache] | None = None) -> None:
         """Report the fast-weight figures of `model`'s TTT layers (ttt_runtime.layers) every
         `sample_every` steps: those of `caches` when the loop carries them from step to step,
         else the layers' own initial fast weights. Call again to start a new conversation
         (drift is measured from the last call)."""
-        self._fast_weights = _FastWeights(model, caches)
-        layers = (_layer_figures(None, None, None),) * self._fast_weights.count
-        self._record = self._record._replace(layers=layers, sampled_step=None)
+        watched = _FastWeights(model, caches)
+        layers = (_layer_figures(None, None, None),) * watched.count
+        with self._lock:
+            self._fast_weights = watched
+            self._record = self._record._replace(layers=layers, sampled_step=None)
 
     def _is_sampled(self, step: int, steps: int) -> bool:
         """The first step after `watch`, then whenever `sample_every` divides a step the call
@@ -220,8 +224,11 @@ class Reporter:
         return fresh or (step + steps) // self.sample_every > step // self.sample_every
 
     def _obey_saves(self) -> None:
-        while self._for_loop:
-            peer, command = self._for_loop.popleft()
+        while True:
+            try:  # another thread of the loop may take the last one first
+                peer, command = self._for_loop.popleft()
+            except IndexError:
+                return
             save = self._save
             assert save is not None  # only queued when there is one
             try:
@@ -337,6 +344,7 @@ class Reporter:
         on a pause, and its close (at its exit too) touches nothing."""
         self._closed, self._paused = True, False
         self._for_loop.clear()
+        self._lock = threading.Lock()  # a thread that held it was not forked
 
     def _at_exit(self) -> None:
         # an uncaught exception ends the script: its monitors hear it as a run's error

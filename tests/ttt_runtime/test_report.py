@@ -352,3 +352,30 @@ def test_monitors_that_go_at_once_do_not_kill_a_loop_with_sigpipes_default_actio
     finally:
         out, err = proc.communicate("\n", timeout=60)
     assert proc.returncode == 0 and err == "" and out.startswith("steps ")
+
+
+def test_steps_and_scalars_from_several_threads_are_all_counted(tmp_path):
+    # two threads step, a third sets a validation scalar meanwhile: no call may undo another's
+    reporter, client = _pair(tmp_path)
+    calls = 20_000
+
+    def stepping() -> None:
+        for _ in range(calls):
+            reporter.step(tokens=1, train=1.0)
+
+    def validating() -> None:
+        for i in range(calls):
+            reporter.update_scalars(val=i)
+
+    threads = [threading.Thread(target=work) for work in (stepping, stepping, validating)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        report = _newest(client, 2 * calls)
+        assert (report.step, report.tokens) == (2 * calls, 2 * calls)
+        assert report.user == {"train": 1.0, "val": calls - 1}
+    finally:
+        client.close()
+        reporter.close()
