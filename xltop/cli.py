@@ -39,7 +39,7 @@ from xltop.watchdog import Threshold, Watchdog
 
 if TYPE_CHECKING:  # imported where a cluster is watched: urllib's import is not light
     from xltop.raycluster import RayCluster
-    from xltop.replay import ReplayPlayer
+    from xltop.replay import Recording, ReplayPlayer
     from xltop.tui.app import XltopApp  # imported for the TUI only: Textual is not light
 
 RUN_FLAGS = (
@@ -478,8 +478,9 @@ def _output_mode(args: argparse.Namespace, once: str = "one snapshot") -> str:
     return "tui"
 
 
-def _run_tui(monitor: Monitor | ReplayPlayer, args: argparse.Namespace) -> bool:
-    """Run the TUI; False if it is not installed (headless status lines instead).
+def _run_tui(monitor: Monitor | ReplayPlayer, args: argparse.Namespace) -> int | None:
+    """Run the TUI: its exit status (1 if it ended on an error: Textual printed it), or None
+    if it is not installed (headless status lines instead).
 
     SIGTERM quits as `q` does, from the moment Textual starts importing: a KeyboardInterrupt
     raised wherever the interpreter stands (a class being built by the import, a widget half
@@ -499,12 +500,12 @@ def _run_tui(monitor: Monitor | ReplayPlayer, args: argparse.Namespace) -> bool:
     except ModuleNotFoundError as exc:
         if exc.name != "xltop.tui.app":
             raise
-        return False
+        return None
     app = XltopApp(monitor, readonly=args.readonly, csv_path=args.csv)
     if stop_requested:  # before `app` was there to hear it
         app.exit_soon()
     app.run()
-    return True
+    return app.return_code or 0
 
 
 def _stdout_gone() -> None:
@@ -512,15 +513,24 @@ def _stdout_gone() -> None:
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
-def _replay(args: argparse.Namespace) -> int:
-    from xltop.replay import ReplayError, ReplayPlayer, load, summary
+def _recording(path: str) -> Recording:
+    """The log `--replay` names; one that cannot be replayed is a usage error."""
+    from xltop.replay import ReplayError, load
 
     try:
-        recording = load(args.replay)
+        return load(path)
     except ReplayError as exc:
         raise UsageError(str(exc)) from None
-    if _output_mode(args, once="its summary") == "tui" and _run_tui(ReplayPlayer(recording), args):
-        return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from xltop.replay import ReplayPlayer, summary
+
+    recording = _recording(args.replay)
+    if _output_mode(args, once="its summary") == "tui":
+        status = _run_tui(ReplayPlayer(recording), args)
+        if status is not None:
+            return status
     for note in recording.skipped:
         _say(f"replay: {note}")
     try:
@@ -546,6 +556,8 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
         from textual_serve.server import Server
     except ModuleNotFoundError:
         raise UsageError("--serve needs textual-serve: pip install 'xltop[serve]'") from None
+    if args.replay is not None:  # said once here, rather than by every page served
+        _recording(args.replay)
     host = args.host if args.host is not None else SERVE_HOST
     port = args.port if args.port is not None else SERVE_PORT
     command = shlex.join([sys.executable, "-m", "xltop", *_served_argv(argv)])
@@ -594,9 +606,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if mode == "tui" and args.csv:
             _wait_ready(monitor, bool(args.attach), args.quiet)  # the CSV's columns need it
-        if mode == "tui" and _run_tui(monitor, args):
-            return 0
         if mode == "tui":
+            status = _run_tui(monitor, args)
+            if status is not None:
+                return status
             mode = "headless"
             _say("the TUI is not installed here: headless status lines instead")
         sinks = _Sinks(args, monitor, mode)

@@ -422,6 +422,23 @@ async def test_a_process_that_comes_as_one_goes_takes_its_row_without_a_layout()
 
 
 @pilot_test
+async def test_no_color_shows_every_panel_in_monochrome(monkeypatch):
+    # NO_COLOR (no-color.org) makes Textual pass every line through its Monochrome filter, which
+    # reads each segment's Rich style: a chart segment without one ended the app.
+    monkeypatch.setenv("NO_COLOR", "1")
+    app = XltopApp(FakeMonitor(ticks=0), host="testhost")
+    async with app.run_test(size=(160, 45)) as pilot:
+        for k in range(3):
+            app.show_snapshot(fake_snapshot(k))
+            await pilot.pause(0.1)
+        chart = drawn(app.main_screen.query_one("#chart-memory"))
+        processes = drawn(app.main_screen.query_one(ProcessTable))
+    assert app.return_code in (None, 0)
+    assert "memory MiB" in chart and any("\u2801" <= c <= "\u28ff" for c in chart)  # braille
+    assert "ttt_runtime run" in processes
+
+
+@pilot_test
 async def test_memory_panel_draws_a_bar_a_line_in_its_width_coloured_by_fill():
     # The panel is drawn straight to strips (no Rich Text layout): each bar must still fill
     # the panel's width exactly, in proportion, coloured by how full it is, and a line too

@@ -105,6 +105,41 @@ def test_xltop_in_tmux_pause_clear_log_quit(tmux, tmp_path):
     assert rows and all(r["ts"] for r in rows)  # closed with whole rows
 
 
+# xltop's own main, with a fault injected where the TUI shows a Snapshot of a stepping run: it
+# writes the run's pid to argv[1], then raises.
+FAILING_TUI = """
+import sys
+from pathlib import Path
+from xltop.cli import main
+from xltop.tui.app import XltopApp
+show = XltopApp.show_snapshot
+def failing(self, snapshot):
+    if snapshot.run is None or not snapshot.run.step:
+        return show(self, snapshot)
+    Path(sys.argv[1]).write_text(str(snapshot.run.pid))
+    raise RuntimeError("injected fault")
+XltopApp.show_snapshot = failing
+sys.exit(main(["--preset", "tiny"]))
+"""
+
+
+def test_a_tui_that_ends_on_an_error_exits_1_and_stops_its_run(tmux, tmp_path):
+    # Textual prints the traceback of an error that ends the app, and it must not end as a
+    # success (NO_COLOR once ended the TUI at its first frame with exit status 0).
+    exit_file, pid_file = tmp_path / "exit_code", tmp_path / "run_pid"
+    command = (
+        f"env -u LD_PRELOAD -u COLUMNS -u LINES {sys.executable} -c '{FAILING_TUI}' "
+        f"{pid_file}; echo $? > {exit_file}; sleep 60"
+    )  # the pane stays to be read
+    tmux("new-session", "-d", "-s", "xltop", "-x", "120", "-y", "40", "-c", str(tmp_path),
+         command)  # fmt: skip
+    status = wait_until(lambda: exit_file.exists() and exit_file.read_text().strip(), TIMEOUT_S,
+                        lambda: f"xltop to exit:\n{tmux.screen()}", interval=0.2)  # fmt: skip
+    assert status == "1"
+    assert "RuntimeError: injected fault" in tmux("capture-pane", "-p", "-t", "xltop", "-S", "-")
+    assert process_gone(int(pid_file.read_text()))  # the hosted run was stopped
+
+
 def test_xltop_hosts_a_ray_run_shows_its_workers_and_a_killed_stage_restarts(tmux, tmp_path):
     """`xltop --ray-run`: a 2-stage run on a private local cluster (token auth on, as Ray
     starts it, in a private HOME), its workers table and its actors in the Ray panel; a stage

@@ -124,8 +124,10 @@ class XltopApp(App[None]):
                 return
             try:
                 self.call_from_thread(self.show_snapshot, snapshot)
-            except RuntimeError:  # the app stopped while this tick ran
-                return
+            except RuntimeError:
+                if self.is_running:  # the display's own error: it ends the app, loudly
+                    raise
+                return  # the app stopped while this tick ran
 
     def show_snapshot(self, snapshot: Snapshot) -> None:
         # A tick that lands while the app shuts down: Textual clears `is_running` before it

@@ -102,7 +102,7 @@ def draw(title: str, series: Sequence[Series], xlim: tuple[float, float], width:
     left_w, right_w = (LABEL_WIDTH + 1 if side else 0 for side in axes)
     rows, plot_w = height - 2, width - left_w - right_w
     if rows < 2 or plot_w < 4:  # too small to plot: the title only
-        return ([heading] + [Strip.blank(width)] * (height - 1))[:height]
+        return ([heading] + [Strip.blank(width, Style.null())] * (height - 1))[:height]
     bits = [[0] * plot_w for _ in range(rows)]
     colours: list[list[str | None]] = [[None] * plot_w for _ in range(rows)]
     for side, span in zip(axes, spans, strict=True):
@@ -151,8 +151,9 @@ def _dot(x: float, y: float, xlim: tuple[float, float], span: tuple[float, float
 
 
 @functools.cache
-def _style(colour: str | None) -> Style | None:
-    return None if colour is None else Style(color=colour)
+def _style(colour: str | None) -> Style:
+    # never None: Textual's filters (NO_COLOR's Monochrome) read every segment's style
+    return Style.null() if colour is None else Style(color=colour)
 
 
 def _y_label(span: tuple[float, float], row: int, rows: int, ticks: set[int], left: bool):
@@ -204,7 +205,9 @@ class Chart(Widget):
             width, height = self.size
             self._strips = draw(self.title, self.series, self.xlim, width, height)
             self._built_for = key
-        return self._strips[y] if y < len(self._strips) else Strip.blank(self.size.width)
+        return (
+            self._strips[y] if y < len(self._strips) else Strip.blank(self.size.width, Style.null())
+        )
 
 
 class MetricCharts(Horizontal):
