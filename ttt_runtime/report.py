@@ -50,6 +50,7 @@ PUBLISH_S = 0.1  # the newest record goes out at most this often (xltop ticks ev
 PAUSED_REPORT_S = 1.0  # a paused loop still reports this often (as a paused TTT run does)
 PAUSE_POLL_S = 0.05  # a paused step() looks this often for a resume, a save, a monitor gone
 MAX_SCALARS = 64  # extra scalars of one loop: one report must fit a line (channel.MAX_LINE)
+MAX_COUNT = 2**53  # tokens and steps: exact in any JSON reader (xltop refuses 100 digits)
 MAX_NAME = 200  # characters of the run's name: it goes out with every report
 SCALAR_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")  # it becomes a CSV column, user_<name>
 UNSUPPORTED = "not supported by a user loop's reporter"
@@ -400,15 +401,17 @@ def _number(value: Any, scalar: str | None = None) -> float | None:
 
 
 def _count(what: str, value: Any) -> int:
-    """`value` as a whole number of at least 0; ValueError naming `what` was wrong."""
-    if type(value) is int and value >= 0:  # the common case, a call every step
+    """`value` as a whole number from 0 to MAX_COUNT; ValueError naming `what` was wrong."""
+    if type(value) is int and 0 <= value <= MAX_COUNT:  # the common case, a call every step
         return value
     try:
         count = int(value)
     except (TypeError, ValueError, OverflowError):  # None, text, NaN, infinity
         count = -1
-    if count < 0:
-        raise ValueError(f"{what} must be a whole number of at least 0, got {reprlib.repr(value)}")
+    if not 0 <= count <= MAX_COUNT:
+        raise ValueError(
+            f"{what} must be a whole number from 0 to 2**53, got {reprlib.repr(value)}"
+        )
     return count
 
 
