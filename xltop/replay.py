@@ -11,7 +11,6 @@ A file that is not an xltop CSV at all is refused (ReplayError), naming what it 
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import math
@@ -84,11 +83,13 @@ class _Row:
         cell = self.text(column)
         if not cell:
             return None
-        with contextlib.suppress(ValueError):
+        try:
             value = kind(cell)
-            if not isinstance(value, float) or math.isfinite(value):
-                return value
-        raise ValueError(f"{column} is {cell[:40]!r}")
+        except ValueError:
+            value = math.nan  # refused below, with the NaN a cell may hold
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{column} is {cell[:40]!r}")
+        return value
 
     def number(self, column: str) -> float | None:
         return self._parse(column, float)

@@ -246,3 +246,16 @@ def test_a_host_that_does_not_resolve_is_one_line_naming_why():
     line = result.stderr.splitlines()[-1]
     assert line.startswith(f"xltop: cannot serve on no-such-host.invalid:{port}: "), line
     assert "Unknown error" not in line and line.count(":") == 3, line
+
+
+def test_a_replay_that_cannot_play_is_refused_before_serving(tmp_path):
+    # else the server came up and every page it served failed on the file
+    sales = tmp_path / "sales.csv"
+    sales.write_text("date,amount\n2026-01-01,3\n")
+    result = run_xltop("--serve", "--port", str(free_port()), "--replay", str(sales), timeout=30)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"xltop: {sales} is not an xltop CSV log (its header lacks ts, interval_s, total_mib, "
+        "used_mib, avail_mib, cpu_pct)"
+    ]
