@@ -53,6 +53,12 @@ READY_TIMEOUT_S = 120.0  # actors start a Python with MLX each: seconds on a loa
 RESTART_WAIT_S = 60.0  # how long a dead actor may take to come back
 STEP_TIMEOUT_S = 600.0
 SHUTDOWN_WAIT_S = 10.0  # for a private cluster's processes to exit after ray.shutdown
+# An HTTP/2 client's preface and an empty SETTINGS frame; a gRPC server's first frame answers
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+FRAME_HEADER_BYTES = 9  # length (3), type (1), flags (1), stream (4)
+SETTINGS_FRAME_TYPE = b"\x04"
+NOT_A_GCS = ("it answers, but not as a Ray cluster (want its GCS address: the one `ray start "
+             "--head` printed, port 6379 unless --port said otherwise)")  # fmt: skip
 
 
 class RaySetupError(RuntimeError):
@@ -323,12 +329,25 @@ def _tmpdir(path: str) -> Iterator[None]:
 
 
 def _check_reachable(address: str) -> None:
+    """A Ray GCS answers at `address`, else RaySetupError within about CONNECT_TIMEOUT_S: Ray's
+    own connect to a silent port, or to a server that is not a GCS, waits out INIT_TIMEOUT_S.
+    The GCS is a gRPC server: it answers an HTTP/2 client's preface with a SETTINGS frame."""
     host, _, port = address.rpartition(":")  # its form checked by RayConfig
     try:
-        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+        with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S) as conn:
+            if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+                return  # a GCS with TLS wants a TLS handshake first: Ray's connect must do
+            conn.sendall(HTTP2_PREFACE)
+            frame = conn.recv(FRAME_HEADER_BYTES, socket.MSG_WAITALL)
+    except TimeoutError:
+        reason = f"no answer in {CONNECT_TIMEOUT_S:.0f} s"
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__.replace("Error", "").lower() or str(exc)
-        raise RaySetupError(f"cannot reach the Ray cluster at {address}: {reason}") from None
+    else:
+        if frame[3:4] == SETTINGS_FRAME_TYPE:
+            return
+        reason = NOT_A_GCS
+    raise RaySetupError(f"cannot reach the Ray cluster at {address}: {reason}")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -5,12 +5,15 @@ interrupted), restarts used up, an address nobody answers, and SIGTERM leaving n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -204,6 +207,45 @@ def test_an_address_nobody_answers_fails_in_seconds_with_one_line():
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot reach the Ray cluster at 127.0.0.1:" in lines[0], lines
+
+
+@pytest.mark.parametrize(
+    "answer, reason",
+    [
+        (None, "no answer in 10 s"),
+        (b"HTTP/1.0 400 Bad Request\r\n\r\n", "answers, but not as a Ray cluster"),
+    ],
+    ids=["silent", "http"],
+)
+def test_a_port_that_is_not_a_ray_cluster_is_named_in_seconds(answer, reason):
+    # Ray's own connect waited out INIT_TIMEOUT_S (60 s) on either, then exit 1 under a few of
+    # its C++ warnings; a GCS answers an HTTP/2 preface at once (a dashboard's port, HTTP)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        if answer is not None:
+
+            def answer_each():
+                with contextlib.suppress(OSError):
+                    while True:
+                        conn, _ = server.accept()
+                        conn.recv(1024)
+                        conn.sendall(answer)
+                        conn.close()
+
+            threading.Thread(target=answer_each, daemon=True).start()
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        start = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-m", "ttt_runtime", "run", "--preset", "tiny", "--ray", address],
+            capture_output=True, text=True, timeout=90, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    assert time.monotonic() - start < 25  # 10 s, and a loaded machine's imports
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"ttt-run: error: cannot reach the Ray cluster at {address}: ")
+    assert reason in lines[0]
 
 
 def test_sigterm_stops_a_private_local_cluster_and_leaves_nothing(spawned_run, monkeypatch):
