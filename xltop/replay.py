@@ -64,7 +64,8 @@ def _read_text(path: str) -> str:
         raise ReplayError(f"cannot replay {path}: {exc.strerror or exc}") from None
     if len(data) > MAX_BYTES:
         raise ReplayError(f"cannot replay {path}: over {MAX_BYTES // units.MIB} MiB")
-    return data.decode("utf-8", errors="replace")
+    # utf-8-sig: a log saved again by a spreadsheet ("CSV UTF-8") begins with a byte order mark
+    return data.decode("utf-8-sig", errors="replace")
 
 
 class _Row:
@@ -242,9 +243,10 @@ def load(path: str) -> Recording:
     """Read an xltop CSV log; ReplayError if it is not one or holds no whole row."""
     lines = _read_text(path).split("\n")
     torn = lines.pop()  # after the last newline: '' unless the last row was cut mid-write
-    if not lines or not lines[0]:
+    header = lines[0] if lines else torn  # a header cut before its newline is still read
+    if not header:
         raise ReplayError(f"{path} is not an xltop CSV log (it holds no header line)")
-    layout = _Layout(path, next(csv.reader([lines[0]])))
+    layout = _Layout(path, next(csv.reader([header])))
     snapshots, bad = [], []
     for number, cells in enumerate(csv.reader(lines[1:]), start=2):
         try:

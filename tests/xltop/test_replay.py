@@ -183,6 +183,15 @@ def test_a_log_of_another_version_replays_what_this_one_knows(logged, tmp_path):
     assert len(result.stderr.splitlines()) == 2
 
 
+def test_a_log_saved_again_by_a_spreadsheet_replays(logged, tmp_path):
+    # "CSV UTF-8" begins the file with a byte order mark, and ends its lines with CRLF
+    saved = tmp_path / "saved.csv"
+    saved.write_bytes(b"\xef\xbb\xbf" + logged.read_bytes().replace(b"\n", b"\r\n"))
+    recording = load(str(saved))
+    assert recording.skipped == ()
+    assert recording.snapshots == load(str(logged)).snapshots
+
+
 def foreign_files(tmp_path: Path) -> list[tuple[str, str]]:
     """(path, the words its one-line refusal must hold) for files that are no xltop log."""
     spreadsheet, binary, empty, header_only = (
@@ -192,6 +201,8 @@ def foreign_files(tmp_path: Path) -> list[tuple[str, str]]:
     binary.write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\xff\xfe")
     empty.write_text("")
     header_only.write_text("ts,interval_s,total_mib,used_mib,avail_mib,cpu_pct,event\n")
+    torn_header = tmp_path / "torn.csv"  # a monitor killed before its first row's newline
+    torn_header.write_text("ts,interval_s,total_mib,used_mib,avail_mib,cpu_pct")
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     lacks = "is not an xltop CSV log (its header lacks"
@@ -200,6 +211,7 @@ def foreign_files(tmp_path: Path) -> list[tuple[str, str]]:
         (str(binary), f"{binary} {lacks} ts"),
         (str(empty), f"{empty} is not an xltop CSV log (it holds no header line)"),
         (str(header_only), f"{header_only} holds no whole row to replay"),
+        (str(torn_header), f"{torn_header} holds no whole row to replay"),
         (str(fifo), f"cannot replay {fifo}: not a regular file"),
         (str(tmp_path), f"cannot replay {tmp_path}: Is a directory"),
         (str(tmp_path / "nowhere.csv"), "No such file or directory"),
