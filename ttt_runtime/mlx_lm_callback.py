@@ -5,9 +5,10 @@
 
 mlx-lm calls `on_train_loss_report` every `steps_per_report` iterations: each call is one report
 covering those iterations (tokens/s and step time averaged over them; `pause` takes hold at the
-next call). A second call of `train()` with the same callback goes on counting from where the
-first ended. The learning rate is the extra scalar `learning_rate`, the last validation loss
-`val_loss`. mlx-lm is an optional extra (`pip install xltop[mlx-lm]`).
+next call). mlx-lm counts the iterations of each `train()` from 1: they are counted on from the
+reporter's steps when it began (the loop's own, an earlier `train()`'s). The learning rate is
+the extra scalar `learning_rate`, the last validation loss `val_loss`. mlx-lm is an optional
+extra (`pip install xltop[mlx-lm]`).
 """
 
 from __future__ import annotations
@@ -27,19 +28,18 @@ class XltopCallback(TrainingCallback):
         self.reporter = reporter if reporter is not None else Reporter(**options)
         self._iteration = 0  # mlx-lm's, at the last report
         self._trained_tokens = 0  # mlx-lm's running total, at the last report
-        self._earlier_steps = 0  # the iterations of earlier calls of train()
+        self._steps_before: int | None = None  # the reporter's count when this train() began
 
     def on_train_loss_report(self, train_info: dict) -> None:
         iteration, total = int(train_info["iteration"]), int(train_info["trained_tokens"])
-        if iteration <= self._iteration:  # train() called again: it counts from 1 again
-            self._earlier_steps += self._iteration
-            self._trained_tokens = 0
+        if self._steps_before is None or iteration <= self._iteration:  # a train() begins
+            self._steps_before, self._trained_tokens = self.reporter.steps, 0
         tokens = total - self._trained_tokens
         self._iteration, self._trained_tokens = iteration, total
         self.reporter.step(
             loss=train_info["train_loss"],
             tokens=tokens,
-            step=self._earlier_steps + iteration,
+            step=self._steps_before + iteration,
             learning_rate=train_info["learning_rate"],
         )
 

@@ -199,6 +199,11 @@ class Reporter:
         if self._paused:
             self._wait_while_paused()
 
+    @property
+    def steps(self) -> int:
+        """The steps counted so far."""
+        return self._record.step
+
     def update_scalars(self, **scalars: Any) -> None:
         """Set extra scalars without counting a step (a validation loss); they go out with the
         next report."""

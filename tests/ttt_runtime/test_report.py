@@ -289,9 +289,10 @@ def test_a_forked_child_leaves_its_parents_reporter_alone(tmp_path):
     assert client.bye.step == 2 and not os.path.exists(sock)
 
 
-def test_mlx_lms_trainer_run_twice_with_one_callback_reports_on(tmp_path):
-    """A second train() (a second phase, more epochs) counts its iterations from 1 again: the
-    callback goes on from where the first ended instead of refusing the step inside mlx-lm."""
+def test_mlx_lms_trainer_counts_on_from_where_the_reporter_stands(tmp_path):
+    """mlx-lm counts its iterations from 1 in each train(): after the loop's own steps, and in a
+    second train() (a second phase) with the same callback, the callback goes on from the
+    reporter's count instead of a step() refused inside mlx-lm's training."""
     pytest.importorskip("mlx_lm", reason="mlx-lm is not installed (pip install xltop[mlx-lm])")
     import mlx.optimizers as optim
     from mlx_lm.models import llama
@@ -309,15 +310,17 @@ def test_mlx_lms_trainer_run_twice_with_one_callback_reports_on(tmp_path):
     )  # fmt: skip
     reporter, client = _pair(tmp_path)
     try:
+        for _ in range(3):  # the user's own loop first (a warm-up phase)
+            reporter.step(tokens=1)
         callback = XltopCallback(reporter)
         reports = []
         for _ in range(2):
             train(model, optim.Adam(learning_rate=1e-3), data, None, args,
                   training_callback=callback)  # fmt: skip
-            reports.append(_newest(client, 4 * (len(reports) + 1)))
+            reports.append(_newest(client, 3 + 4 * (len(reports) + 1)))
         first, second = reports
-        assert (first.step, second.step) == (4, 8)
-        assert second.tokens == 2 * first.tokens > 0  # sequences of one length: the same count
+        assert (first.step, second.step) == (7, 11)
+        assert second.tokens - 3 == 2 * (first.tokens - 3) > 0  # sequences of one length
     finally:
         client.close()
         reporter.close()
