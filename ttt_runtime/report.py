@@ -131,8 +131,10 @@ class Reporter:
     ):
         if sample_every < 1:
             raise ValueError(f"sample_every must be at least 1, got {sample_every}")
-        if name is not None and len(name) > MAX_NAME:
-            raise ValueError(f"name: at most {MAX_NAME} characters, got {len(name)}")
+        if name is not None and (type(name) is not str or len(name) > MAX_NAME):
+            raise ValueError(
+                f"name must be a str of at most {MAX_NAME} characters, got {reprlib.repr(name)}"
+            )
         self._private = socket is None
         self.socket = private_socket_path() if socket is None else os.fsdecode(socket)
         self.name = name or os.path.basename(sys.argv[0] or "") or "python"

@@ -145,10 +145,15 @@ def test_a_mistake_in_the_users_call_is_one_clear_error(tmp_path, call, message)
         reporter.close()
 
 
-def test_a_name_too_long_for_a_header_is_refused_before_listening(tmp_path):
-    # it goes out with every report: a megabyte of name would be encoded ten times a second
-    with pytest.raises(ValueError, match="name: at most 200 characters, got 1000000"):
-        Reporter(socket=str(tmp_path / "r.sock"), name="x" * 10**6)
+@pytest.mark.parametrize(
+    ("name", "shown"), [("x" * 10**6, "'xxxxxx"), (7, "7"), (b"run", "b'run'")]
+)
+def test_a_name_that_is_no_short_text_is_refused_before_listening(tmp_path, name, shown):
+    # it goes out with every report: a megabyte of name would be encoded ten times a second,
+    # and a hello whose name is no string is refused by xltop (or not encoded at all)
+    message = f"name must be a str of at most 200 characters, got {shown}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Reporter(socket=str(tmp_path / "r.sock"), name=name)
     assert not (tmp_path / "r.sock").exists()
 
 
