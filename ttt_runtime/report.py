@@ -144,7 +144,9 @@ class Reporter:
         self._device = device_info()
         self._blas = loaded_blas()
         self._record = _Record()
-        self._lock = threading.Lock()  # one call at a time builds the next record from the last
+        # one call at a time builds the next record from the last; reentrant, for a signal handler
+        # that reports while the loop's thread is inside a call (a Lock would wait for itself)
+        self._lock = threading.RLock()
         self._clock = time.perf_counter()  # when the step being timed began
         self._fast_weights: _FastWeights | None = None
         self._paused = False
@@ -352,7 +354,7 @@ class Reporter:
         on a pause, and its close (at its exit too) touches nothing."""
         self._closed, self._paused = True, False
         self._for_loop.clear()
-        self._lock = threading.Lock()  # a thread that held it was not forked
+        self._lock = threading.RLock()  # a thread that held it was not forked
 
     def _at_exit(self) -> None:
         # an uncaught exception ends the script: its monitors hear it as a run's error

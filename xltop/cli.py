@@ -553,7 +553,7 @@ def _served_argv(argv: list[str]) -> list[str]:
 
 def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     try:
-        from textual_serve.server import Server
+        from xltop.serve import XltopServer
     except ModuleNotFoundError:
         raise UsageError("--serve needs textual-serve: pip install 'xltop[serve]'") from None
     if args.replay is not None:  # said once here, rather than by every page served
@@ -562,7 +562,7 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     port = args.port if args.port is not None else SERVE_PORT
     command = shlex.join([sys.executable, "-m", "xltop", *_served_argv(argv)])
     try:
-        Server(command, host=host, port=port, title="xltop").serve()
+        XltopServer(command, host, port).serve()
     except OSError as exc:  # the port is taken, the address is not this machine's
         # aiohttp's message repeats the address: its errno says it all; a name that does not
         # resolve has a resolver's errno, which os.strerror does not know, and words of its own

@@ -392,3 +392,33 @@ def test_steps_and_scalars_from_several_threads_are_all_counted(tmp_path):
     finally:
         client.close()
         reporter.close()
+
+
+# A loop whose signal handler reports (a timer's scalar): the handler runs between two bytecodes
+# of the loop's thread, inside a step() as likely as not.
+SIGNAL_HANDLER = """
+import signal, sys
+from ttt_runtime.report import Reporter
+reporter = Reporter(socket=sys.argv[1])
+signal.signal(signal.SIGALRM, lambda *_: reporter.update_scalars(alarm=1.0))
+signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)
+for _ in range(20_000):
+    reporter.step(tokens=1, lr=0.1)
+signal.setitimer(signal.ITIMER_REAL, 0)
+reporter.close()
+print("steps", reporter.steps)
+"""
+
+
+def test_a_signal_handler_that_reports_inside_a_step_does_not_hang_the_loop(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SIGNAL_HANDLER, str(tmp_path / "r.sock")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:  # hung: no exit status to read, the test fails here
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0 and err == "" and out == "steps 20000\n"

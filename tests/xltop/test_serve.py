@@ -23,11 +23,13 @@ import urllib.request
 from pathlib import Path
 
 import aiohttp
+import psutil
 import pytest
 from polling import wait_until
 from xltop_helpers import run_xltop
 
 from xltop import __version__
+from xltop.serve import MAX_PAGES
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 TIMEOUT_S = 120.0  # generous: a browser, a server, a TUI and a run share a small machine
@@ -259,3 +261,71 @@ def test_a_replay_that_cannot_play_is_refused_before_serving(tmp_path):
         f"xltop: {sales} is not an xltop CSV log (its header lacks ts, interval_s, total_mib, "
         "used_mib, avail_mib, cpu_pct)"
     ]
+
+
+async def open_pages(url: str, n: int) -> list[int]:
+    """Open `n` page websockets at once, as many browser tabs would; the HTTP status of each
+    (101: a page, with its own xltop), after reading the first page's output."""
+    async with aiohttp.ClientSession() as session:
+        opened, statuses = [], []
+        for _ in range(n):
+            try:
+                opened.append(await session.ws_connect(url))
+                statuses.append(101)
+            except aiohttp.WSServerHandshakeError as exc:
+                statuses.append(exc.status)
+        await opened[0].receive(timeout=TIMEOUT_S)  # a page's xltop is up and drawing
+        for ws in opened:
+            await ws.close()
+        return statuses
+
+
+def test_pages_beyond_the_limit_are_refused(xltop_process):
+    # each page starts an xltop (and, by default, a TTT run): a client opening websockets in a
+    # loop filled the machine's memory
+    port = free_port()
+    server = xltop_process("--serve", "--port", str(port), "--no-run")
+    wait_until(lambda: page_answers(f"http://127.0.0.1:{port}/") or server.poll() is not None,
+               TIMEOUT_S, "the server")  # fmt: skip
+    assert server.poll() is None, server.communicate()
+    statuses = asyncio.run(open_pages(f"http://127.0.0.1:{port}/ws", MAX_PAGES + 2))
+    assert statuses == [101] * MAX_PAGES + [503, 503]
+    # a closed page frees its place
+    wait_until(lambda: len(psutil.Process(server.pid).children()) == 0, TIMEOUT_S, "pages gone")
+    assert asyncio.run(open_pages(f"http://127.0.0.1:{port}/ws", 1)) == [101]
+
+
+async def handshake(url: str, **headers: str) -> int:
+    """The HTTP status of a websocket handshake to `url` (101: a page's xltop started)."""
+    async with aiohttp.ClientSession() as session:
+        try:
+            async with session.ws_connect(url, headers=headers):
+                return 101
+        except aiohttp.WSServerHandshakeError as exc:
+            return exc.status
+
+
+def test_a_page_of_another_site_may_not_open_xltop(xltop_process):
+    # a browser lets any site's page open a websocket to 127.0.0.1: it would drive xltop, kill
+    # included, and read the screen
+    port = free_port()
+    server = xltop_process("--serve", "--port", str(port), "--no-run")
+    wait_until(lambda: page_answers(f"http://127.0.0.1:{port}/") or server.poll() is not None,
+               TIMEOUT_S, "the server")  # fmt: skip
+    url = f"http://127.0.0.1:{port}/ws"
+    assert asyncio.run(handshake(url, Origin="https://attacker.example")) == 403
+    assert asyncio.run(handshake(url, Origin=f"http://127.0.0.1:{port}")) == 101
+
+
+def test_the_page_opens_its_websocket_where_the_browser_found_it(xltop_process):
+    # textual-serve built the page's URLs from the address served on: ws://::1:PORT/ws (no
+    # brackets) and, for --host 0.0.0.0, ws://0.0.0.0:PORT/ws, where no browser can connect
+    port = free_port()
+    server = xltop_process("--serve", "--host", "::1", "--port", str(port), "--no-run")
+    page = f"http://[::1]:{port}/"
+    wait_until(lambda: page_answers(page) or server.poll() is not None, TIMEOUT_S, "the server")
+    assert server.poll() is None, server.communicate()
+    with urllib.request.urlopen(page, timeout=10) as reply:
+        html = reply.read().decode()
+    assert f'data-session-websocket-url="ws://[::1]:{port}/ws"' in html
+    assert f'src="http://[::1]:{port}/static/js/textual.js"' in html
