@@ -383,7 +383,9 @@ def _checked(scalars: dict[str, Any], known: dict[str, Any]) -> dict[str, float 
     new = [name for name in scalars if name not in known]
     for name in new:
         if not SCALAR_NAME.fullmatch(name):
-            raise ValueError(f"scalar name {name!r}: letters, digits and _ only, at most 64")
+            raise ValueError(
+                f"scalar name {reprlib.repr(name)}: letters, digits and _ only, at most 64"
+            )
     if len(known) + len(new) > MAX_SCALARS:
         raise ValueError(f"at most {MAX_SCALARS} extra scalars ({len(known) + len(new)} given)")
     return {name: _number(value, name) for name, value in scalars.items()}

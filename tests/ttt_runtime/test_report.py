@@ -145,6 +145,16 @@ def test_a_mistake_in_the_users_call_is_one_clear_error(tmp_path, call, message)
         reporter.close()
 
 
+def test_a_long_bad_scalar_name_is_cut_in_its_error(tmp_path):
+    reporter = Reporter(socket=str(tmp_path / "r.sock"))
+    try:
+        with pytest.raises(ValueError, match="letters, digits and _ only") as error:
+            reporter.step(**{"[red]" + "x" * 10_000: 1.0})
+        assert str(error.value).startswith("scalar name '[red]xxx") and len(str(error.value)) < 200
+    finally:
+        reporter.close()
+
+
 @pytest.mark.parametrize(
     ("name", "shown"), [("x" * 10**6, "'xxxxxx"), (7, "7"), (b"run", "b'run'")]
 )
