@@ -562,7 +562,8 @@ def _serve(args: argparse.Namespace, argv: list[str]) -> int:
     port = args.port if args.port is not None else SERVE_PORT
     command = shlex.join([sys.executable, "-m", "xltop", *_served_argv(argv)])
     try:
-        XltopServer(command, host, port).serve()
+        host_allowed = None if args.expose else _is_loopback
+        XltopServer(command, host, port, host_allowed).serve()
     except OSError as exc:  # the port is taken, the address is not this machine's
         # aiohttp's message repeats the address: its errno says it all; a name that does not
         # resolve has a resolver's errno, which os.strerror does not know, and words of its own

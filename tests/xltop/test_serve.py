@@ -306,15 +306,19 @@ async def handshake(url: str, **headers: str) -> int:
 
 
 def test_a_page_of_another_site_may_not_open_xltop(xltop_process):
-    # a browser lets any site's page open a websocket to 127.0.0.1: it would drive xltop, kill
-    # included, and read the screen
+    # a browser lets any site's page open a websocket to 127.0.0.1 (or, rebinding its name, a
+    # page of its own there): it would drive xltop, kill included, and read the screen
     port = free_port()
     server = xltop_process("--serve", "--port", str(port), "--no-run")
     wait_until(lambda: page_answers(f"http://127.0.0.1:{port}/") or server.poll() is not None,
                TIMEOUT_S, "the server")  # fmt: skip
     url = f"http://127.0.0.1:{port}/ws"
     assert asyncio.run(handshake(url, Origin="https://attacker.example")) == 403
-    assert asyncio.run(handshake(url, Origin=f"http://127.0.0.1:{port}")) == 101
+    # DNS rebinding: the attacker's name made to resolve to 127.0.0.1, the page its own origin
+    rebound = f"attacker.example:{port}"
+    assert asyncio.run(handshake(url, Host=rebound, Origin=f"http://{rebound}")) == 403
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}"):
+        assert asyncio.run(handshake(url, Host=host, Origin=f"http://{host}")) == 101
 
 
 def test_the_page_opens_its_websocket_where_the_browser_found_it(xltop_process):
