@@ -191,6 +191,19 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check_fields(self)
 
+    def parameter_count(self) -> int:
+        """How many numbers the model's weights hold (model.py's layout; a test counts the real
+        model's): per block the TTT layer and a SwiGLU, then the embedding, norm and head."""
+        layer = self.layer
+        d, f, wide = layer.hidden_size, layer.head_dim, layer.mlp_expansion
+        # the fast weights' initial values, [W; b] per map: W1 (f, f) or W1 (f, wide f), W2 back
+        fast = d * f + d if self.layer_type == "linear" else 2 * wide * d * f + (wide + 1) * d
+        projections = (5 if layer.use_gate else 4) * d * d  # q, k, v, o (and the gate)
+        # the inner learning rate's weights and bias, token factors, inner and post norms
+        small = layer.num_heads * (d + 1) + layer.mini_batch_size + 4 * d
+        block = projections + small + fast + 3 * d * self.intermediate_size + 2 * d
+        return self.num_blocks * block + 2 * self.vocab_size * d + d
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -238,6 +251,19 @@ class RunConfig:
         if self.lora_rank > self.hidden_size:
             raise ConfigError(f"lora_rank={self.lora_rank}: must be at most "
                               f"hidden_size={self.hidden_size}")  # fmt: skip
+        self._check_fits_in_memory()
+
+    def _check_fits_in_memory(self) -> None:
+        """A model whose float32 weights alone outgrow this machine's memory (a typo such as
+        hidden_size=1000000) would end the run in MLX's allocator, as a segfault."""
+        weights = 4 * self.model_config().parameter_count()
+        memory = physical_memory()
+        if memory is not None and weights > memory:
+            raise ConfigError(
+                f"hidden_size={self.hidden_size}, num_blocks={self.num_blocks}, "
+                f"intermediate_size={self.intermediate_size}: the model's weights alone are "
+                f"{weights / 2**30:,.1f} GiB, more than this machine's {memory / 2**30:,.1f} GiB"
+            )
 
     def model_config(self) -> ModelConfig:
         """The model of these settings, taken by name. With `compile`, a train step is one
@@ -382,6 +408,14 @@ _FILE_KINDS = (
     (stat.S_ISBLK, "a block device"),
     (stat.S_ISSOCK, "a socket"),
 )
+
+
+def physical_memory() -> int | None:
+    """This machine's memory in bytes (Linux and macOS), None where the system does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
 
 
 def check_regular_file(path: str, label: str) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from ttt_runtime.protocol import Reply
+from xltop import units
 from xltop.snapshot import ClusterState, ProcessInfo, RunInfo, RunState, Snapshot, SystemInfo
 from xltop.watchdog import Watchdog
 
@@ -76,9 +77,8 @@ def _state_change_event(
     if before is not None and before.state == RunState.STALLED and after.state != RunState.DEAD:
         return f"run {after.state} again"
     if after.state == RunState.DEAD:
-        code = "unknown" if after.exit_code is None else after.exit_code
         error = f": {after.last_error}" if after.last_error else ""
-        return f"run stopped (exit code {code}){error}"
+        return f"run stopped ({units.ending(after.exit_code)}){error}"
     if after.state == RunState.RUNNING:
         was_paused = before is not None and before.state == RunState.PAUSED
         return "run resumed" if was_paused else f"run running (pid {after.pid})"

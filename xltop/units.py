@@ -3,7 +3,9 @@ the CSV and the watchdog): short, fixed-width friendly, '-' for unknown."""
 
 from __future__ import annotations
 
+import contextlib
 import re
+import signal
 
 MIB = 1024 * 1024  # the CSV's and the limits' unit
 MISSING = "-"
@@ -47,3 +49,14 @@ def rate(value: float | None) -> str:
     if value is None:
         return MISSING
     return f"{value / 1000:.1f}k" if value >= 10_000 else f"{value:.0f}"
+
+
+def ending(exit_code: int | None) -> str:
+    """How a process ended, as a person reads it: "exit code 2", or "killed by SIGSEGV" for
+    the negative codes that say a signal ended it."""
+    if exit_code is None:
+        return "exit code unknown"
+    if exit_code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-exit_code).name}"
+    return f"exit code {exit_code}"

@@ -137,6 +137,12 @@ def test_ttt_run_refuses_bad_input_before_it_starts(unusable_run_inputs, tmp_pat
         (["--max-steps", "inf"], "max_steps='inf': must be an integer"),
         (["--lr", "inf"], "lr=inf: must be a positive finite number"),
         (["--weight-decay", "nan"], "weight_decay=nan: must be a finite number >= 0"),
+        # its weights would outgrow the machine: MLX's allocator ended the run with a segfault
+        (
+            ["--hidden-size", "1000000"],
+            "hidden_size=1000000, num_blocks=2, intermediate_size=64: "
+            "the model's weights alone are 33,531.0 GiB, more than this machine's",
+        ),
     ]:
         command = [sys.executable, "-m", "ttt_runtime", "run", "--preset", "tiny", *args]
         result = subprocess.run([*command, "--socket", str(socket)], capture_output=True,

@@ -9,6 +9,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 from ttt_runtime.config import LayerType, ModelConfig, TTTLayerConfig
 from ttt_runtime.layers import TTTMLP, TTTLinear
@@ -88,3 +89,13 @@ def test_wrong_cache_length_is_an_error():
     model = TTTModel(ModelConfig(**SMALL))
     with pytest.raises(ValueError):
         model(tokens(1, 4), cache=model.make_cache(1)[:1])
+
+
+@pytest.mark.parametrize("layer_type", get_args(LayerType))
+@pytest.mark.parametrize("use_gate", [False, True])
+def test_the_config_counts_the_models_parameters(layer_type, use_gate):
+    # what the run's memory check (RunConfig) reckons with, against the real model's weights
+    layer = TTTLayerConfig(hidden_size=48, num_heads=6, mini_batch_size=4, use_gate=use_gate)
+    config = ModelConfig(layer, layer_type=layer_type, num_blocks=3, intermediate_size=40)
+    weights = tree_flatten(TTTModel(config).parameters())
+    assert config.parameter_count() == sum(w.size for _, w in weights)

@@ -264,6 +264,8 @@ async def test_big_r_restarts_a_dead_run_and_q_stops_it_cleanly(monitors, tmp_pa
         os.kill(first_pid, signal.SIGKILL)
         await until(pilot, lambda: state(app) == "dead", "the dead state")
         assert "DEAD" in str(app.main_screen.query_one("#header").content)
+        # a signal's end is said by its name (a negative exit code means nothing to a user)
+        await until(pilot, lambda: "run stopped (killed by SIGKILL)" in events(app), "the event")
         await pilot.press("R")
         await until(pilot, lambda: state(app) == "running" and runtime.pid != first_pid, "restart")
         second = runtime._proc
