@@ -341,3 +341,12 @@ def test_rows_with_numbers_xltop_never_writes_are_skipped_and_named(logged, tmp_
     assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines() == [f"xltop: replay: {recording.skipped[0]}"]
     assert f"{TICKS - len(hostile)} ticks" in result.stdout
+
+
+def test_a_path_with_control_characters_is_named_escaped_on_one_line(tmp_path):
+    path = tmp_path / "no\nsuch\x1b[31m.csv"
+    result = run_xltop("--replay", str(path), "--once", timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"xltop: cannot replay {tmp_path}/no\\nsuch\\x1b[31m.csv: No such file or directory"
+    ]
