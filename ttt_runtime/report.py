@@ -151,6 +151,7 @@ class Reporter:
         self._fast_weights: _FastWeights | None = None
         self._paused = False
         self._closed = False
+        self._said_left_out = False  # scalars beyond MAX_SCALARS
         self._for_loop: deque[tuple[Any, dict]] = deque()  # (peer, save command): step() obeys
         self._wake = threading.Event()  # a paused step() looks again
         hello = Hello(os.getpid(), self.run_id, MODE, self.name, {}, self.socket)
@@ -181,7 +182,7 @@ class Reporter:
             steps = 1 if step is None else _count("step", step) - last.step
             if steps < 1:
                 raise ValueError(f"step {step} does not come after step {last.step}")
-            user = {**last.user, **_checked(scalars, last.user)} if scalars else last.user
+            user = self._merged(last.user, scalars) if scalars else last.user
             elapsed = now - self._clock
             self._clock = now
             first = last.step == 0 and last.warmup_ms is None
@@ -213,7 +214,7 @@ class Reporter:
         next report."""
         with self._lock:
             last = self._record
-            self._record = last._replace(user={**last.user, **_checked(scalars, last.user)})
+            self._record = last._replace(user=self._merged(last.user, scalars))
 
     def watch(self, model: nn.Module, caches: Sequence[TTTCache] | None = None) -> None:
         """Report the fast-weight figures of `model`'s TTT layers (ttt_runtime.layers) every
@@ -225,6 +226,25 @@ class Reporter:
         with self._lock:
             self._fast_weights = watched
             self._record = self._record._replace(layers=layers, sampled_step=None)
+
+    def _merged(self, known: dict[str, float | None], scalars: dict[str, Any]) -> dict:
+        """`known` updated with `scalars` as floats (None for a None); ValueError naming a bad
+        one. New names beyond MAX_SCALARS are left out, said once: a name that first comes
+        hours in (one per epoch) must not end the loop."""
+        new = [name for name in scalars if name not in known]
+        for name in new:
+            if not SCALAR_NAME.fullmatch(name):
+                raise ValueError(
+                    f"scalar name {reprlib.repr(name)}: letters, digits and _ only, at most 64"
+                )
+        left_out = new[MAX_SCALARS - len(known) :]
+        if left_out:
+            if not self._said_left_out:
+                self._said_left_out = True
+                say(f"reporter: at most {MAX_SCALARS} extra scalars; {left_out[0]!r} and later"
+                    " new names are left out")  # fmt: skip
+            scalars = {name: v for name, v in scalars.items() if name not in left_out}
+        return {**known, **{name: _number(value, name) for name, value in scalars.items()}}
 
     def _is_sampled(self, step: int, steps: int) -> bool:
         """The first step after `watch`, then whenever `sample_every` divides a step the call
@@ -376,19 +396,6 @@ def _disown_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_disown_in_child)
-
-
-def _checked(scalars: dict[str, Any], known: dict[str, Any]) -> dict[str, float | None]:
-    """The extra scalars as floats (None for a None); ValueError naming a bad one."""
-    new = [name for name in scalars if name not in known]
-    for name in new:
-        if not SCALAR_NAME.fullmatch(name):
-            raise ValueError(
-                f"scalar name {reprlib.repr(name)}: letters, digits and _ only, at most 64"
-            )
-    if len(known) + len(new) > MAX_SCALARS:
-        raise ValueError(f"at most {MAX_SCALARS} extra scalars ({len(known) + len(new)} given)")
-    return {name: _number(value, name) for name, value in scalars.items()}
 
 
 def _number(value: Any, scalar: str | None = None) -> float | None:

@@ -131,7 +131,6 @@ def test_a_report_carries_the_loops_figures_and_its_own_mlx_memory(tmp_path):
             "tokens must be a whole number from 0 to 2**53, got 1000000",
         ),
         (lambda r: r.step(step="ten"), "step must be a whole number from 0 to 2**53, got 'ten'"),
-        (lambda r: r.step(**{f"s{i}": 1 for i in range(65)}), "at most 64 extra scalars"),
         (lambda r: (r.step(step=5), r.step(step=5)), "step 5 does not come after step 5"),
         (lambda r: r.watch(nn.Linear(2, 2)), "Linear has no TTT layers"),
     ],
@@ -142,6 +141,25 @@ def test_a_mistake_in_the_users_call_is_one_clear_error(tmp_path, call, message)
         with pytest.raises(ValueError, match=re.escape(message)):
             call(reporter)
     finally:
+        reporter.close()
+
+
+def test_scalars_beyond_64_are_left_out_with_one_warning_not_an_error(tmp_path, capsys):
+    # a new name may come hours in (a scalar per epoch): the loop must not die of it
+    reporter, client = _pair(tmp_path)
+    try:
+        reporter.step(**{f"s{i}": i for i in range(60)})
+        reporter.step(**{f"late{i}": i for i in range(6)})
+        reporter.update_scalars(later=1.0, s0=-1.0)
+        report = _newest(client, 2)
+        wait_until(lambda: client.latest().user["s0"] == -1.0, 10, "the update")
+        user = client.latest().user
+        assert len(user) == 64 and "late4" not in user and "later" not in user
+        warning = "reporter: at most 64 extra scalars; 'late4' and later new names are left out\n"
+        assert capsys.readouterr().err == warning  # once
+        assert report.step == 2
+    finally:
+        client.close()
         reporter.close()
 
 
