@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 import psutil
 
-from xltop import __version__
+from xltop import __version__, units
 from xltop.csvlog import CsvLogError, CsvSink, check_writable
 from xltop.jsonout import snapshot_to_line
 from xltop.monitor import MAX_INTERVAL_S, MIN_INTERVAL_S, Monitor, RuntimeSource
@@ -408,7 +408,7 @@ def _wait_ready(monitor: Monitor, attached: bool, quiet: bool) -> None:
         return
     info = runtime.sample()
     if info.state == RunState.DEAD:
-        _say(f"the run stopped (exit code {info.exit_code}): {info.last_error or 'no message'}")
+        _say(f"the run stopped ({units.ending(info.exit_code)}): {info.last_error or 'no message'}")
         raise SystemExit(1)
     _say(f"no report from the run after {timeout:g} s; monitoring it anyway")
 
