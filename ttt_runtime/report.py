@@ -151,7 +151,7 @@ class Reporter:
         self._fast_weights: _FastWeights | None = None
         self._paused = False
         self._closed = False
-        self._said_left_out = False  # scalars beyond MAX_SCALARS
+        self._said: set[str] = set()  # the kinds of slip already said on stderr (_say_once)
         self._for_loop: deque[tuple[Any, dict]] = deque()  # (peer, save command): step() obeys
         self._wake = threading.Event()  # a paused step() looks again
         hello = Hello(os.getpid(), self.run_id, MODE, self.name, {}, self.socket)
@@ -180,8 +180,10 @@ class Reporter:
         with self._lock:
             now, last = time.perf_counter(), self._record
             steps = 1 if step is None else _count("step", step) - last.step
-            if steps < 1:
-                raise ValueError(f"step {step} does not come after step {last.step}")
+            if steps < 1:  # a count that starts again (each epoch's own) must not end the loop
+                self._say_once("step", f"step {step} does not come after step {last.step}:"
+                               " counted as one step")  # fmt: skip
+                steps = 1
             user = self._merged(last.user, scalars) if scalars else last.user
             elapsed = now - self._clock
             self._clock = now
@@ -239,12 +241,16 @@ class Reporter:
                 )
         left_out = new[MAX_SCALARS - len(known) :]
         if left_out:
-            if not self._said_left_out:
-                self._said_left_out = True
-                say(f"reporter: at most {MAX_SCALARS} extra scalars; {left_out[0]!r} and later"
-                    " new names are left out")  # fmt: skip
+            self._say_once("scalars", f"at most {MAX_SCALARS} extra scalars; {left_out[0]!r}"
+                           " and later new names are left out")  # fmt: skip
             scalars = {name: v for name, v in scalars.items() if name not in left_out}
         return {**known, **{name: _number(value, name) for name, value in scalars.items()}}
+
+    def _say_once(self, kind: str, text: str) -> None:
+        """A slip the loop goes on after, said on stderr the first time of its kind only."""
+        if kind not in self._said:
+            self._said.add(kind)
+            say(f"reporter: {text}")
 
     def _is_sampled(self, step: int, steps: int) -> bool:
         """The first step after `watch`, then whenever `sample_every` divides a step the call
