@@ -129,8 +129,14 @@ class Reporter:
         save: SaveFunction | None = None,
         sample_every: int = 20,
     ):
-        if sample_every < 1:
-            raise ValueError(f"sample_every must be at least 1, got {sample_every}")
+        if type(sample_every) is not int or sample_every < 1:
+            raise ValueError(
+                f"sample_every must be a whole number of at least 1, got {sample_every!r}"
+            )
+        if save is not None and not callable(save):
+            raise ValueError(
+                f"save must be a function (path -> the path written), got {type(save).__name__}"
+            )
         if name is not None and (type(name) is not str or len(name) > MAX_NAME):
             raise ValueError(
                 f"name must be a str of at most {MAX_NAME} characters, got {reprlib.repr(name)}"

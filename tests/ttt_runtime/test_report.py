@@ -189,14 +189,22 @@ def test_a_long_bad_scalar_name_is_cut_in_its_error(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("name", "shown"), [("x" * 10**6, "'xxxxxx"), (7, "7"), (b"run", "b'run'")]
+    ("options", "message"),
+    [
+        ({"name": "x" * 10**6}, "name must be a str of at most 200 characters, got 'xxxxxx"),
+        ({"name": 7}, "name must be a str of at most 200 characters, got 7"),
+        ({"name": b"run"}, "name must be a str of at most 200 characters, got b'run'"),
+        ({"sample_every": "5"}, "sample_every must be a whole number of at least 1, got '5'"),
+        ({"sample_every": 0}, "sample_every must be a whole number of at least 1, got 0"),
+        ({"save": "model.st"}, "save must be a function (path -> the path written), got str"),
+    ],
 )
-def test_a_name_that_is_no_short_text_is_refused_before_listening(tmp_path, name, shown):
-    # it goes out with every report: a megabyte of name would be encoded ten times a second,
-    # and a hello whose name is no string is refused by xltop (or not encoded at all)
-    message = f"name must be a str of at most 200 characters, got {shown}"
+def test_a_bad_option_is_refused_before_listening(tmp_path, options, message):
+    # a name goes out with every report: a megabyte of it would be encoded ten times a second,
+    # and a hello whose name is no string is refused by xltop (or not encoded at all); a save
+    # that is no function would fail only when a monitor asks, hours in
     with pytest.raises(ValueError, match=re.escape(message)):
-        Reporter(socket=str(tmp_path / "r.sock"), name=name)
+        Reporter(socket=str(tmp_path / "r.sock"), **options)
     assert not (tmp_path / "r.sock").exists()
 
 
