@@ -2,7 +2,8 @@
 monitor attached and reading every report.
 
 Two figures. `step()` alone: the mean CPU time of a call on the calling thread, over many calls
-with nothing between them (the cost a loop of any size pays). And a real training loop (an MLP
+with nothing between them (the cost a loop of any size pays), and how much the process's memory
+grew over that flood. And a real training loop (an MLP
 learning by SGD on random data) timed with and without the reporter, side by side: rounds
 alternate off/on so that load from other processes falls on both alike; each round's figures are
 its wall and process CPU time a step, and the extra shown is the median over the pairs of rounds.
@@ -25,6 +26,7 @@ import time
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+import psutil
 
 from ttt_runtime.report import Reporter
 
@@ -84,10 +86,12 @@ def main() -> None:
         try:
             while not reporter._server.monitors:  # connected (importing takes a moment)
                 time.sleep(0.05)
+            rss = psutil.Process().memory_info().rss
             start = time.thread_time()  # this thread's CPU time: other processes' load left out
             for _ in range(args.calls):
                 reporter.step(loss=1.0, tokens=64, lr=1e-3)
             call_s = (time.thread_time() - start) / args.calls
+            grown = psutil.Process().memory_info().rss - rss
             step = make_loop(args.width)
             round_times(step, 20, None)  # warm-up: compile and allocate
             pairs = [
@@ -102,7 +106,8 @@ def main() -> None:
     wall = statistics.median(on[0] / off[0] - 1 for off, on in pairs)
     cpu = statistics.median(on[1] / off[1] - 1 for off, on in pairs)
     print(f"reporter.step() alone: {call_s * 1e6:.1f} us of CPU a call"
-          f" ({args.calls} calls, a monitor process reading)")  # fmt: skip
+          f" ({args.calls} calls back to back, a monitor process reading; the process's RSS"
+          f" grew {grown / 2**20:.1f} MiB over them)")  # fmt: skip
     print(f"loop (MLP width {args.width}, batch 64, SGD): {off * 1e3:.2f} ms a step; with the"
           f" reporter, median over {args.rounds} paired rounds of {args.steps} steps:"
           f" wall {wall:+.2%}, process CPU {cpu:+.2%} (others' load included)")  # fmt: skip
