@@ -143,7 +143,8 @@ class Reporter:
             )
         self._private = socket is None
         self.socket = private_socket_path() if socket is None else os.fsdecode(socket)
-        self.name = name or os.path.basename(sys.argv[0] or "") or "python"
+        script = (getattr(sys, "argv", None) or [""])[0]  # an embedded interpreter may have none
+        self.name = name or os.path.basename(script) or "python"
         self._save = save
         self.sample_every = sample_every
         self.run_id = secrets.token_hex(4)

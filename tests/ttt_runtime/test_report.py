@@ -208,6 +208,18 @@ def test_a_bad_option_is_refused_before_listening(tmp_path, options, message):
     assert not (tmp_path / "r.sock").exists()
 
 
+@pytest.mark.parametrize("argv", [[], None])
+def test_a_process_without_argv_is_named_python(tmp_path, monkeypatch, argv):
+    # an interpreter embedded in an application may have an empty sys.argv, or none
+    if argv is None:
+        monkeypatch.delattr(sys, "argv")
+    else:
+        monkeypatch.setattr(sys, "argv", argv)
+    reporter = Reporter(socket=str(tmp_path / "r.sock"))
+    reporter.close()
+    assert reporter.name == "python"
+
+
 def test_a_socket_is_any_path_like_and_an_empty_one_is_refused(tmp_path):
     reporter = Reporter(socket=tmp_path / "r.sock")  # a pathlib.Path, as a user writes one
     try:
