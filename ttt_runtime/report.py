@@ -119,7 +119,7 @@ class Reporter:
     (default: the script's file name). `save(path)`: called by the `save` command between two
     steps, returns the path written (None: `save` is not supported). `sample_every`: steps
     between two fast-weight figures of a watched model. Raises ChannelError when the socket
-    cannot be listened at."""
+    cannot be listened at, ValueError naming an option of the wrong kind."""
 
     def __init__(
         self,
