@@ -35,6 +35,7 @@ import numpy as np
 import psutil
 import ray
 import ray.exceptions
+from ray._private import ray_constants
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 
 from ttt_runtime import swar
@@ -43,6 +44,7 @@ from ttt_runtime.config import RayConfig, RunConfig
 from ttt_runtime.console import say
 from ttt_runtime.device import memory_counters
 from ttt_runtime.figures import SampleFigures
+from ttt_runtime.launch import STOP_SIGNALS
 from ttt_runtime.learners import LearnerFailed, LearnerRestarted, LearnerState, StepResult
 from ttt_runtime.pipeline import Stage, block_ranges
 from ttt_runtime.protocol import WorkerFigures
@@ -59,6 +61,12 @@ FRAME_HEADER_BYTES = 9  # length (3), type (1), flags (1), stream (4)
 SETTINGS_FRAME_TYPE = b"\x04"
 NOT_A_GCS = ("it answers, but not as a Ray cluster (want its GCS address: the one `ray start "
              "--head` printed, port 6379 unless --port said otherwise)")  # fmt: skip
+
+
+# The driver keeps Python's handlers: Ray's C++ failure handler (stack traces of crashes) takes
+# SIGTERM too, and a stop amid ray.init aborted the run (SIGABRT) with the private cluster left.
+# Read by ray.init in this process only; Ray's own processes keep theirs.
+ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
 
 
 class RaySetupError(RuntimeError):
@@ -238,14 +246,17 @@ class Cluster:
 
     def __init__(self, placement: RayConfig):
         self.temp_dir: str | None = None
-        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        if placement.address != "local":
+            _check_reachable(placement.address)
+        # A stop signal amid the setup leaves the cluster first (a private one would outlive
+        # us), then does what it did before (the run takes the signals over later).
+        self._leaving = {s: self._leave_then(signal.getsignal(s)) for s in STOP_SIGNALS}
+        self._take_signals()
         if placement.address == "local":
             context = self._start_local(placement.dashboard)
         else:
-            _check_reachable(placement.address)
             context = self._init(address=placement.address)
-        for signum, handler in previous.items():  # ray.init takes SIGTERM over: take it back
-            signal.signal(signum, self._leave_then(handler))
+        self._take_signals()  # ray.init put in a SIGTERM handler of its own
         url = context.dashboard_url
         self.dashboard_url = f"http://{url}" if url else None  # for xltop's Ray panel
 
@@ -279,15 +290,22 @@ class Cluster:
         threading.Thread(target=give_up, name="ray-connect-watchdog", daemon=True).start()
         try:
             return ray.init(log_to_driver=False, configure_logging=False, **options)
+        except SystemExit as exc:  # ray.init's own SIGTERM handler: sys.exit(signum)
+            if exc.code in self._leaving:
+                self._take_signals()
+                signal.raise_signal(exc.code)  # to ours: the cluster left, then as before
+            raise
         except Exception as exc:  # Ray raises many kinds here; the user needs one line
             self.close()
             raise RaySetupError(f"cannot join the Ray cluster: {_first_line(exc)}") from None
         finally:
             done.set()
 
+    def _take_signals(self) -> None:
+        for signum, handler in self._leaving.items():
+            signal.signal(signum, handler)
+
     def _leave_then(self, handler: Any) -> Any:
-        """A stop signal during the rest of setup leaves the cluster first (a private one
-        would outlive us), then does what it did before (the run takes it over later)."""
         if not callable(handler):
             return handler
 

@@ -266,6 +266,39 @@ def test_sigterm_stops_a_private_local_cluster_and_leaves_nothing(spawned_run, m
     assert gone and not os.path.exists(temp)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("started", ["gcs_server", "raylet"])
+def test_a_stop_signal_amid_ray_init_stops_the_private_cluster_and_leaves_nothing(
+    spawned_run, monkeypatch, signum, started
+):
+    # ray.init puts in a SIGTERM handler of its own (sys.exit(15): the private cluster and its
+    # /tmp/xr-* were left), then its core worker one that aborts (SIGABRT and a C++ backtrace)
+    if reason := ray_missing():
+        pytest.skip(reason)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    run = spawned_run("--ray", "local", "--stages", "2")
+    process = psutil.Process(run.pid)
+
+    def ray_process_started():
+        assert run.poll() is None, run.stderr_tail()
+        return any(p.name() == started for p in process.children(recursive=True))
+
+    wait_until(ray_process_started, 120, started)
+    family = process.children(recursive=True)
+    (temp,) = {m[0] for p in family for m in re.finditer(r"/tmp/xr-[a-z0-9_]+", " ".join(
+        p.cmdline()))}  # fmt: skip
+    os.kill(run.pid, signum)
+    try:
+        assert run.wait(60) == 0, run.stderr_tail()
+        wait_until(lambda: not any(p.is_running() for p in family), 30, "Ray's processes")
+        assert not os.path.exists(temp)
+        assert "SIGTERM received" not in run.stderr_tail()
+    finally:
+        for leftover in family:
+            with contextlib.suppress(psutil.Error):
+                leftover.kill()
+
+
 def test_replicas_average_compressed_gradients_and_report_every_actor(ray_run):
     run = ray_run("--stages", "2", "--replicas", "2", "--grad-compression", "u8",
                   "--grad-average", "swar")  # fmt: skip
