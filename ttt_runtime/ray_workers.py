@@ -530,7 +530,7 @@ class RayLearner:
 
     # -- faults ---------------------------------------------------------------------------------
     def _recover(self, failure: ray.exceptions.RayError) -> NoReturn:
-        """After a failed step: LearnerRestarted once every dead actor is back (Ray restarted
+        """After a failed call: LearnerRestarted once every dead actor is back (Ray restarted
         it), LearnerFailed if one cannot come back."""
         came_back = []
         for k, row in enumerate(self.actors):
@@ -565,22 +565,30 @@ class RayLearner:
         return f"stage {k} replica {r} (pid {place['pid']} on node {place['node_ip']})"
 
     # -- commands and state ---------------------------------------------------------------------
+    def _on_every_actor(self, method: str) -> list[list[Any]]:
+        """`method` called in every actor, its results shaped as self.actors. A dead actor is a
+        step's fault too (LearnerRestarted, LearnerFailed): a command or a checkpoint met it."""
+        try:
+            return self._get([[getattr(a, method).remote() for a in row] for row in self.actors])
+        except ray.exceptions.RayError as exc:
+            self._recover(exc)
+
     def reset(self, reported: list[dict]) -> list[dict]:
         from ttt_runtime.figures import at_conversation_start
 
-        self._get([[a.reset.remote() for a in row] for row in self.actors])
+        self._on_every_actor("reset")
         return at_conversation_start(reported, exact=False)
 
     def clear_cache(self) -> int:
         """mx.clear_cache() in every actor (and here): the cache bytes left, summed."""
         mx.clear_cache()
-        left = self._get([[a.clear_cache.remote() for a in row] for row in self.actors])
+        left = self._on_every_actor("clear_cache")
         return mx.get_cache_memory() + sum(sum(row) for row in left)
 
     def state(self) -> LearnerState:
         """Every stage's part gathered into one checkpoint's arrays: the parameters (and
         optimizer state) of replica 0, every replica's cache rows, in row order."""
-        parts = self._get([[a.state.remote() for a in row] for row in self.actors])
+        parts = self._on_every_actor("state")
         arrays: dict[str, mx.array] = {}
         offsets: list[int] = []
         for row in parts:

@@ -173,7 +173,10 @@ class TTTRun:
                     continue
                 if self.stopping:
                     break
-                self.run_step()
+                try:
+                    self.run_step()
+                except LearnerRestarted as exc:  # in the step, or in the checkpoint after it
+                    self._go_back(str(exc))
                 self.publish()
                 if self.server.monitors == 0 and time.monotonic() - last_progress > PROGRESS_S:
                     last_progress = time.monotonic()
@@ -211,11 +214,7 @@ class TTTRun:
     def run_step(self) -> None:
         inputs, targets = (mx.array(a) for a in next(self.stream))
         step = self.step + 1
-        try:
-            result = self.learner.step(inputs, targets, sampled=self.is_sampled(step))
-        except LearnerRestarted as exc:
-            self._go_back(str(exc))
-            return
+        result = self.learner.step(inputs, targets, sampled=self.is_sampled(step))
         elapsed = result.seconds
         warming_up = self.warm_from is None
         if warming_up and self.config.sample_every > 0:
@@ -287,7 +286,11 @@ class TTTRun:
         the next step by no more than that. One report after them shows their effect."""
         obeyed = False
         for peer, command in self.server.commands(wait):
-            self._obey(peer, command)
+            try:
+                self._obey(peer, command)
+            except LearnerRestarted as exc:  # an actor died: the command did not happen
+                self._go_back(str(exc))
+                self.server.reply(peer, command, ok=False, error=f"{exc}; not done")
             obeyed = True
         if obeyed:
             self.publish()
