@@ -84,11 +84,12 @@ class _Row:
         cell = self.text(column)
         if not cell:
             return None
+        value: _T | None
         try:
             value = kind(cell)
         except ValueError:
-            value = math.nan  # refused below, with the NaN a cell may hold
-        if isinstance(value, float) and not math.isfinite(value):
+            value = None
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
             raise ValueError(f"{column} is {cell[:40]!r}")
         return value
 
