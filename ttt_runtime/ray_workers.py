@@ -351,6 +351,7 @@ def _check_reachable(address: str) -> None:
     own connect to a silent port, or to a server that is not a GCS, waits out INIT_TIMEOUT_S.
     The GCS is a gRPC server: it answers an HTTP/2 client's preface with a SETTINGS frame."""
     host, _, port = address.rpartition(":")  # its form checked by RayConfig
+    host = host.removeprefix("[").removesuffix("]")  # an IPv6 address's brackets: [::1]:6379
     try:
         with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S) as conn:
             if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):

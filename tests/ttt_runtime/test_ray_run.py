@@ -230,19 +230,25 @@ def test_an_address_nobody_answers_fails_in_seconds_with_one_line():
     assert len(lines) == 1 and "cannot reach the Ray cluster at 127.0.0.1:" in lines[0], lines
 
 
+HTTP_400 = b"HTTP/1.0 400 Bad Request\r\n\r\n"
+
+
 @pytest.mark.parametrize(
-    "answer, reason",
+    "host, answer, reason",
     [
-        (None, "no answer in 10 s"),
-        (b"HTTP/1.0 400 Bad Request\r\n\r\n", "answers, but not as a Ray cluster"),
+        ("127.0.0.1", None, "no answer in 10 s"),
+        ("127.0.0.1", HTTP_400, "answers, but not as a Ray cluster"),
+        # [::1]:PORT: the brackets reached the resolver ("Name or service not known")
+        ("::1", HTTP_400, "answers, but not as a Ray cluster"),
     ],
-    ids=["silent", "http"],
+    ids=["silent", "http", "http-ipv6"],
 )
-def test_a_port_that_is_not_a_ray_cluster_is_named_in_seconds(answer, reason):
+def test_a_port_that_is_not_a_ray_cluster_is_named_in_seconds(host, answer, reason):
     # Ray's own connect waited out INIT_TIMEOUT_S (60 s) on either, then exit 1 under a few of
     # its C++ warnings; a GCS answers an HTTP/2 preface at once (a dashboard's port, HTTP)
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
+    ipv6 = ":" in host
+    with socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET) as server:
+        server.bind((host, 0))
         server.listen(8)
         if answer is not None:
 
@@ -255,7 +261,8 @@ def test_a_port_that_is_not_a_ray_cluster_is_named_in_seconds(answer, reason):
                         conn.close()
 
             threading.Thread(target=answer_each, daemon=True).start()
-        address = f"127.0.0.1:{server.getsockname()[1]}"
+        port = server.getsockname()[1]
+        address = f"[{host}]:{port}" if ipv6 else f"{host}:{port}"
         start = time.monotonic()
         done = subprocess.run(
             [sys.executable, "-m", "ttt_runtime", "run", "--preset", "tiny", "--ray", address],
