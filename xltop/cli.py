@@ -249,6 +249,9 @@ def _check_serve(args: argparse.Namespace) -> None:
         return
     if args.once or args.json or args.json_stream or args.headless or args.poll:
         raise UsageError("--serve serves the TUI; not with --once, --json, --headless or --poll")
+    if args.csv is not None:  # every page's xltop would append its own rows to the one file
+        raise UsageError("--serve starts an xltop a page; not with --csv (log beside it: xltop "
+                         "--attach SOCKET --headless --csv FILE)")  # fmt: skip
     host = args.host if args.host is not None else SERVE_HOST
     if not host.strip():  # aiohttp would listen on every address
         raise UsageError("--host is empty: give the address to serve on")

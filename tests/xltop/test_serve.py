@@ -214,6 +214,10 @@ def test_a_host_other_than_loopback_needs_expose():
                                 "--headless or --poll"),
         (["--serve", "--port", "0"], "xltop: argument --port: '0' must be between 1 and 65535 "
                                      "(see xltop --help)"),
+        # two pages' xltops appended their rows (of two runs) to the one file, interleaved
+        (["--serve", "--csv", "run.csv"], "xltop: --serve starts an xltop a page; not with "
+                                          "--csv (log beside it: xltop --attach SOCKET "
+                                          "--headless --csv FILE)"),
         # an unset variable (--host "$HOST"): aiohttp would listen on every address
         (["--serve", "--host", "", "--expose"], "xltop: --host is empty: give the address to "
                                                  "serve on"),
