@@ -18,6 +18,7 @@ import http.client
 import json
 import os
 import re
+import socket
 import threading
 import time
 import urllib.error
@@ -59,7 +60,48 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
         return None
 
 
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects())
+class _DeadlineConnection(http.client.HTTPConnection):
+    """A connection whose status line and headers must all arrive by REPLY_DEADLINE_S after it
+    connects, or its socket is shut: the socket's timeout bounds each read only, and headers
+    trickling in a byte at a time held urllib's parsing (and the poll) for ever. The body has
+    its own deadline (`_read_reply`)."""
+
+    def connect(self) -> None:
+        super().connect()
+        self._cut = threading.Event()
+        self._timer = threading.Timer(REPLY_DEADLINE_S, self._shut)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _shut(self) -> None:
+        self._cut.set()
+        with contextlib.suppress(OSError, AttributeError):  # closed meanwhile: sock is None
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def getresponse(self) -> http.client.HTTPResponse:
+        late = TimeoutError(f"no whole reply within {REPLY_DEADLINE_S:g} s")
+        try:
+            response = super().getresponse()
+        except (OSError, http.client.HTTPException):
+            if self._cut.is_set():
+                raise late from None
+            raise
+        finally:
+            self._timer.cancel()
+        if self._cut.is_set():  # the cut can also end the headers early, as a blank line does
+            response.close()
+            raise late
+        return response
+
+
+class _DeadlineHandler(urllib.request.HTTPHandler):
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_DeadlineConnection, req)
+
+
+_OPENER = urllib.request.build_opener(
+    urllib.request.ProxyHandler({}), _NoRedirects(), _DeadlineHandler()
+)
 
 
 class RayClusterError(Exception):
