@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from ttt_runtime.protocol import Reply
 from xltop import units
+from xltop.raycluster import RayClusterError
 from xltop.snapshot import ClusterState, ProcessInfo, RunInfo, RunState, Snapshot, SystemInfo
 from xltop.watchdog import Watchdog
 
@@ -195,7 +196,12 @@ class Monitor:
     def _sample_cluster(self, run: RunInfo | None) -> ClusterState | None:
         url = run.ray_dashboard if run is not None else None
         if self.cluster is None and url and self.cluster_for is not None:
-            self.cluster = self.cluster_for(url)
+            try:
+                self.cluster = self.cluster_for(url)
+            except RayClusterError as exc:  # e.g. RAY_AUTH_TOKEN_PATH names no readable file
+                self.cluster_for = None  # said once; the run is watched without its cluster
+                self.post_event(f"cannot watch the run's Ray cluster ({url}): {exc}")
+                return None
             self.cluster.interval = self._interval
             self.post_event(f"watching the run's Ray cluster ({url})")
         if self.cluster is None:

@@ -18,6 +18,7 @@ from polling import wait_until
 from xltop_helpers import process_gone, read_rows, wait_for_rows
 
 from ttt_runtime.channel import ChannelServer
+from xltop.cli import _cluster_for, build_parser
 from xltop.csvlog import CsvLog
 from xltop.jsonout import snapshot_to_line
 from xltop.monitor import MIN_INTERVAL_S, Monitor
@@ -222,4 +223,28 @@ def test_a_hello_with_an_absurd_block_count_lays_out_no_blocks(tmp_path):
         assert len(source.sample().blocks) == 3  # a real run's count is believed
     finally:
         source.close()
+        server.close()
+
+
+def test_a_ray_run_whose_cluster_cannot_be_watched_is_watched_without_it(tmp_path, monkeypatch):
+    # The run's hello names its dashboard; RAY_AUTH_TOKEN_PATH names a file that is no token
+    # file: every tick failed on it (the screen stopped), now the run is shown, the reason once.
+    fifo = tmp_path / "token"
+    os.mkfifo(fifo)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(fifo))
+    hello = dataclasses.replace(HELLO, ray_dashboard="http://127.0.0.1:8265")
+    server = ChannelServer(str(tmp_path / "run.sock"), hello)
+    args = build_parser().parse_args(["--attach", server.path])
+    watch = _cluster_for(args, 0.2)
+    monitor = Monitor(SystemSource(top_n=1), AttachedRun(server.path), interval=0.2,
+                      cluster_for=watch)  # fmt: skip
+    try:
+        server.publish(telemetry(5))
+        wait_until(lambda: monitor.runtime.sample().step == 5, what="the report")
+        events = [event for _ in range(3) for event in monitor.tick().events]
+        refused = [e for e in events if e.startswith("cannot watch the run's Ray cluster")]
+        assert len(refused) == 1 and "not a regular file" in refused[0], events
+        assert monitor.tick().run.step == 5
+    finally:
+        monitor.close()
         server.close()
