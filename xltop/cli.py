@@ -30,7 +30,13 @@ import psutil
 from xltop import __version__, units
 from xltop.csvlog import CsvLogError, CsvSink, check_writable
 from xltop.jsonout import snapshot_to_line
-from xltop.monitor import MAX_INTERVAL_S, MIN_INTERVAL_S, Monitor, RuntimeSource
+from xltop.monitor import (
+    MAX_INTERVAL_S,
+    MIN_INTERVAL_S,
+    ClusterUnavailable,
+    Monitor,
+    RuntimeSource,
+)
 from xltop.snapshot import RunState, Snapshot
 from xltop.sources import SystemSource
 from xltop.table import format_snapshot, status_line
@@ -372,9 +378,12 @@ def _cluster_for(args: argparse.Namespace, interval: float) -> Callable[[str], R
     """The watcher of the cluster a watched run says it runs on (a Ray run's hello)."""
 
     def watch(url: str) -> RayCluster:
-        from xltop.raycluster import RayCluster
+        from xltop.raycluster import RayCluster, RayClusterError
 
-        return RayCluster(url, args.ray_token_file, interval=interval)
+        try:
+            return RayCluster(url, args.ray_token_file, interval=interval)
+        except RayClusterError as exc:
+            raise ClusterUnavailable(str(exc)) from None
 
     return watch
 

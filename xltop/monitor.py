@@ -14,12 +14,15 @@ from typing import Any, Protocol
 
 from ttt_runtime.protocol import Reply
 from xltop import units
-from xltop.raycluster import RayClusterError
 from xltop.snapshot import ClusterState, ProcessInfo, RunInfo, RunState, Snapshot, SystemInfo
 from xltop.watchdog import Watchdog
 
 MIN_INTERVAL_S = 0.2  # the floor: the monitor must not eat the machine it watches
 MAX_INTERVAL_S = 86400.0  # a tick a day
+
+
+class ClusterUnavailable(Exception):
+    """`cluster_for` cannot watch the cluster a run names; the message says why."""
 
 
 class SystemSampler(Protocol):
@@ -132,7 +135,8 @@ class Monitor:
         cluster_for: Callable[[str], ClusterSource] | None = None,
     ):
         """`cluster_for(dashboard_url)`: the cluster to watch once the run says it runs on one
-        (a run spread over Ray actors), when no `cluster` is given."""
+        (a run spread over Ray actors), when no `cluster` is given; ClusterUnavailable if it
+        cannot be watched."""
         self.system = system
         self.runtime = runtime
         self.watchdog = watchdog
@@ -198,7 +202,7 @@ class Monitor:
         if self.cluster is None and url and self.cluster_for is not None:
             try:
                 self.cluster = self.cluster_for(url)
-            except RayClusterError as exc:  # e.g. RAY_AUTH_TOKEN_PATH names no readable file
+            except ClusterUnavailable as exc:  # e.g. RAY_AUTH_TOKEN_PATH names no readable file
                 self.cluster_for = None  # said once; the run is watched without its cluster
                 self.post_event(f"cannot watch the run's Ray cluster ({url}): {exc}")
                 return None
