@@ -240,7 +240,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        self.model_config()  # the rules between model settings (num_heads divides hidden_size)
+        # the rules between model settings (num_heads divides hidden_size), and its size
+        model = self.model_config()
         if self.exact_accumulate and self.mode != "adapt":
             raise ConfigError("exact_accumulate=true: only in mode 'adapt' (fast weights persist)")
         if self.adapt_method != "ttt" and self.mode != "adapt":
@@ -251,12 +252,12 @@ class RunConfig:
         if self.lora_rank > self.hidden_size:
             raise ConfigError(f"lora_rank={self.lora_rank}: must be at most "
                               f"hidden_size={self.hidden_size}")  # fmt: skip
-        self._check_fits_in_memory()
+        self._check_fits_in_memory(model)
 
-    def _check_fits_in_memory(self) -> None:
+    def _check_fits_in_memory(self, model: ModelConfig) -> None:
         """A model whose float32 weights alone outgrow this machine's memory (a typo such as
         hidden_size=1000000) would end the run in MLX's allocator, as a segfault."""
-        weights = 4 * self.model_config().parameter_count()
+        weights = 4 * model.parameter_count()
         memory = physical_memory()
         if memory is not None and weights > memory:
             raise ConfigError(

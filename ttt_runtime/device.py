@@ -3,16 +3,9 @@ counters are per process: only the run can report its own)."""
 
 from __future__ import annotations
 
-import os
-
 import mlx.core as mx
 
-
-def _physical_memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        return 0
+from ttt_runtime.config import physical_memory
 
 
 def device_info() -> dict:
@@ -36,7 +29,7 @@ def describe_device(info: dict, backend: str) -> dict:
     return {
         "backend": backend,
         "device": str(info.get("device_name", "")),
-        "memory_size": int(info.get("memory_size") or _physical_memory()),
+        "memory_size": int(info.get("memory_size") or physical_memory() or 0),
         "working_set": info.get("max_recommended_working_set_size"),
     }
 
