@@ -417,18 +417,18 @@ def _number(value: Any, scalar: str | None = None) -> float | None:
     every step: nothing is spent on the message until it is needed."""
     if value is None or type(value) is float:
         return value
-    beyond_range = False
     if type(value) not in (str, bytes):  # float() reads "1.5": text is no number here
         try:
             return float(value)
         except OverflowError:  # an integer too large for a float
-            beyond_range = True
+            raise ValueError(f"{_scalar_name(scalar)} is out of a float's range") from None
         except (TypeError, ValueError):
             pass
-    what = "loss" if scalar is None else f"scalar {scalar!r}"
-    if beyond_range:
-        raise ValueError(f"{what} is out of a float's range")
-    raise ValueError(f"{what} must be a number, got {type(value).__name__}")
+    raise ValueError(f"{_scalar_name(scalar)} must be a number, got {type(value).__name__}")
+
+
+def _scalar_name(scalar: str | None) -> str:
+    return "loss" if scalar is None else f"scalar {scalar!r}"
 
 
 def _count(what: str, value: Any) -> int:
