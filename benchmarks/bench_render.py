@@ -6,8 +6,8 @@ xltop UI process uses at a 1 s interval while the default run trains next to it.
 Render: XltopApp headless at 160x45 fed by the deterministic fake source (tests/xltop); per
 Snapshot the CPU time of the update (show_snapshot: tables by row key, charts, bars) and of the
 update plus the repaint it causes (layout, every changed widget rendered), medians of N; then
-the same with one process replaced by a new one every Snapshot, as on a busy machine (a row
-removed and one added: the table's layout and a full repaint).
+the same with one process replaced by a new one every Snapshot, as on a busy machine (the
+newcomer takes the leaver's row; it was a row removed and one added: a layout of the screen).
 CPU: the real `xltop` binary in tmux (a real terminal), psutil's CPU time of that process over
 the measuring window, as a percentage of one core, beside the run's own; and of the UI's main
 thread alone (Textual: update, paint, terminal output; the rest is the sampling thread).
